@@ -1,0 +1,1 @@
+//! mqtt-sink core (being written).

@@ -1,0 +1,1 @@
+//! Simulated MQTT broker (to be written).
