@@ -1,1 +1,110 @@
-//! mqtt-sink core (being written).
+//! The sans-IO core of mqtt-sink: the MQTT publisher session and the Kafka offset ledger.
+//!
+//! [`Sink`] decides everything: it encodes records as PUBLISH packets (MQTT 3.1, 3.1.1 and
+//! 5; QoS 0, 1 and 2), keeps the in-flight window and packet ids, follows every
+//! acknowledgement flow, sends keep-alives, resends after a reconnect, backs off, and knows
+//! per Kafka partition which offset may be committed: one past the highest offset below
+//! which every record was acknowledged, or rejected and handled by the error policy.
+//!
+//! It reads no clock, opens no socket and starts no thread: a runtime (tokio, std threads,
+//! or a test's simulated network) moves bytes, records and time in and out.
+//!
+//! # The drive loop
+//!
+//! After every fact (`handle_*`) or command, drain `poll_transmit`, then `poll_event`
+//! (acting on each event may feed the sink again: loop until both are empty), then read
+//! `poll_timeout` and call `handle_timeout` when it passes.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use mqtt_sink_core::{Config, Event, Record, Sink, TopicPartition};
+//!
+//! let mut cfg = Config::new("sink-1", "localhost", 1883, "sensors");
+//! cfg.tls_enabled = false;
+//! let now = Instant::now(); // the runtime's clock, never the core's
+//! let mut sink = Sink::with_config(cfg, now).expect("valid config");
+//!
+//! // Drain: the first event asks the runtime to open the transport.
+//! let mut out = Vec::new();
+//! assert!(!sink.poll_transmit(now, &mut out));
+//! assert_eq!(sink.poll_event(), Some(Event::OpenTransport));
+//!
+//! // The runtime connected the socket: the sink writes CONNECT.
+//! sink.handle_connected(now);
+//! assert!(sink.poll_transmit(now, &mut out));
+//! assert_eq!(&out[..2], &[0x10, 18]); // CONNECT, 18 bytes follow: socket.write_all(&out)
+//! out.clear();
+//!
+//! // The broker answers CONNACK (accepted): the sink is connected.
+//! sink.handle_input(now, &[0x20, 0x02, 0x00, 0x00]).expect("valid input");
+//! assert!(matches!(sink.poll_event(), Some(Event::Connected(_))));
+//!
+//! // A Kafka record: the sink writes PUBLISH sensors/device-7 at QoS 1, packet id 1.
+//! let tp = TopicPartition::new("readings", 0);
+//! let record = Record::new(tp.clone(), 42, Some("device-7"), Some(r#"{"t":21.5}"#));
+//! sink.push_record(now, record).expect("room in the buffer");
+//! sink.begin_flush(now, sink.flush_deadline(now)).expect("no flush running");
+//! assert!(sink.poll_transmit(now, &mut out));
+//!
+//! // PUBACK for packet id 1: the record is acknowledged and the flush completes with
+//! // the position to commit, one past offset 42.
+//! sink.handle_input(now, &[0x40, 0x02, 0x00, 0x01]).expect("valid input");
+//! let mut events = Vec::new();
+//! while let Some(e) = sink.poll_event() {
+//!     events.push(e);
+//! }
+//! assert!(events.contains(&Event::FlushCompleted { offsets: vec![(tp, 43)] }));
+//!
+//! // Keep-alive and flush deadlines come from poll_timeout.
+//! let next = sink.poll_timeout().expect("keep-alive armed");
+//! assert!(next <= now + Duration::from_secs(60));
+//! ```
+//!
+//! # Guarantees
+//!
+//! - A commit position never passes a record that is not acknowledged (or handled by the
+//!   `skip` / `dead-letter` policy).
+//! - "Connected" is reported only after a successful CONNACK.
+//! - An MQTT 5 PUBACK/PUBREC reason code >= 0x80 rejects the record; 0x10 is success.
+//! - A record too large for the configured or the broker's limit is rejected once, before
+//!   sending, never resent.
+//! - Memory is bounded: `push_record` refuses records beyond the configured buffer.
+//! - A flush ends at its deadline at the latest.
+
+#![cfg_attr(not(test), warn(missing_docs))]
+
+mod backoff;
+mod config;
+mod event;
+mod ledger;
+mod mapper;
+mod record;
+mod session;
+mod sink;
+mod timer;
+pub mod topic;
+mod wire;
+
+pub use config::{
+    Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion, PublishProperties, Secret,
+    MAX_MQTT_PACKET,
+};
+pub use event::{
+    connack_text, reason_text, CommitOffsets, ConnectFailure, Connected, Event, FlushInProgress,
+    LostReason, ProtocolError, PushError, RejectReason,
+};
+pub use mapper::{KeySerializer, Properties, RecordMapper, Retain, ValueSerializer};
+pub use record::{Header, Record, RecordCoords, TopicPartition};
+pub use sink::{Sink, Stats};
+
+/// MQTT quality of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum QoS {
+    /// At most once: no acknowledgement.
+    AtMostOnce = 0,
+    /// At least once: PUBACK.
+    AtLeastOnce = 1,
+    /// Exactly once: PUBREC, PUBREL, PUBCOMP.
+    ExactlyOnce = 2,
+}

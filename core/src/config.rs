@@ -1,0 +1,657 @@
+//! Sink configuration: every option of the Quix Streams `MQTTSink`, plus ours.
+//!
+//! [`Config`] deserializes from TOML (or any serde format) and [`Config::validate`] reports
+//! every problem at once, each naming the option, its value and the rule it breaks.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer};
+
+use crate::topic;
+
+/// MQTT protocol version. Deserializes from `"3.1"`, `"3.1.1"` or `"5"` (a TOML number `5`
+/// or `3.1` works too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[non_exhaustive]
+pub enum MqttVersion {
+    /// MQTT 3.1 (protocol name "MQIsdp", level 3).
+    V31,
+    /// MQTT 3.1.1 (level 4): the default, as in the Quix sink.
+    #[default]
+    V311,
+    /// MQTT 5 (level 5).
+    V5,
+}
+
+impl MqttVersion {
+    /// Parses the forms users write: "3.1", "3.1.1", "5" (also "5.0", "4", "v5").
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().trim_start_matches(['v', 'V']) {
+            "3.1" | "3" => Some(Self::V31),
+            "3.1.1" | "4" => Some(Self::V311),
+            "5" | "5.0" => Some(Self::V5),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for MqttVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::V31 => "3.1",
+            Self::V311 => "3.1.1",
+            Self::V5 => "5",
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for MqttVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const EXPECTED: &str = "\"3.1\", \"3.1.1\" or \"5\"";
+        impl serde::de::Visitor<'_> for V {
+            type Value = MqttVersion;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MqttVersion, E> {
+                MqttVersion::parse(v).ok_or_else(|| {
+                    E::custom(format!("version {v:?} is not supported: use {EXPECTED}"))
+                })
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<MqttVersion, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<MqttVersion, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<MqttVersion, E> {
+                self.visit_str(&v.to_string())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What to do with a record the sink cannot deliver: a bad key or topic, a packet too large,
+/// or a broker rejection (an MQTT 5 reason code >= 0x80).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ErrorPolicy {
+    /// The flush fails; nothing at or past the record is committed. The caller rewinds and
+    /// stops or retries. The default: nothing is lost silently.
+    #[default]
+    Fail,
+    /// The record is counted and reported, and its offset may be committed.
+    Skip,
+    /// The runtime produces the record to `dead_letter_topic`; the offset passes only once
+    /// the runtime confirms that produce.
+    DeadLetter,
+}
+
+impl fmt::Display for ErrorPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Fail => "fail",
+            Self::Skip => "skip",
+            Self::DeadLetter => "dead-letter",
+        })
+    }
+}
+
+/// A secret string (the password). Its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself, for the CONNECT packet only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// MQTT 5 PUBLISH properties, static (from config) or computed per record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishProperties {
+    /// 0: unspecified bytes; 1: UTF-8 payload.
+    pub payload_format_indicator: Option<u8>,
+    /// Seconds after which the broker drops the message if undelivered.
+    pub message_expiry_interval: Option<u32>,
+    /// MIME type of the payload, e.g. "application/json".
+    pub content_type: Option<String>,
+    /// Topic for a response (request/response pattern).
+    pub response_topic: Option<String>,
+    /// Correlation data for a response (a string in TOML).
+    #[serde(default, deserialize_with = "bytes_from_str")]
+    pub correlation_data: Option<Bytes>,
+    /// User properties, in order; a name may repeat. TOML: `[["name", "value"], ...]`.
+    #[serde(default)]
+    pub user_properties: Vec<(String, String)>,
+}
+
+fn bytes_from_str<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.map(Bytes::from))
+}
+
+impl PublishProperties {
+    /// Problems with these properties, each as (field, value, rule).
+    pub(crate) fn problems(&self) -> Vec<(&'static str, String, String)> {
+        let mut out = Vec::new();
+        if let Some(p) = self.payload_format_indicator {
+            if p > 1 {
+                out.push((
+                    "payload_format_indicator",
+                    p.to_string(),
+                    "must be 0 (bytes) or 1 (UTF-8)".into(),
+                ));
+            }
+        }
+        if let Some(t) = &self.response_topic {
+            if let Err(e) = topic::check_topic(t) {
+                out.push(("response_topic", format!("{t:?}"), e.to_string()));
+            }
+        }
+        let long = |s: &str| s.len() > 65_535;
+        if self.content_type.as_deref().is_some_and(long) {
+            out.push((
+                "content_type",
+                "…".into(),
+                "must be at most 65535 bytes".into(),
+            ));
+        }
+        if self
+            .correlation_data
+            .as_ref()
+            .is_some_and(|b| b.len() > 65_535)
+        {
+            out.push((
+                "correlation_data",
+                "…".into(),
+                "must be at most 65535 bytes".into(),
+            ));
+        }
+        for (k, v) in &self.user_properties {
+            if long(k) || long(v) {
+                out.push((
+                    "user_properties",
+                    format!("{:?}", truncate(k, 40)),
+                    "each name and value must be at most 65535 bytes".into(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Encoded size of these properties on the wire, a bound used for packet-size checks.
+    pub(crate) fn wire_len(&self) -> usize {
+        let mut n = 0;
+        n += self.payload_format_indicator.map_or(0, |_| 2);
+        n += self.message_expiry_interval.map_or(0, |_| 5);
+        n += self.content_type.as_ref().map_or(0, |s| 3 + s.len());
+        n += self.response_topic.as_ref().map_or(0, |s| 3 + s.len());
+        n += self.correlation_data.as_ref().map_or(0, |s| 3 + s.len());
+        n += self
+            .user_properties
+            .iter()
+            .map(|(k, v)| 5 + k.len() + v.len())
+            .sum::<usize>();
+        n
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// The largest packet MQTT can express: a 268,435,455-byte remaining length plus a
+/// 5-byte fixed header.
+pub const MAX_MQTT_PACKET: u32 = 268_435_460;
+
+/// Sink configuration.
+///
+/// The first four fields are required; the rest have the defaults documented on each.
+/// Durations are written as in `"10s"`, `"500ms"`, `"1h"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Config {
+    /// MQTT client identifier. Replicas of one consumer group must not share it (the broker
+    /// evicts the older connection): the runtimes add a per-instance suffix.
+    pub client_id: String,
+    /// Broker host name or address.
+    pub server: String,
+    /// Broker port.
+    pub port: u16,
+    /// Root of the published topics: a record goes to `{topic_root}/{key}`.
+    pub topic_root: String,
+    /// User name for the broker.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password for the broker. Never logged.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// MQTT version: "3.1", "3.1.1" (default) or "5".
+    #[serde(default)]
+    pub version: MqttVersion,
+    /// Use TLS. Default: true.
+    #[serde(default = "default_true")]
+    pub tls_enabled: bool,
+    /// QoS of every publish: 0 at-most-once, 1 at-least-once (default), 2 exactly-once.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// How long a flush waits for acknowledgements before it fails. Default: 10 s.
+    #[serde(default = "default_flush_timeout", with = "humantime_serde")]
+    pub flush_timeout: Duration,
+    /// Static retain flag for every publish (a per-record function can replace it).
+    /// Default: false.
+    #[serde(default)]
+    pub retain: bool,
+    /// Static MQTT 5 PUBLISH properties (MQTT 5 only; a per-record function can replace it).
+    #[serde(default)]
+    pub properties: Option<PublishProperties>,
+    /// Keep-alive interval sent in CONNECT; a PINGREQ goes out when nothing else has been
+    /// sent for this long. Zero disables keep-alive. Default: 60 s.
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// How long to wait for PINGRESP before the connection counts as lost. Default: 10 s.
+    #[serde(default = "default_ping_timeout", with = "humantime_serde")]
+    pub ping_timeout: Duration,
+    /// How long to wait for CONNACK after the transport is up. Default: 30 s.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Ask the broker to discard the session on every connect. Default: false, so that a
+    /// reconnect resumes the session and unacknowledged publishes are resent with DUP
+    /// (required for QoS 2 to stay exactly-once across reconnects). The first connect of a
+    /// process is always clean: a new process has no in-flight state to resume.
+    #[serde(default)]
+    pub clean_session: bool,
+    /// MQTT 5 Session Expiry Interval sent when `clean_session` is false. Default: 1 h.
+    #[serde(default = "default_session_expiry", with = "humantime_serde")]
+    pub session_expiry: Duration,
+    /// Most QoS 1/2 publishes awaiting acknowledgement at once; the broker's MQTT 5 Receive
+    /// Maximum lowers it. 1..=65535. Default: 1000.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u32,
+    /// Most records held (queued or in flight) before `push_record` refuses more.
+    /// Default: 100000.
+    #[serde(default = "default_max_buffered_records")]
+    pub max_buffered_records: usize,
+    /// Most bytes of encoded publishes held before `push_record` refuses more.
+    /// Default: 64 MiB.
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: usize,
+    /// First reconnect delay; doubled per failed attempt up to the maximum. Default: 100 ms.
+    #[serde(default = "default_backoff_min", with = "humantime_serde")]
+    pub reconnect_backoff_min: Duration,
+    /// Longest reconnect delay. Default: 30 s.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub reconnect_backoff_max: Duration,
+    /// Seed of the reconnect jitter (deterministic for a given seed). Default: 0.
+    #[serde(default)]
+    pub reconnect_jitter_seed: u64,
+    /// Largest PUBLISH packet the sink sends, in bytes; larger records are rejected before
+    /// sending. The broker's MQTT 5 Maximum Packet Size lowers it. Default: MQTT's maximum.
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: u32,
+    /// What to do with records that cannot be delivered: "fail" (default), "skip",
+    /// "dead-letter".
+    #[serde(default)]
+    pub error_policy: ErrorPolicy,
+    /// Kafka topic for dead letters; required with `error_policy = "dead-letter"`.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_qos() -> u8 {
+    1
+}
+fn default_flush_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_ping_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_session_expiry() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_inflight() -> u32 {
+    1000
+}
+fn default_max_buffered_records() -> usize {
+    100_000
+}
+fn default_max_buffered_bytes() -> usize {
+    64 << 20
+}
+fn default_backoff_min() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_packet_size() -> u32 {
+    MAX_MQTT_PACKET
+}
+
+impl Config {
+    /// A config with the four required options and every default.
+    pub fn new(
+        client_id: impl Into<String>,
+        server: impl Into<String>,
+        port: u16,
+        topic_root: impl Into<String>,
+    ) -> Self {
+        Self {
+            client_id: client_id.into(),
+            server: server.into(),
+            port,
+            topic_root: topic_root.into(),
+            username: None,
+            password: None,
+            version: MqttVersion::default(),
+            tls_enabled: true,
+            qos: default_qos(),
+            flush_timeout: default_flush_timeout(),
+            retain: false,
+            properties: None,
+            keepalive: default_keepalive(),
+            ping_timeout: default_ping_timeout(),
+            connect_timeout: default_connect_timeout(),
+            clean_session: false,
+            session_expiry: default_session_expiry(),
+            max_inflight: default_max_inflight(),
+            max_buffered_records: default_max_buffered_records(),
+            max_buffered_bytes: default_max_buffered_bytes(),
+            reconnect_backoff_min: default_backoff_min(),
+            reconnect_backoff_max: default_backoff_max(),
+            reconnect_jitter_seed: 0,
+            max_packet_size: default_max_packet_size(),
+            error_policy: ErrorPolicy::default(),
+            dead_letter_topic: None,
+        }
+    }
+
+    /// Parses a TOML document holding exactly these options, then validates it.
+    pub fn from_toml_str(s: &str) -> Result<Self, ConfigErrors> {
+        let cfg: Self = toml_de(s)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every option and returns all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errs = ConfigErrors::default();
+        let mut bad = |option: &str, value: String, rule: &str| {
+            errs.0.push(ConfigError {
+                option: option.to_string(),
+                value,
+                rule: rule.to_string(),
+            })
+        };
+        let id = &self.client_id;
+        match self.version {
+            MqttVersion::V31 if id.is_empty() || id.len() > 23 => bad(
+                "client_id",
+                format!("{id:?}"),
+                "MQTT 3.1 needs a client id of 1 to 23 bytes; shorten it or use version \"3.1.1\"/\"5\"",
+            ),
+            MqttVersion::V311 if id.is_empty() && !self.clean_session => bad(
+                "client_id",
+                "\"\"".into(),
+                "MQTT 3.1.1 allows an empty client id only with clean_session = true",
+            ),
+            _ if id.len() > 65_535 => bad(
+                "client_id",
+                format!("{:?}…", truncate(id, 40)),
+                "must be at most 65535 bytes",
+            ),
+            _ => {}
+        }
+        if self.server.trim().is_empty() || self.server.chars().any(char::is_whitespace) {
+            bad(
+                "server",
+                format!("{:?}", self.server),
+                "must be a host name or address without spaces",
+            );
+        }
+        if self.port == 0 {
+            bad(
+                "port",
+                "0".into(),
+                "must be 1..=65535 (1883 plain, 8883 TLS)",
+            );
+        }
+        if let Err(e) = topic::check_topic_prefix(&self.topic_root) {
+            bad(
+                "topic_root",
+                format!("{:?}", self.topic_root),
+                &e.to_string(),
+            );
+        }
+        if let Some(u) = &self.username {
+            if u.len() > 65_535 {
+                bad("username", "…".into(), "must be at most 65535 bytes");
+            }
+        }
+        if let Some(p) = &self.password {
+            if p.expose().len() > 65_535 {
+                bad("password", "***".into(), "must be at most 65535 bytes");
+            }
+            if self.username.is_none() && self.version != MqttVersion::V5 {
+                bad(
+                    "password",
+                    "***".into(),
+                    "MQTT 3.1/3.1.1 send a password only with a username: set username",
+                );
+            }
+        }
+        if self.qos > 2 {
+            bad("qos", self.qos.to_string(), "must be 0, 1 or 2");
+        }
+        if self.flush_timeout.is_zero() {
+            bad("flush_timeout", "0s".into(), "must be greater than zero");
+        }
+        if let Some(props) = &self.properties {
+            if self.version != MqttVersion::V5 {
+                bad(
+                    "properties",
+                    "{…}".into(),
+                    &format!(
+                        "MQTT properties need version = \"5\" (version is \"{}\")",
+                        self.version
+                    ),
+                );
+            }
+            for (field, value, rule) in props.problems() {
+                bad(&format!("properties.{field}"), value, &rule);
+            }
+        }
+        if self.keepalive.as_secs() > 65_535 || self.keepalive.subsec_nanos() != 0 {
+            bad(
+                "keepalive",
+                fmt_dur(self.keepalive),
+                "must be whole seconds, at most 65535 s (0 disables keep-alive)",
+            );
+        }
+        if self.ping_timeout.is_zero() {
+            bad("ping_timeout", "0s".into(), "must be greater than zero");
+        }
+        if self.connect_timeout.is_zero() {
+            bad("connect_timeout", "0s".into(), "must be greater than zero");
+        }
+        if self.session_expiry.as_secs() > u64::from(u32::MAX) {
+            bad(
+                "session_expiry",
+                fmt_dur(self.session_expiry),
+                "must be at most 4294967295 s",
+            );
+        }
+        if !(1..=65_535).contains(&self.max_inflight) {
+            bad(
+                "max_inflight",
+                self.max_inflight.to_string(),
+                "must be 1..=65535 (MQTT packet identifiers)",
+            );
+        }
+        if self.max_buffered_records == 0 {
+            bad("max_buffered_records", "0".into(), "must be at least 1");
+        }
+        if self.max_buffered_bytes < 1024 {
+            bad(
+                "max_buffered_bytes",
+                self.max_buffered_bytes.to_string(),
+                "must be at least 1024",
+            );
+        }
+        if self.reconnect_backoff_min.is_zero() {
+            bad(
+                "reconnect_backoff_min",
+                "0s".into(),
+                "must be greater than zero",
+            );
+        }
+        if self.reconnect_backoff_max < self.reconnect_backoff_min {
+            bad(
+                "reconnect_backoff_max",
+                fmt_dur(self.reconnect_backoff_max),
+                &format!(
+                    "must not be less than reconnect_backoff_min ({})",
+                    fmt_dur(self.reconnect_backoff_min)
+                ),
+            );
+        }
+        if !(64..=MAX_MQTT_PACKET).contains(&self.max_packet_size) {
+            bad(
+                "max_packet_size",
+                self.max_packet_size.to_string(),
+                &format!("must be 64..={MAX_MQTT_PACKET} bytes"),
+            );
+        }
+        match (&self.error_policy, &self.dead_letter_topic) {
+            (ErrorPolicy::DeadLetter, None) => bad(
+                "dead_letter_topic",
+                "(unset)".into(),
+                "error_policy = \"dead-letter\" needs a Kafka topic here",
+            ),
+            (_, Some(t)) if t.trim().is_empty() => bad(
+                "dead_letter_topic",
+                format!("{t:?}"),
+                "must be a Kafka topic name",
+            ),
+            _ => {}
+        }
+        if errs.0.is_empty() {
+            Ok(())
+        } else {
+            Err(errs)
+        }
+    }
+
+    /// The configured QoS as an enum; call after [`validate`](Self::validate).
+    pub(crate) fn qos(&self) -> crate::QoS {
+        match self.qos {
+            0 => crate::QoS::AtMostOnce,
+            1 => crate::QoS::AtLeastOnce,
+            _ => crate::QoS::ExactlyOnce,
+        }
+    }
+}
+
+fn fmt_dur(d: Duration) -> String {
+    humantime_serde::re::humantime::format_duration(d).to_string()
+}
+
+fn toml_de(s: &str) -> Result<Config, ConfigErrors> {
+    toml::from_str(s).map_err(|e: toml::de::Error| {
+        let option = e
+            .span()
+            .and_then(|sp| s.get(..sp.start))
+            .and_then(|before| before.lines().last())
+            .and_then(|line| line.split('=').next())
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| "(config)".to_string());
+        ConfigErrors(vec![ConfigError {
+            option,
+            value: String::new(),
+            rule: e.message().to_string(),
+        }])
+    })
+}
+
+/// One problem with one option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The option, as written in the config (e.g. `qos`, `properties.response_topic`).
+    pub option: String,
+    /// Its value as given (secrets shown as `***`).
+    pub value: String,
+    /// The rule it breaks and what to do.
+    pub rule: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {}: {}", self.option, self.value, self.rule)
+    }
+}
+
+/// Every problem found in a config, in option order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// Prefixes every option name, e.g. with `mqtt.` for the daemon's config sections.
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        for e in &mut self.0 {
+            e.option = format!("{prefix}{}", e.option);
+        }
+        self
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}

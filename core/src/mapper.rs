@@ -1,0 +1,211 @@
+//! How a record becomes a PUBLISH: key and value serializers, retain and MQTT 5 properties,
+//! each static or computed per record from the whole record.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::config::{Config, PublishProperties};
+use crate::event::RejectReason;
+use crate::record::Record;
+
+type KeyFn = dyn Fn(&Record) -> Result<String, String> + Send + Sync;
+type ValueFn = dyn Fn(&Record) -> Result<Bytes, String> + Send + Sync;
+type RetainFn = dyn Fn(&Record) -> bool + Send + Sync;
+type PropsFn = dyn Fn(&Record) -> Option<PublishProperties> + Send + Sync;
+
+/// Maps the record key to the topic suffix: `{topic_root}/{suffix}`.
+#[non_exhaustive]
+pub enum KeySerializer {
+    /// The key as UTF-8 (the Quix default `bytes.decode`); a missing or non-UTF-8 key
+    /// rejects the record.
+    Utf8,
+    /// A function of the whole record.
+    Custom(Box<KeyFn>),
+}
+
+/// Maps the record to the PUBLISH payload.
+#[non_exhaustive]
+pub enum ValueSerializer {
+    /// JSON (the Quix default `json.dumps`): a value is already serialized bytes and passes
+    /// through (build typed values with [`Record::with_json_value`]); a tombstone becomes
+    /// `null`.
+    Json,
+    /// The value bytes as they are; a tombstone becomes an empty payload.
+    Raw,
+    /// A function of the whole record.
+    Custom(Box<ValueFn>),
+}
+
+/// The retain flag of each publish.
+#[non_exhaustive]
+pub enum Retain {
+    /// The same for every record.
+    Static(bool),
+    /// Computed from the whole record.
+    PerRecord(Box<RetainFn>),
+}
+
+/// MQTT 5 properties of each publish.
+#[non_exhaustive]
+pub enum Properties {
+    /// No properties.
+    None,
+    /// The same for every record.
+    Static(PublishProperties),
+    /// Computed from the whole record (`None`: no properties for this one).
+    PerRecord(Box<PropsFn>),
+}
+
+macro_rules! debug_by_variant {
+    ($t:ident { $($v:ident $(($x:tt))?),* }) => {
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $(Self::$v $(($x))? => f.write_str(concat!(stringify!($t), "::", stringify!($v))),)*
+                }
+            }
+        }
+    };
+}
+debug_by_variant!(KeySerializer { Utf8, Custom(_) });
+debug_by_variant!(ValueSerializer { Json, Raw, Custom(_) });
+debug_by_variant!(Retain { Static(_), PerRecord(_) });
+debug_by_variant!(Properties { None, Static(_), PerRecord(_) });
+
+/// Everything that turns a [`Record`] into a PUBLISH. Start from
+/// [`RecordMapper::from_config`] and replace parts with the builder methods.
+pub struct RecordMapper {
+    pub(crate) topic_root: String,
+    pub(crate) key: KeySerializer,
+    pub(crate) value: ValueSerializer,
+    pub(crate) retain: Retain,
+    pub(crate) properties: Properties,
+}
+
+impl fmt::Debug for RecordMapper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordMapper")
+            .field("topic_root", &self.topic_root)
+            .field("key", &self.key)
+            .field("value", &self.value)
+            .field("retain", &self.retain)
+            .field("properties", &self.properties)
+            .finish()
+    }
+}
+
+impl RecordMapper {
+    /// The defaults of the Quix sink, with `topic_root`, `retain` and `properties` from
+    /// the config.
+    pub fn from_config(cfg: &Config) -> Self {
+        Self {
+            topic_root: cfg.topic_root.clone(),
+            key: KeySerializer::Utf8,
+            value: ValueSerializer::Json,
+            retain: Retain::Static(cfg.retain),
+            properties: cfg
+                .properties
+                .clone()
+                .map_or(Properties::None, Properties::Static),
+        }
+    }
+
+    /// Replaces the key serializer with a function of the whole record.
+    #[must_use]
+    pub fn key_serializer(
+        mut self,
+        f: impl Fn(&Record) -> Result<String, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.key = KeySerializer::Custom(Box::new(f));
+        self
+    }
+
+    /// Replaces the value serializer.
+    #[must_use]
+    pub fn value_serializer(mut self, v: ValueSerializer) -> Self {
+        self.value = v;
+        self
+    }
+
+    /// Replaces the value serializer with a function of the whole record.
+    #[must_use]
+    pub fn value_serializer_fn(
+        mut self,
+        f: impl Fn(&Record) -> Result<Bytes, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.value = ValueSerializer::Custom(Box::new(f));
+        self
+    }
+
+    /// Computes retain per record.
+    #[must_use]
+    pub fn retain_with(mut self, f: impl Fn(&Record) -> bool + Send + Sync + 'static) -> Self {
+        self.retain = Retain::PerRecord(Box::new(f));
+        self
+    }
+
+    /// Computes MQTT 5 properties per record (MQTT 5 only).
+    #[must_use]
+    pub fn properties_with(
+        mut self,
+        f: impl Fn(&Record) -> Option<PublishProperties> + Send + Sync + 'static,
+    ) -> Self {
+        self.properties = Properties::PerRecord(Box::new(f));
+        self
+    }
+
+    pub(crate) fn has_properties(&self) -> bool {
+        !matches!(self.properties, Properties::None)
+    }
+
+    /// The MQTT topic of a record.
+    pub(crate) fn topic(&self, r: &Record) -> Result<String, RejectReason> {
+        let suffix = match &self.key {
+            KeySerializer::Utf8 => {
+                let key = r.key.as_ref().ok_or(RejectReason::MissingKey)?;
+                std::str::from_utf8(key)
+                    .map_err(|_| RejectReason::KeyNotUtf8)?
+                    .to_string()
+            }
+            KeySerializer::Custom(f) => f(r).map_err(RejectReason::KeySerializer)?,
+        };
+        let mut topic = String::with_capacity(self.topic_root.len() + 1 + suffix.len());
+        topic.push_str(&self.topic_root);
+        topic.push('/');
+        topic.push_str(&suffix);
+        Ok(topic)
+    }
+
+    /// The payload of a record.
+    pub(crate) fn payload(&self, r: &Record) -> Result<Bytes, RejectReason> {
+        match &self.value {
+            ValueSerializer::Json => Ok(r
+                .value
+                .clone()
+                .unwrap_or_else(|| Bytes::from_static(b"null"))),
+            ValueSerializer::Raw => Ok(r.value.clone().unwrap_or_default()),
+            ValueSerializer::Custom(f) => f(r).map_err(RejectReason::ValueSerializer),
+        }
+    }
+
+    pub(crate) fn retain(&self, r: &Record) -> bool {
+        match &self.retain {
+            Retain::Static(b) => *b,
+            Retain::PerRecord(f) => f(r),
+        }
+    }
+
+    /// Calls `with` with the properties of a record (borrowed when static).
+    pub(crate) fn with_properties<T>(
+        &self,
+        r: &Record,
+        with: impl FnOnce(Option<&PublishProperties>) -> T,
+    ) -> T {
+        match &self.properties {
+            Properties::None => with(None),
+            Properties::Static(p) => with(Some(p)),
+            Properties::PerRecord(f) => with(f(r).as_ref()),
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! The MQTT session of [`Sink`]: connect, CONNACK, publish window and packet ids,
+//! acknowledgement flows, keep-alive, resend after reconnect, close.
+
+use std::time::{Duration, Instant};
+
+use crate::config::MqttVersion;
+use crate::event::{ConnectFailure, Connected, Event, LostReason, ProtocolError, RejectReason};
+use crate::ledger::RecordId;
+use crate::record::{Record, RecordCoords};
+use crate::sink::{connect_limit, Sink};
+use crate::timer::Timer;
+use crate::wire::{self, ConnectParams, EncodedPublish, Incoming};
+use crate::QoS;
+
+/// Connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Conn {
+    /// Waiting for the reconnect timer.
+    Backoff,
+    /// `OpenTransport` was emitted; waiting for `handle_connected`.
+    Opening,
+    /// CONNECT queued or sent; waiting for CONNACK.
+    AwaitConnAck,
+    /// CONNACK accepted.
+    Connected,
+    /// `close` was called; DISCONNECT is queued.
+    Closing,
+    /// Closed for good.
+    Closed,
+}
+
+/// A record encoded as a PUBLISH.
+#[derive(Debug)]
+pub(crate) struct Msg {
+    pub(crate) id: RecordId,
+    pub(crate) coords: RecordCoords,
+    pub(crate) packet: EncodedPublish,
+    pub(crate) retain: bool,
+    /// The record itself, kept only under the dead-letter policy.
+    pub(crate) record: Option<Record>,
+    /// Bytes counted against `max_buffered_bytes`.
+    pub(crate) size: usize,
+}
+
+/// A QoS 1/2 publish awaiting its acknowledgement flow.
+#[derive(Debug)]
+pub(crate) struct Inflight {
+    pub(crate) msg: Msg,
+    pub(crate) pkid: u16,
+    /// QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP.
+    pub(crate) released: bool,
+}
+
+impl Sink {
+    pub(crate) fn open_transport(&mut self, now: Instant) {
+        self.conn = Conn::Opening;
+        // One deadline covers opening the transport and the CONNACK.
+        self.timers
+            .set(Timer::ConnAck, now + self.cfg.connect_timeout);
+        self.events.push_back(Event::OpenTransport);
+    }
+
+    /// The transport the sink asked for (`Event::OpenTransport`) is open: the sink queues
+    /// CONNECT.
+    pub fn handle_connected(&mut self, _now: Instant) {
+        if self.conn != Conn::Opening {
+            return;
+        }
+        self.decoder.reset();
+        self.control.clear();
+        let clean = !self.connected_once || self.cfg.clean_session;
+        let params = ConnectParams {
+            version: self.cfg.version,
+            client_id: &self.client_id,
+            clean,
+            keepalive_secs: self.cfg.keepalive.as_secs() as u16,
+            username: self.cfg.username.as_deref(),
+            password: self.cfg.password.as_ref().map(|p| p.expose()),
+            session_expiry: if self.cfg.clean_session {
+                0
+            } else {
+                self.cfg.session_expiry.as_secs() as u32
+            },
+            max_incoming_packet: connect_limit(&self.cfg),
+        };
+        match wire::encode_connect(&params, &mut self.control) {
+            Ok(()) => self.conn = Conn::AwaitConnAck,
+            Err(e) => {
+                // Validation makes this unreachable; report it rather than panic.
+                self.events
+                    .push_back(Event::ConnectFailed(ConnectFailure::Protocol(e.0)));
+                self.drop_connection(_now, true);
+            }
+        }
+    }
+
+    /// The transport closed or could not be opened (`reason`: the runtime's words, such as
+    /// the DNS, TCP or TLS error with server and port).
+    pub fn handle_disconnected(&mut self, now: Instant, reason: impl Into<String>) {
+        let reason = reason.into();
+        match self.conn {
+            Conn::Opening | Conn::AwaitConnAck => {
+                self.events
+                    .push_back(Event::ConnectFailed(ConnectFailure::Transport(reason)));
+                self.drop_connection(now, false);
+            }
+            Conn::Connected => {
+                self.events
+                    .push_back(Event::ConnectionLost(LostReason::Transport(reason)));
+                self.drop_connection(now, false);
+            }
+            Conn::Closing => self.drop_connection(now, false),
+            Conn::Backoff | Conn::Closed => {}
+        }
+    }
+
+    /// Bytes arrived from the broker, in any chunking. A protocol violation closes the
+    /// connection (the events say so) and is returned once.
+    pub fn handle_input(&mut self, now: Instant, bytes: &[u8]) -> Result<(), ProtocolError> {
+        if !matches!(
+            self.conn,
+            Conn::AwaitConnAck | Conn::Connected | Conn::Closing
+        ) {
+            return Ok(());
+        }
+        self.decoder.push(bytes);
+        loop {
+            let packet = match self.decoder.next(self.cfg.version) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.protocol_error(now, e.0)),
+            };
+            if let Err(e) = self.on_packet(now, packet) {
+                return Err(self.protocol_error(now, e));
+            }
+            if !matches!(
+                self.conn,
+                Conn::AwaitConnAck | Conn::Connected | Conn::Closing
+            ) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, now: Instant, msg: String) -> ProtocolError {
+        let event = if self.conn == Conn::AwaitConnAck {
+            Event::ConnectFailed(ConnectFailure::Protocol(msg.clone()))
+        } else {
+            Event::ConnectionLost(LostReason::Protocol(msg.clone()))
+        };
+        if self.cfg.version == MqttVersion::V5 && self.conn != Conn::Closing {
+            // Tell the broker why (0x82 protocol error), best effort.
+            wire::encode_disconnect(self.cfg.version, 0x82, &mut self.control);
+        }
+        self.events.push_back(event);
+        self.drop_connection(now, true);
+        ProtocolError(msg)
+    }
+
+    fn on_packet(&mut self, now: Instant, p: Incoming) -> Result<(), String> {
+        if self.conn == Conn::AwaitConnAck {
+            return match p {
+                Incoming::ConnAck {
+                    session_present,
+                    code,
+                    props,
+                } => {
+                    self.on_connack(now, session_present, code, props);
+                    Ok(())
+                }
+                other => Err(format!("expected CONNACK, got {other:?}")),
+            };
+        }
+        match p {
+            Incoming::ConnAck { .. } => return Err("a second CONNACK".into()),
+            Incoming::PubAck { pkid, reason } => {
+                let Some(seq) = self.by_pkid.get(&pkid).copied() else {
+                    return Ok(()); // a late duplicate: nothing awaits it
+                };
+                if self.qos != QoS::AtLeastOnce {
+                    return Err(format!("PUBACK for QoS 2 packet id {pkid}"));
+                }
+                let e = self.take_inflight(seq);
+                self.finish(e.msg, reason);
+            }
+            Incoming::PubRec { pkid, reason } => {
+                let Some(seq) = self.by_pkid.get(&pkid).copied() else {
+                    if reason < 0x80 {
+                        // Complete the broker's flow so it frees the id.
+                        wire::encode_pubrel(pkid, &mut self.control);
+                    }
+                    return Ok(());
+                };
+                if self.qos != QoS::ExactlyOnce {
+                    return Err(format!("PUBREC for QoS 1 packet id {pkid}"));
+                }
+                if reason >= 0x80 {
+                    let e = self.take_inflight(seq);
+                    self.finish(e.msg, reason);
+                } else {
+                    wire::encode_pubrel(pkid, &mut self.control);
+                    let e = self.inflight.get_mut(&seq).expect("indexed entry");
+                    if !e.released {
+                        e.released = true;
+                        // The broker owns the message from PUBREC on (MQTT 4.3.3).
+                        let (coords, id) = (e.msg.coords.clone(), e.msg.id);
+                        self.acknowledged(coords, id);
+                    }
+                }
+            }
+            Incoming::PubComp { pkid, .. } => {
+                if let Some(seq) = self.by_pkid.get(&pkid).copied() {
+                    if self.inflight.get(&seq).is_some_and(|e| e.released) {
+                        let e = self.take_inflight(seq);
+                        self.free(&e.msg);
+                    } else {
+                        return Err(format!("PUBCOMP before PUBREC for packet id {pkid}"));
+                    }
+                }
+            }
+            Incoming::PubRel { pkid } => wire::encode_pubcomp(pkid, &mut self.control),
+            Incoming::Publish { qos, pkid } => match qos {
+                1 => wire::encode_puback(pkid, &mut self.control),
+                2 => wire::encode_pubrec(pkid, &mut self.control),
+                _ => {}
+            },
+            Incoming::PingResp => {
+                self.ping_outstanding = false;
+                self.timers.stop(Timer::PingResp);
+            }
+            Incoming::Disconnect {
+                reason,
+                reason_string,
+            } => {
+                let lost = LostReason::ServerDisconnect {
+                    code: reason,
+                    reason_string,
+                };
+                if self.conn == Conn::Closing {
+                    self.drop_connection(now, true);
+                } else {
+                    self.events.push_back(Event::ConnectionLost(lost));
+                    self.drop_connection(now, true);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_connack(
+        &mut self,
+        now: Instant,
+        session_present: bool,
+        code: u8,
+        props: wire::ConnAckProps,
+    ) {
+        self.timers.stop(Timer::ConnAck);
+        if code != 0 {
+            self.events
+                .push_back(Event::ConnectFailed(ConnectFailure::Refused {
+                    code,
+                    reason_string: props.reason_string,
+                }));
+            self.drop_connection(now, true);
+            return;
+        }
+        if let Some(max) = props.maximum_qos {
+            if max < self.qos as u8 {
+                wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
+                self.events
+                    .push_back(Event::ConnectFailed(ConnectFailure::QosNotSupported {
+                        broker_max: max,
+                        configured: self.qos as u8,
+                    }));
+                self.drop_connection(now, true);
+                return;
+            }
+        }
+        self.conn = Conn::Connected;
+        self.backoff.reset();
+        self.stats.connects += 1;
+        self.window = props.receive_maximum.map_or(self.cfg.max_inflight, |r| {
+            self.cfg.max_inflight.min(u32::from(r).max(1))
+        }) as u16;
+        self.broker_max_packet = props.maximum_packet_size;
+        self.retain_available = props.retain_available.unwrap_or(true);
+        if let Some(id) = &props.assigned_client_id {
+            // Reconnects must use the same id to resume the session.
+            self.client_id = id.clone();
+        }
+        self.keepalive_secs = props
+            .server_keep_alive
+            .unwrap_or(self.cfg.keepalive.as_secs() as u16);
+        self.restart_keepalive(now);
+        let resumed = session_present && self.connected_once;
+        self.connected_once = true;
+        self.resume(resumed);
+        self.events.push_back(Event::Connected(Connected {
+            session_present,
+            assigned_client_id: props.assigned_client_id,
+            window: self.window,
+            broker_max_packet: props.maximum_packet_size,
+            topic_alias_maximum: props.topic_alias_maximum,
+            maximum_qos: props.maximum_qos,
+            retain_available: props.retain_available,
+            keepalive_secs: self.keepalive_secs,
+        }));
+    }
+
+    /// After CONNACK: with the session resumed, resend every in-flight publish in order
+    /// (PUBLISH with DUP and the same id, or PUBREL if released); without it, publish them
+    /// again as new publishes ahead of the queue.
+    fn resume(&mut self, resumed: bool) {
+        self.resend.clear();
+        if resumed {
+            self.resend.extend(self.inflight.keys().copied());
+            return;
+        }
+        self.by_pkid.clear();
+        let old = std::mem::take(&mut self.inflight);
+        for (_, e) in old.into_iter().rev() {
+            let tracked = self
+                .ledger
+                .pending_id(&e.msg.coords.tp, e.msg.coords.offset)
+                == Some(e.msg.id);
+            if e.released || !tracked {
+                // Released: the broker owned it before the session ended (acknowledged at
+                // PUBREC). Untracked: revoked or rewound, consumed again anyway.
+                self.free(&e.msg);
+            } else {
+                let mut msg = e.msg;
+                wire::set_dup(&mut msg.packet, false);
+                self.pending.push_front(msg);
+            }
+        }
+    }
+
+    fn take_inflight(&mut self, seq: u64) -> Inflight {
+        let e = self.inflight.remove(&seq).expect("indexed entry");
+        self.by_pkid.remove(&e.pkid);
+        e
+    }
+
+    /// Releases a message's buffer accounting.
+    pub(crate) fn free(&mut self, msg: &Msg) {
+        self.buffered_bytes -= msg.size;
+    }
+
+    /// A QoS 1 PUBACK or a rejecting QoS 2 PUBREC ended a publish.
+    fn finish(&mut self, msg: Msg, reason: u8) {
+        self.free(&msg);
+        if reason >= 0x80 {
+            self.reject(
+                msg.coords,
+                msg.id,
+                RejectReason::Broker { code: reason },
+                msg.record,
+            );
+        } else {
+            self.acknowledged(msg.coords, msg.id);
+        }
+    }
+
+    /// Leaves the connection: `close_transport` asks the runtime to close it (the core
+    /// decided); otherwise the runtime reported it gone.
+    pub(crate) fn drop_connection(&mut self, now: Instant, close_transport: bool) {
+        if close_transport {
+            self.events.push_back(Event::CloseTransport);
+        }
+        self.resend.clear();
+        self.decoder.reset();
+        self.ping_outstanding = false;
+        self.timers.stop(Timer::ConnAck);
+        self.timers.stop(Timer::Keepalive);
+        self.timers.stop(Timer::PingResp);
+        if matches!(self.conn, Conn::Closing | Conn::Closed) {
+            if self.conn == Conn::Closing {
+                self.events.push_back(Event::Closed);
+            }
+            self.control.clear();
+            self.conn = Conn::Closed;
+            return;
+        }
+        // A DISCONNECT queued by the core is still written before the close; anything
+        // else belonged to the old connection.
+        if !close_transport {
+            self.control.clear();
+        }
+        self.conn = Conn::Backoff;
+        let delay = self.backoff.next_delay();
+        self.timers.set(Timer::Reconnect, now + delay);
+    }
+
+    pub(crate) fn on_reconnect_timer(&mut self, now: Instant) {
+        if self.conn == Conn::Backoff {
+            self.control.clear();
+            self.open_transport(now);
+        }
+    }
+
+    pub(crate) fn on_connack_timeout(&mut self, now: Instant) {
+        if matches!(self.conn, Conn::Opening | Conn::AwaitConnAck) {
+            self.events
+                .push_back(Event::ConnectFailed(ConnectFailure::Timeout));
+            self.drop_connection(now, true);
+        }
+    }
+
+    fn restart_keepalive(&mut self, now: Instant) {
+        if self.keepalive_secs > 0 {
+            let at = now + Duration::from_secs(u64::from(self.keepalive_secs));
+            self.timers.set(Timer::Keepalive, at);
+        }
+    }
+
+    pub(crate) fn on_keepalive(&mut self, now: Instant) {
+        if self.conn != Conn::Connected {
+            return;
+        }
+        if !self.ping_outstanding {
+            wire::encode_pingreq(&mut self.control);
+            self.ping_outstanding = true;
+            self.timers
+                .set(Timer::PingResp, now + self.cfg.ping_timeout);
+        }
+    }
+
+    pub(crate) fn on_ping_timeout(&mut self, now: Instant) {
+        if self.conn == Conn::Connected && self.ping_outstanding {
+            self.events
+                .push_back(Event::ConnectionLost(LostReason::PingTimeout));
+            self.drop_connection(now, true);
+        }
+    }
+
+    /// Bytes went out at `now`: the keep-alive restarts, and a finished close ends.
+    pub(crate) fn on_transmitted(&mut self, now: Instant) {
+        if self.conn == Conn::Connected {
+            self.restart_keepalive(now);
+        }
+        if self.conn == Conn::Closing && self.control.is_empty() {
+            self.events.push_back(Event::CloseTransport);
+            self.events.push_back(Event::Closed);
+            self.conn = Conn::Closed;
+            self.timers.stop(Timer::Keepalive);
+            self.timers.stop(Timer::PingResp);
+        }
+    }
+
+    /// Fills `buf` up to about `limit` bytes: control packets, then resends, then new
+    /// publishes within the window.
+    pub(crate) fn transmit(&mut self, _now: Instant, buf: &mut Vec<u8>, limit: usize) {
+        if !self.control.is_empty() {
+            buf.append(&mut self.control);
+        }
+        if self.conn != Conn::Connected {
+            return;
+        }
+        while buf.len() < limit {
+            let Some(seq) = self.resend.pop_front() else {
+                break;
+            };
+            let Some(e) = self.inflight.get_mut(&seq) else {
+                continue;
+            };
+            if e.released {
+                wire::encode_pubrel(e.pkid, buf);
+            } else {
+                wire::set_dup(&mut e.msg.packet, true);
+                buf.extend_from_slice(&e.msg.packet.bytes);
+                self.stats.resent += 1;
+            }
+        }
+        if !self.resend.is_empty() {
+            return; // resends go first, in order
+        }
+        while buf.len() < limit {
+            if self.qos != QoS::AtMostOnce && self.inflight.len() >= usize::from(self.window) {
+                break;
+            }
+            let Some(mut msg) = self.pending.pop_front() else {
+                break;
+            };
+            let size = msg.packet.bytes.len();
+            if let Some(limit) = self.broker_max_packet.filter(|l| size > *l as usize) {
+                self.free(&msg);
+                let reason = RejectReason::PacketTooLarge {
+                    size,
+                    limit,
+                    by_broker: true,
+                };
+                self.reject(msg.coords, msg.id, reason, msg.record);
+                continue;
+            }
+            if msg.retain && !self.retain_available {
+                self.free(&msg);
+                self.reject(
+                    msg.coords,
+                    msg.id,
+                    RejectReason::RetainNotSupported,
+                    msg.record,
+                );
+                continue;
+            }
+            if self.qos == QoS::AtMostOnce {
+                buf.extend_from_slice(&msg.packet.bytes);
+                self.free(&msg);
+                self.acknowledged(msg.coords, msg.id);
+                continue;
+            }
+            let pkid = self.alloc_pkid();
+            wire::set_pkid(&mut msg.packet, pkid);
+            buf.extend_from_slice(&msg.packet.bytes);
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.by_pkid.insert(pkid, seq);
+            self.inflight.insert(
+                seq,
+                Inflight {
+                    msg,
+                    pkid,
+                    released: false,
+                },
+            );
+        }
+    }
+
+    /// The next packet id not in flight; the window (<= 65535) guarantees one is free.
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.by_pkid.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Disconnects cleanly: DISCONNECT is sent if connected, then `CloseTransport` and
+    /// `Closed`. Flush first: records not yet acknowledged are not committed.
+    pub fn close(&mut self, now: Instant) {
+        match self.conn {
+            Conn::Connected => {
+                self.control.clear();
+                wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
+                self.conn = Conn::Closing;
+                self.timers.stop(Timer::Keepalive);
+                self.timers.stop(Timer::PingResp);
+            }
+            Conn::Opening | Conn::AwaitConnAck => {
+                self.conn = Conn::Closing;
+                self.drop_connection(now, true);
+            }
+            Conn::Backoff => {
+                self.timers.stop(Timer::Reconnect);
+                self.conn = Conn::Closed;
+                self.events.push_back(Event::Closed);
+            }
+            Conn::Closing | Conn::Closed => {}
+        }
+    }
+
+    /// True once connected and CONNACK accepted.
+    pub fn is_connected(&self) -> bool {
+        self.conn == Conn::Connected
+    }
+
+    /// True after `Event::Closed`.
+    pub fn is_closed(&self) -> bool {
+        self.conn == Conn::Closed
+    }
+}

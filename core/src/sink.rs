@@ -1,0 +1,522 @@
+//! [`Sink`]: records in, PUBLISH bytes out, acknowledgements in, commit positions out.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::config::{Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion};
+use crate::event::{CommitOffsets, Event, FlushInProgress, PushError, RejectReason};
+use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
+use crate::mapper::RecordMapper;
+use crate::record::{Record, RecordCoords, TopicPartition};
+use crate::session::{Conn, Inflight, Msg};
+use crate::timer::{Timer, TimerTable};
+use crate::topic;
+use crate::wire::{self, Decoder, PublishParts};
+use crate::QoS;
+
+/// The sans-IO MQTT publisher session and Kafka offset ledger.
+///
+/// A `Sink` never touches a socket, a clock or a thread. Its runtime feeds it facts and
+/// commands and drains its outputs:
+///
+/// * facts: [`handle_connected`](Self::handle_connected),
+///   [`handle_input`](Self::handle_input), [`handle_disconnected`](Self::handle_disconnected),
+///   [`handle_timeout`](Self::handle_timeout), [`handle_committed`](Self::handle_committed),
+///   [`handle_dead_lettered`](Self::handle_dead_lettered);
+/// * commands: [`push_record`](Self::push_record), [`begin_flush`](Self::begin_flush),
+///   [`assign`](Self::assign), [`revoke`](Self::revoke), [`rewind`](Self::rewind),
+///   [`close`](Self::close);
+/// * outputs, drained in this order after **every** fact or command:
+///   1. [`poll_transmit`](Self::poll_transmit) until it returns `false` (bytes to write);
+///   2. [`poll_event`](Self::poll_event) until `None` (act on each: open/close the
+///      transport, commit, dead-letter, callbacks); acting may call the sink again, so
+///      loop back to 1 until both are empty;
+///   3. [`poll_timeout`](Self::poll_timeout): call `handle_timeout` when it passes.
+///
+/// Every time-sensitive call takes `now`; the sink reads no clock, so a seeded test replays
+/// it exactly.
+pub struct Sink {
+    pub(crate) cfg: Config,
+    pub(crate) mapper: RecordMapper,
+    pub(crate) qos: QoS,
+
+    // The MQTT session (see session.rs).
+    pub(crate) conn: Conn,
+    pub(crate) decoder: Decoder,
+    /// Control packets (CONNECT, PUBREL, PINGREQ, acks, DISCONNECT) to write next.
+    pub(crate) control: Vec<u8>,
+    /// Records accepted, not yet sent, in push order.
+    pub(crate) pending: VecDeque<Msg>,
+    /// QoS 1/2 publishes awaiting their acknowledgement flow, by send order.
+    pub(crate) inflight: BTreeMap<u64, Inflight>,
+    pub(crate) by_pkid: BTreeMap<u16, u64>,
+    /// In-flight entries to resend (DUP PUBLISH or PUBREL) after a session resumed.
+    pub(crate) resend: VecDeque<u64>,
+    pub(crate) next_seq: u64,
+    pub(crate) next_pkid: u16,
+    pub(crate) window: u16,
+    pub(crate) broker_max_packet: Option<u32>,
+    pub(crate) retain_available: bool,
+    pub(crate) keepalive_secs: u16,
+    pub(crate) ping_outstanding: bool,
+    pub(crate) connected_once: bool,
+    pub(crate) client_id: String,
+    pub(crate) backoff: Backoff,
+    pub(crate) timers: TimerTable,
+
+    // The ledger.
+    pub(crate) ledger: Ledger,
+    pub(crate) next_id: RecordId,
+    pub(crate) flush: Option<FlushTarget>,
+    pub(crate) flush_dirty: bool,
+    pub(crate) dead_lettering: BTreeMap<RecordCoords, RecordId>,
+
+    pub(crate) buffered_bytes: usize,
+    pub(crate) events: VecDeque<Event>,
+    pub(crate) stats: Stats,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("conn", &self.conn)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters and gauges, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Records held (queued or in flight).
+    pub buffered_records: usize,
+    /// Bytes held.
+    pub buffered_bytes: usize,
+    /// QoS 1/2 publishes awaiting acknowledgement.
+    pub inflight: usize,
+    /// The in-flight window in force.
+    pub window: u16,
+    /// Records pushed.
+    pub pushed: u64,
+    /// Records acknowledged by the broker.
+    pub acknowledged: u64,
+    /// Records rejected (any policy).
+    pub rejected: u64,
+    /// PUBLISH packets resent with DUP after a session resumed.
+    pub resent: u64,
+    /// Successful CONNACKs.
+    pub connects: u64,
+}
+
+/// Publishes per `poll_transmit` call are coalesced up to about this many bytes.
+const TRANSMIT_BUDGET: usize = 64 * 1024;
+
+impl Sink {
+    /// Validates `cfg` (and that per-record properties come with MQTT 5) and creates the
+    /// sink. Its first event asks the runtime to open the transport.
+    pub fn new(cfg: Config, mapper: RecordMapper, now: Instant) -> Result<Self, ConfigErrors> {
+        let mut errs = match cfg.validate() {
+            Ok(()) => ConfigErrors::default(),
+            Err(e) => e,
+        };
+        if mapper.has_properties() && cfg.version != MqttVersion::V5 && cfg.properties.is_none() {
+            errs.0.push(ConfigError {
+                option: "properties".into(),
+                value: "(per-record function)".into(),
+                rule: format!(
+                    "MQTT properties need version = \"5\" (version is \"{}\")",
+                    cfg.version
+                ),
+            });
+        }
+        if !errs.0.is_empty() {
+            return Err(errs);
+        }
+        let window = cfg.max_inflight as u16;
+        let mut sink = Self {
+            qos: cfg.qos(),
+            decoder: Decoder::new(incoming_limit(&cfg) as usize),
+            control: Vec::new(),
+            pending: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            by_pkid: BTreeMap::new(),
+            resend: VecDeque::new(),
+            next_seq: 0,
+            next_pkid: 1,
+            window,
+            broker_max_packet: None,
+            retain_available: true,
+            keepalive_secs: cfg.keepalive.as_secs() as u16,
+            ping_outstanding: false,
+            connected_once: false,
+            client_id: cfg.client_id.clone(),
+            backoff: Backoff::new(
+                cfg.reconnect_backoff_min,
+                cfg.reconnect_backoff_max,
+                cfg.reconnect_jitter_seed,
+            ),
+            timers: TimerTable::default(),
+            ledger: Ledger::default(),
+            next_id: 0,
+            flush: None,
+            flush_dirty: false,
+            dead_lettering: BTreeMap::new(),
+            buffered_bytes: 0,
+            events: VecDeque::new(),
+            stats: Stats::default(),
+            conn: Conn::Backoff,
+            cfg,
+            mapper,
+        };
+        sink.open_transport(now);
+        Ok(sink)
+    }
+
+    /// Shorthand for [`Sink::new`] with [`RecordMapper::from_config`].
+    pub fn with_config(cfg: Config, now: Instant) -> Result<Self, ConfigErrors> {
+        let mapper = RecordMapper::from_config(&cfg);
+        Self::new(cfg, mapper, now)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            buffered_records: self.buffered_records(),
+            buffered_bytes: self.buffered_bytes,
+            inflight: self.inflight.len(),
+            window: self.window,
+            ..self.stats
+        }
+    }
+
+    pub(crate) fn buffered_records(&self) -> usize {
+        self.pending.len() + self.inflight.len()
+    }
+
+    /// True when `push_record` would return [`PushError::Full`].
+    pub fn is_full(&self) -> bool {
+        self.buffered_records() >= self.cfg.max_buffered_records
+            || self.buffered_bytes >= self.cfg.max_buffered_bytes
+    }
+
+    /// Takes a record to publish. Returns it in [`PushError::Full`] when the buffer is full
+    /// (drive the sink and push again later): memory stays bounded by `max_buffered_records`
+    /// and `max_buffered_bytes` (plus one record) whatever the broker does.
+    ///
+    /// A record that cannot be published (no key, bad topic, too large, ...) is accepted and
+    /// reported with [`Event::RecordRejected`]; the error policy decides its offset.
+    pub fn push_record(&mut self, _now: Instant, record: Record) -> Result<(), PushError> {
+        if matches!(self.conn, Conn::Closing | Conn::Closed) {
+            return Err(PushError::Closed(record));
+        }
+        if let Err(o) = self.ledger.check_order(&record.tp, record.offset) {
+            return Err(PushError::OutOfOrder {
+                record,
+                last: o.last,
+            });
+        }
+        if self.is_full() {
+            return Err(PushError::Full(record));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.stats.pushed += 1;
+        self.ledger.push(&record.tp, record.offset, id);
+        match self.encode(&record) {
+            Ok((packet, retain)) => {
+                let keep = self.cfg.error_policy == ErrorPolicy::DeadLetter;
+                let size = packet.bytes.len() + if keep { record.size() } else { 0 };
+                self.buffered_bytes += size;
+                self.pending.push_back(Msg {
+                    id,
+                    coords: record.coords(),
+                    packet,
+                    retain,
+                    record: keep.then_some(record),
+                    size,
+                });
+            }
+            Err(reason) => {
+                let coords = record.coords();
+                self.reject(coords, id, reason, Some(record));
+            }
+        }
+        Ok(())
+    }
+
+    fn encode(&self, r: &Record) -> Result<(wire::EncodedPublish, bool), RejectReason> {
+        let topic = self.mapper.topic(r)?;
+        if let Err(error) = topic::check_topic(&topic) {
+            let mut cut = topic;
+            if cut.len() > 200 {
+                let mut end = 200;
+                while !cut.is_char_boundary(end) {
+                    end -= 1;
+                }
+                cut.truncate(end);
+            }
+            return Err(RejectReason::InvalidTopic { topic: cut, error });
+        }
+        let payload = self.mapper.payload(r)?;
+        let retain = self.mapper.retain(r);
+        let version = self.cfg.version;
+        self.mapper.with_properties(r, |props| {
+            let props = props.filter(|_| version == MqttVersion::V5);
+            if let Some(p) = props {
+                if let Some((field, value, rule)) = p.problems().into_iter().next() {
+                    return Err(RejectReason::InvalidProperties(format!(
+                        "{field} = {value}: {rule}"
+                    )));
+                }
+            }
+            let parts = PublishParts {
+                version,
+                topic: &topic,
+                qos: self.qos,
+                retain,
+                properties: props,
+                payload,
+            };
+            let size = wire::publish_len(&parts);
+            if size > self.cfg.max_packet_size as usize {
+                return Err(RejectReason::PacketTooLarge {
+                    size,
+                    limit: self.cfg.max_packet_size,
+                    by_broker: false,
+                });
+            }
+            let packet = wire::encode_publish(parts).map_err(|e| RejectReason::Unencodable(e.0))?;
+            Ok((packet, retain))
+        })
+    }
+
+    /// Applies the error policy to a rejected record.
+    pub(crate) fn reject(
+        &mut self,
+        coords: RecordCoords,
+        id: RecordId,
+        reason: RejectReason,
+        record: Option<Record>,
+    ) {
+        self.stats.rejected += 1;
+        let policy = self.cfg.error_policy;
+        self.events.push_back(Event::RecordRejected {
+            coords: coords.clone(),
+            reason: reason.clone(),
+            policy,
+        });
+        let tracked = self.ledger.pending_id(&coords.tp, coords.offset) == Some(id);
+        if !tracked {
+            // Revoked or rewound since it was pushed: its offset is no longer ours.
+            return;
+        }
+        self.flush_dirty = true;
+        match policy {
+            ErrorPolicy::Fail => {
+                self.ledger.fail(&coords.tp, coords.offset, id, reason);
+            }
+            ErrorPolicy::Skip => {
+                self.ledger.resolve(&coords.tp, coords.offset, id);
+            }
+            ErrorPolicy::DeadLetter => match record {
+                Some(record) => {
+                    self.dead_lettering.insert(coords, id);
+                    self.events.push_back(Event::DeadLetter { record, reason });
+                }
+                None => {
+                    // Records are kept under this policy; a missing one is a broken invariant.
+                    panic!("record {coords} was not kept for dead-lettering");
+                }
+            },
+        }
+    }
+
+    /// A record reached the broker (or, at QoS 0, the transport).
+    pub(crate) fn acknowledged(&mut self, coords: RecordCoords, id: RecordId) {
+        if self.ledger.resolve(&coords.tp, coords.offset, id) {
+            self.stats.acknowledged += 1;
+            self.flush_dirty = true;
+            self.events.push_back(Event::RecordAcknowledged(coords));
+        }
+    }
+
+    /// The runtime produced a dead letter and Kafka confirmed it: its offset may pass.
+    pub fn handle_dead_lettered(&mut self, coords: &RecordCoords) {
+        if let Some(id) = self.dead_lettering.remove(coords) {
+            if self.ledger.resolve(&coords.tp, coords.offset, id) {
+                self.flush_dirty = true;
+            }
+        }
+    }
+
+    /// The dead-letter produce failed: the record fails as under the `fail` policy.
+    pub fn handle_dead_letter_failed(&mut self, coords: &RecordCoords, error: impl Into<String>) {
+        if let Some(id) = self.dead_lettering.remove(coords) {
+            let reason = RejectReason::DeadLetterFailed(error.into());
+            if self.ledger.fail(&coords.tp, coords.offset, id, reason) {
+                self.flush_dirty = true;
+            }
+        }
+    }
+
+    /// Starts tracking a partition (Kafka assigned it); `committed` is its committed
+    /// position if known. Partitions are also tracked on their first `push_record`.
+    pub fn assign(&mut self, tp: TopicPartition, committed: Option<i64>) {
+        self.ledger.assign(tp, committed);
+    }
+
+    /// Stops tracking a partition (Kafka revoked it). Call after a flush and commit of it:
+    /// its queued records are dropped, and acknowledgements of its in-flight ones no longer
+    /// count.
+    pub fn revoke(&mut self, tp: &TopicPartition) {
+        self.ledger.revoke(tp);
+        self.dead_lettering.retain(|c, _| &c.tp != tp);
+        let mut freed = 0;
+        self.pending.retain(|m| {
+            let keep = &m.coords.tp != tp;
+            if !keep {
+                freed += m.size;
+            }
+            keep
+        });
+        self.buffered_bytes -= freed;
+        self.flush_dirty = true;
+    }
+
+    /// Partitions the ledger tracks.
+    pub fn is_assigned(&self, tp: &TopicPartition) -> bool {
+        self.ledger.is_assigned(tp)
+    }
+
+    /// Kafka confirmed a commit of these positions.
+    pub fn handle_committed(&mut self, offsets: &[(TopicPartition, i64)]) {
+        for (tp, pos) in offsets {
+            self.ledger.committed(tp, *pos);
+        }
+    }
+
+    /// After a failed or timed-out flush: forgets every record not yet committed, cancels
+    /// the flush, and returns per partition the offset to seek the consumer to (the last
+    /// committed position). Records then pushed again from there are new pushes; late
+    /// acknowledgements of the old copies are ignored.
+    pub fn rewind(&mut self) -> CommitOffsets {
+        let to = self.ledger.rewind();
+        let freed: usize = self.pending.iter().map(|m| m.size).sum();
+        self.pending.clear();
+        self.buffered_bytes -= freed;
+        self.dead_lettering.clear();
+        self.flush = None;
+        self.timers.stop(Timer::Flush);
+        to
+    }
+
+    /// Commit positions now: every record below each is resolved.
+    pub fn commit_positions(&self) -> CommitOffsets {
+        self.ledger.positions()
+    }
+
+    /// Starts a checkpoint over every record pushed so far. It ends with exactly one of
+    /// [`Event::FlushCompleted`], [`Event::FlushFailed`] or [`Event::FlushTimedOut`] (at
+    /// `deadline`, not later, provided the runtime honours `poll_timeout`).
+    pub fn begin_flush(&mut self, _now: Instant, deadline: Instant) -> Result<(), FlushInProgress> {
+        if self.flush.is_some() {
+            return Err(FlushInProgress);
+        }
+        self.flush = Some(self.ledger.target());
+        self.flush_dirty = true;
+        self.timers.set(Timer::Flush, deadline);
+        Ok(())
+    }
+
+    /// The deadline of a flush begun at `now` with the configured `flush_timeout`.
+    pub fn flush_deadline(&self, now: Instant) -> Instant {
+        now + self.cfg.flush_timeout
+    }
+
+    /// True while a flush is running.
+    pub fn is_flushing(&self) -> bool {
+        self.flush.is_some()
+    }
+
+    /// Ends the flush if its outcome is known (`timed_out`: the deadline passed).
+    pub(crate) fn check_flush(&mut self, timed_out: bool) {
+        self.flush_dirty = false;
+        let Some(target) = &self.flush else {
+            return;
+        };
+        let event = match self.ledger.status(target) {
+            FlushStatus::Complete => Event::FlushCompleted {
+                offsets: self.ledger.positions(),
+            },
+            FlushStatus::Failed(coords, reason) => Event::FlushFailed {
+                coords,
+                reason,
+                offsets: self.ledger.positions(),
+            },
+            FlushStatus::Pending if timed_out => Event::FlushTimedOut {
+                unacked: self.ledger.unresolved(target),
+                offsets: self.ledger.positions(),
+            },
+            FlushStatus::Pending => return,
+        };
+        self.flush = None;
+        self.timers.stop(Timer::Flush);
+        self.events.push_back(event);
+    }
+
+    /// The next event, if any. See the drain order on [`Sink`].
+    pub fn poll_event(&mut self) -> Option<Event> {
+        if self.flush_dirty {
+            self.check_flush(false);
+        }
+        self.events.pop_front()
+    }
+
+    /// When `handle_timeout` must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// Time passed: fires every timer due at `now`. Early, late or repeated calls are
+    /// harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(t) = self.timers.expired(now) {
+            match t {
+                Timer::Flush => self.check_flush(true),
+                Timer::Reconnect => self.on_reconnect_timer(now),
+                Timer::ConnAck => self.on_connack_timeout(now),
+                Timer::Keepalive => self.on_keepalive(now),
+                Timer::PingResp => self.on_ping_timeout(now),
+            }
+        }
+    }
+
+    /// Writes the bytes to send next into `buf` (appending). Returns false when there is
+    /// nothing to send now. Several publishes are coalesced into one call.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> bool {
+        let start = buf.len();
+        self.transmit(now, buf, start + TRANSMIT_BUDGET);
+        let wrote = buf.len() > start;
+        if wrote {
+            self.on_transmitted(now);
+        }
+        wrote
+    }
+}
+
+/// The largest packet we accept from the broker (announced in MQTT 5 CONNECT): acks are
+/// tiny; publishes only come from subscriptions of an old session.
+fn incoming_limit(cfg: &Config) -> u32 {
+    cfg.max_packet_size.clamp(1 << 16, 1 << 20)
+}
+
+pub(crate) fn connect_limit(cfg: &Config) -> u32 {
+    incoming_limit(cfg)
+}
