@@ -280,6 +280,11 @@ pub struct Config {
     /// How long to wait for PINGRESP before the connection counts as lost. Default: 10 s.
     #[serde(default = "default_ping_timeout", with = "humantime_serde")]
     pub ping_timeout: Duration,
+    /// How long a QoS 1/2 publish may wait for its acknowledgement before the connection
+    /// counts as broken: the sink reconnects and resends it (MQTT resends only on a new
+    /// connection, so a lost PUBACK is recovered this way). Default: 5 s.
+    #[serde(default = "default_ack_timeout", with = "humantime_serde")]
+    pub ack_timeout: Duration,
     /// How long to wait for CONNACK after the transport is up. Default: 30 s.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -341,6 +346,9 @@ fn default_keepalive() -> Duration {
 fn default_ping_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -389,6 +397,7 @@ impl Config {
             properties: None,
             keepalive: default_keepalive(),
             ping_timeout: default_ping_timeout(),
+            ack_timeout: default_ack_timeout(),
             connect_timeout: default_connect_timeout(),
             clean_session: false,
             session_expiry: default_session_expiry(),
@@ -508,6 +517,9 @@ impl Config {
         }
         if self.ping_timeout.is_zero() {
             bad("ping_timeout", "0s".into(), "must be greater than zero");
+        }
+        if self.ack_timeout.is_zero() {
+            bad("ack_timeout", "0s".into(), "must be greater than zero");
         }
         if self.connect_timeout.is_zero() {
             bad("connect_timeout", "0s".into(), "must be greater than zero");

@@ -236,6 +236,11 @@ pub enum LostReason {
     },
     /// No PINGRESP within `ping_timeout`.
     PingTimeout,
+    /// A publish went unacknowledged for `ack_timeout`; it is resent on the new connection.
+    AckTimeout {
+        /// The record waiting longest.
+        coords: RecordCoords,
+    },
     /// The broker broke the protocol.
     Protocol(String),
 }
@@ -255,6 +260,10 @@ impl fmt::Display for LostReason {
                 Ok(())
             }
             Self::PingTimeout => f.write_str("no PINGRESP within ping_timeout"),
+            Self::AckTimeout { coords } => write!(
+                f,
+                "record {coords} unacknowledged for ack_timeout; reconnecting to resend it"
+            ),
             Self::Protocol(e) => write!(f, "protocol error: {e}"),
         }
     }

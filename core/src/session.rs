@@ -49,6 +49,8 @@ pub(crate) struct Inflight {
     pub(crate) pkid: u16,
     /// QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP.
     pub(crate) released: bool,
+    /// When the PUBLISH was last written (send order, so the first entry is the oldest).
+    pub(crate) sent_at: Instant,
 }
 
 impl Sink {
@@ -133,6 +135,7 @@ impl Sink {
             if let Err(e) = self.on_packet(now, packet) {
                 return Err(self.protocol_error(now, e));
             }
+            self.arm_ack_timer();
             if !matches!(
                 self.conn,
                 Conn::AwaitConnAck | Conn::Connected | Conn::Closing
@@ -373,6 +376,7 @@ impl Sink {
         self.timers.stop(Timer::ConnAck);
         self.timers.stop(Timer::Keepalive);
         self.timers.stop(Timer::PingResp);
+        self.timers.stop(Timer::Ack);
         if matches!(self.conn, Conn::Closing | Conn::Closed) {
             if self.conn == Conn::Closing {
                 self.events.push_back(Event::Closed);
@@ -433,6 +437,35 @@ impl Sink {
         }
     }
 
+    /// Arms the ack timer for the oldest in-flight publish (or stops it).
+    pub(crate) fn arm_ack_timer(&mut self) {
+        match self.inflight.values().next() {
+            Some(e) if self.conn == Conn::Connected => {
+                self.timers
+                    .set(Timer::Ack, e.sent_at + self.cfg.ack_timeout);
+            }
+            _ => self.timers.stop(Timer::Ack),
+        }
+    }
+
+    pub(crate) fn on_ack_timeout(&mut self, now: Instant) {
+        if self.conn != Conn::Connected {
+            return;
+        }
+        let Some(e) = self.inflight.values().next() else {
+            return;
+        };
+        if e.sent_at + self.cfg.ack_timeout > now {
+            self.arm_ack_timer();
+            return;
+        }
+        let coords = e.msg.coords.clone();
+        wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
+        self.events
+            .push_back(Event::ConnectionLost(LostReason::AckTimeout { coords }));
+        self.drop_connection(now, true);
+    }
+
     /// Bytes went out at `now`: the keep-alive restarts, and a finished close ends.
     pub(crate) fn on_transmitted(&mut self, now: Instant) {
         if self.conn == Conn::Connected {
@@ -449,7 +482,7 @@ impl Sink {
 
     /// Fills `buf` up to about `limit` bytes: control packets, then resends, then new
     /// publishes within the window.
-    pub(crate) fn transmit(&mut self, _now: Instant, buf: &mut Vec<u8>, limit: usize) {
+    pub(crate) fn transmit(&mut self, now: Instant, buf: &mut Vec<u8>, limit: usize) {
         if !self.control.is_empty() {
             buf.append(&mut self.control);
         }
@@ -463,6 +496,7 @@ impl Sink {
             let Some(e) = self.inflight.get_mut(&seq) else {
                 continue;
             };
+            e.sent_at = now;
             if e.released {
                 wire::encode_pubrel(e.pkid, buf);
             } else {
@@ -520,6 +554,7 @@ impl Sink {
                     msg,
                     pkid,
                     released: false,
+                    sent_at: now,
                 },
             );
         }

@@ -494,6 +494,7 @@ impl Sink {
                 Timer::ConnAck => self.on_connack_timeout(now),
                 Timer::Keepalive => self.on_keepalive(now),
                 Timer::PingResp => self.on_ping_timeout(now),
+                Timer::Ack => self.on_ack_timeout(now),
             }
         }
     }
@@ -507,6 +508,7 @@ impl Sink {
         if wrote {
             self.on_transmitted(now);
         }
+        self.arm_ack_timer();
         wrote
     }
 }

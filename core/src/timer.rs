@@ -17,15 +17,18 @@ pub(crate) enum Timer {
     PingResp = 3,
     /// The flush deadline.
     Flush = 4,
+    /// The oldest in-flight publish must be acknowledged by then.
+    Ack = 5,
 }
 
-const COUNT: usize = 5;
+const COUNT: usize = 6;
 const ALL: [Timer; COUNT] = [
     Timer::Reconnect,
     Timer::ConnAck,
     Timer::Keepalive,
     Timer::PingResp,
     Timer::Flush,
+    Timer::Ack,
 ];
 
 #[derive(Debug, Default, Clone)]

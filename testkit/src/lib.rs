@@ -1,6 +1,10 @@
 //! Test kit for mqtt-sink: a simulated MQTT broker, a simulated clock and link, the harness
-//! that drives [`mqtt_sink_core::Sink`] against them, and proptest models.
+//! that drives [`mqtt_sink_core::Sink`] against them, and the delivery checker.
 //!
 //! Everything here is sans-IO and seeded: a test is a pure function of its seed.
 
 pub mod broker;
+pub mod checker;
+pub mod model;
+pub mod rng;
+pub mod sim;

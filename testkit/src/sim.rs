@@ -1,0 +1,463 @@
+//! A simulated world: clock, link and broker around one [`Sink`], driven exactly as a
+//! runtime drives it (drain transmit, drain events, honour `poll_timeout`).
+//!
+//! Time is simulated: [`Harness::step`] jumps to the next deadline (the sink's, the
+//! broker's, or a delivery on the link), so a test of minutes runs in microseconds and no
+//! test ever sleeps.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mqtt_sink_core::{
+    CommitOffsets, Config, Event, PushError, Record, RecordMapper, Sink, TopicPartition,
+};
+
+use crate::broker::{BrokerKnobs, SimBroker};
+use crate::rng::SplitMix;
+
+/// How the simulated link between sink and broker behaves.
+#[derive(Debug, Clone)]
+pub struct LinkKnobs {
+    /// One-way latency.
+    pub latency: Duration,
+    /// Bytes are delivered in chunks of 1..=`max_chunk` bytes (random, seeded); 0 delivers
+    /// each write whole.
+    pub max_chunk: usize,
+    /// Transport opens that fail (as a refused TCP connect) before one succeeds.
+    pub failing_opens: u32,
+}
+
+impl Default for LinkKnobs {
+    fn default() -> Self {
+        Self {
+            latency: Duration::from_millis(1),
+            max_chunk: 0,
+            failing_opens: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Packet {
+    due: Instant,
+    bytes: Vec<u8>,
+}
+
+/// The sink, a simulated broker and the link between them, with a simulated clock.
+#[derive(Debug)]
+pub struct Harness {
+    /// Simulated time now.
+    pub now: Instant,
+    start: Instant,
+    /// The sink under test.
+    pub sink: Sink,
+    /// The simulated broker.
+    pub broker: SimBroker,
+    /// Link behaviour; tests may change it mid-run.
+    pub link: LinkKnobs,
+    rng: SplitMix,
+    to_broker: VecDeque<Packet>,
+    to_sink: VecDeque<Packet>,
+    open: bool,
+    /// Every event the sink emitted, with the simulated time since start.
+    pub events: Vec<(Duration, Event)>,
+    /// Protocol errors `handle_input` returned.
+    pub protocol_errors: Vec<String>,
+    /// Commit positions confirmed so far (what a Kafka consumer would have committed).
+    pub committed: CommitOffsets,
+    /// Dead letters produced (the runtime's job, simulated as always succeeding).
+    pub dead_letters: Vec<Record>,
+    /// Transcript of everything observable, for determinism checks.
+    pub transcript: Vec<String>,
+    /// Commit automatically on `FlushCompleted` (and the safe positions of a failed or
+    /// timed-out flush).
+    pub auto_commit: bool,
+}
+
+impl Harness {
+    /// A harness around a sink built from `cfg` (TLS is irrelevant here) with the default
+    /// record mapper.
+    pub fn new(cfg: Config, knobs: BrokerKnobs, link: LinkKnobs, seed: u64) -> Self {
+        let mapper = RecordMapper::from_config(&cfg);
+        Self::with_mapper(cfg, mapper, knobs, link, seed)
+    }
+
+    /// A harness with a custom record mapper.
+    pub fn with_mapper(
+        cfg: Config,
+        mapper: RecordMapper,
+        knobs: BrokerKnobs,
+        link: LinkKnobs,
+        seed: u64,
+    ) -> Self {
+        let start = base_instant();
+        let sink = match Sink::new(cfg, mapper, start) {
+            Ok(s) => s,
+            Err(e) => panic!("test config is invalid: {e}"),
+        };
+        let mut h = Self {
+            now: start,
+            start,
+            sink,
+            broker: SimBroker::new(seed ^ 0xB40C_E200, knobs),
+            link,
+            rng: SplitMix::new(seed),
+            to_broker: VecDeque::new(),
+            to_sink: VecDeque::new(),
+            open: false,
+            events: Vec::new(),
+            protocol_errors: Vec::new(),
+            committed: Vec::new(),
+            dead_letters: Vec::new(),
+            transcript: Vec::new(),
+            auto_commit: true,
+        };
+        h.drain();
+        h
+    }
+
+    /// Simulated time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// Drains the sink's outputs and acts on its events, as a runtime does, until quiet.
+    pub fn drain(&mut self) {
+        for _ in 0..1_000_000 {
+            let mut buf = Vec::new();
+            let mut progressed = false;
+            while self.sink.poll_transmit(self.now, &mut buf) {
+                progressed = true;
+            }
+            if !buf.is_empty() {
+                self.send_to_broker(buf);
+            }
+            while let Some(e) = self.sink.poll_event() {
+                progressed = true;
+                self.on_event(e);
+            }
+            if !progressed {
+                return;
+            }
+        }
+        panic!("the sink kept producing output without time passing");
+    }
+
+    fn on_event(&mut self, e: Event) {
+        self.transcript
+            .push(format!("{:?} sink {e}", self.elapsed()));
+        match &e {
+            Event::OpenTransport => {
+                if self.link.failing_opens > 0 {
+                    self.link.failing_opens -= 1;
+                    self.sink
+                        .handle_disconnected(self.now, "connection refused (simulated)");
+                } else {
+                    self.open = true;
+                    self.broker.handle_connect(self.now);
+                    self.sink.handle_connected(self.now);
+                }
+            }
+            Event::CloseTransport => {
+                // What was written before the close still reaches the broker.
+                self.flush_link_to_broker();
+                self.close_link();
+            }
+            Event::FlushCompleted { offsets }
+            | Event::FlushFailed { offsets, .. }
+            | Event::FlushTimedOut { offsets, .. }
+                if self.auto_commit =>
+            {
+                let offsets = offsets.clone();
+                self.commit(&offsets);
+            }
+            Event::DeadLetter { record, .. } => {
+                self.dead_letters.push(record.clone());
+                let coords = record.coords();
+                self.sink.handle_dead_lettered(&coords);
+            }
+            _ => {}
+        }
+        self.events.push((self.elapsed(), e));
+    }
+
+    /// Records a Kafka commit of `offsets` and tells the sink.
+    pub fn commit(&mut self, offsets: &[(TopicPartition, i64)]) {
+        for (tp, off) in offsets {
+            match self.committed.iter_mut().find(|(t, _)| t == tp) {
+                Some((_, o)) => *o = (*o).max(*off),
+                None => self.committed.push((tp.clone(), *off)),
+            }
+        }
+        self.sink.handle_committed(offsets);
+    }
+
+    /// The committed position of a partition, if any.
+    pub fn committed_of(&self, tp: &TopicPartition) -> Option<i64> {
+        self.committed
+            .iter()
+            .find(|(t, _)| t == tp)
+            .map(|(_, o)| *o)
+    }
+
+    fn chunks(&mut self, bytes: Vec<u8>) -> Vec<Vec<u8>> {
+        if self.link.max_chunk == 0 || bytes.len() <= 1 {
+            return vec![bytes];
+        }
+        let mut out = Vec::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let n = 1 + (self.rng.next() as usize % self.link.max_chunk);
+            let n = n.min(rest.len());
+            out.push(rest[..n].to_vec());
+            rest = &rest[n..];
+        }
+        out
+    }
+
+    fn due(&self, queue: &VecDeque<Packet>) -> Instant {
+        let at = self.now + self.link.latency;
+        queue.back().map_or(at, |p| p.due.max(at))
+    }
+
+    fn send_to_broker(&mut self, bytes: Vec<u8>) {
+        if !self.open {
+            return;
+        }
+        let due = self.due(&self.to_broker);
+        for c in self.chunks(bytes) {
+            self.to_broker.push_back(Packet { due, bytes: c });
+        }
+    }
+
+    fn send_to_sink(&mut self, bytes: Vec<u8>) {
+        let due = self.due(&self.to_sink);
+        for c in self.chunks(bytes) {
+            self.to_sink.push_back(Packet { due, bytes: c });
+        }
+    }
+
+    fn flush_link_to_broker(&mut self) {
+        while let Some(p) = self.to_broker.pop_front() {
+            let _ = self.broker.handle_input(self.now, &p.bytes);
+        }
+    }
+
+    fn close_link(&mut self) {
+        if self.open {
+            self.open = false;
+            self.to_broker.clear();
+            self.to_sink.clear();
+            self.broker.handle_disconnect(self.now);
+        }
+    }
+
+    /// Cuts the connection as a network failure would: both sides learn it now, bytes on
+    /// the link are lost.
+    pub fn cut(&mut self) {
+        if self.open {
+            self.transcript
+                .push(format!("{:?} link cut", self.elapsed()));
+            self.close_link();
+            self.sink
+                .handle_disconnected(self.now, "connection reset (simulated)");
+            self.drain();
+        }
+    }
+
+    /// The next moment anything happens, if anything will.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.sink.poll_timeout(),
+            self.broker.poll_timeout(),
+            self.to_broker.front().map(|p| p.due),
+            self.to_sink.front().map(|p| p.due),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Advances to the next deadline (but not past `limit`) and processes everything due.
+    /// Returns false if nothing is scheduled before `limit`.
+    pub fn step_until(&mut self, limit: Instant) -> bool {
+        let Some(next) = self.next_deadline() else {
+            self.now = self.now.max(limit);
+            return false;
+        };
+        if next > limit {
+            self.now = self.now.max(limit);
+            return false;
+        }
+        self.now = self.now.max(next);
+        self.process_due();
+        true
+    }
+
+    fn process_due(&mut self) {
+        let now = self.now;
+        while self.to_broker.front().is_some_and(|p| p.due <= now) {
+            let Some(p) = self.to_broker.pop_front() else {
+                break;
+            };
+            if let Err(e) = self.broker.handle_input(now, &p.bytes) {
+                self.transcript
+                    .push(format!("{:?} broker error {e}", self.elapsed()));
+            }
+        }
+        self.pump_broker();
+        // Every chunk due now is fed before draining: chunking is how bytes were split,
+        // not when they arrived.
+        while self.to_sink.front().is_some_and(|p| p.due <= now) {
+            let Some(p) = self.to_sink.pop_front() else {
+                break;
+            };
+            if let Err(e) = self.sink.handle_input(now, &p.bytes) {
+                self.protocol_errors.push(e.to_string());
+            }
+        }
+        self.drain();
+        if self.sink.poll_timeout().is_some_and(|t| t <= now) {
+            self.sink.handle_timeout(now);
+        }
+        self.drain();
+        self.pump_broker();
+    }
+
+    fn pump_broker(&mut self) {
+        while let Some(bytes) = self.broker.poll_transmit(self.now) {
+            if self.open {
+                self.send_to_sink(bytes);
+            }
+        }
+        if self.open && self.broker.wants_close() {
+            // The broker closes: the sink reads the rest, then sees the close.
+            let now = self.now;
+            while let Some(p) = self.to_sink.pop_front() {
+                if let Err(e) = self.sink.handle_input(now, &p.bytes) {
+                    self.protocol_errors.push(e.to_string());
+                }
+            }
+            self.drain();
+            if self.open {
+                self.close_link();
+                self.sink.handle_disconnected(now, "closed by the broker");
+            }
+            self.drain();
+        }
+    }
+
+    /// Runs until `done` holds or `max` simulated time passes; returns whether it held.
+    pub fn run_until(&mut self, max: Duration, mut done: impl FnMut(&mut Self) -> bool) -> bool {
+        let limit = self.now + max;
+        for _ in 0..10_000_000 {
+            if done(self) {
+                return true;
+            }
+            if !self.step_until(limit) && self.now >= limit {
+                return done(self);
+            }
+        }
+        panic!("run_until: step budget exhausted");
+    }
+
+    /// Runs for `d` of simulated time.
+    pub fn run_for(&mut self, d: Duration) {
+        let limit = self.now + d;
+        while self.step_until(limit) {}
+    }
+
+    /// Pushes a record, driving the sink while the buffer is full (up to `max` simulated
+    /// time). Returns the push error if it never got in.
+    pub fn push(&mut self, record: Record) -> Result<(), PushError> {
+        let mut record = record;
+        let limit = self.now + Duration::from_secs(600);
+        loop {
+            match self.sink.push_record(self.now, record) {
+                Ok(()) => {
+                    self.drain();
+                    return Ok(());
+                }
+                Err(PushError::Full(r)) => {
+                    record = r;
+                    if !self.step_until(limit) {
+                        return Err(PushError::Full(record));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Begins a flush with the configured timeout and runs until its outcome.
+    pub fn flush(&mut self) -> Event {
+        let deadline = self.sink.flush_deadline(self.now);
+        self.flush_with_deadline(deadline)
+    }
+
+    /// Begins a flush ending at `deadline` and runs until its outcome.
+    pub fn flush_with_deadline(&mut self, deadline: Instant) -> Event {
+        if let Err(e) = self.sink.begin_flush(self.now, deadline) {
+            panic!("{e}");
+        }
+        let seen = self.events.len();
+        let limit = deadline.saturating_duration_since(self.now) + Duration::from_secs(1);
+        let found = self.run_until(limit, |h| {
+            h.events[seen..].iter().any(|(_, e)| is_flush_outcome(e))
+        });
+        assert!(found, "no flush outcome by the deadline");
+        self.events[seen..]
+            .iter()
+            .find(|(_, e)| is_flush_outcome(e))
+            .map(|(_, e)| e.clone())
+            .expect("found above")
+    }
+
+    /// Events of one kind since the start.
+    pub fn count_events(&self, pred: impl Fn(&Event) -> bool) -> usize {
+        self.events.iter().filter(|(_, e)| pred(e)).count()
+    }
+}
+
+/// True for the three outcomes of a flush.
+pub fn is_flush_outcome(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::FlushCompleted { .. } | Event::FlushFailed { .. } | Event::FlushTimedOut { .. }
+    )
+}
+
+/// A fixed origin for simulated time. `Instant` has no constructor other than `now`; the
+/// value itself never matters, only durations from it, so transcripts stay deterministic.
+fn base_instant() -> Instant {
+    use std::sync::OnceLock;
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// A keyed record for tests.
+pub fn record(topic: &str, partition: i32, offset: i64, key: &str, value: &str) -> Record {
+    Record::new(
+        TopicPartition::new(topic, partition),
+        offset,
+        Some(Bytes::copy_from_slice(key.as_bytes())),
+        Some(Bytes::copy_from_slice(value.as_bytes())),
+    )
+}
+
+/// A plain-TCP test config (no TLS) with small, fast timeouts.
+pub fn test_config(version: mqtt_sink_core::MqttVersion, qos: u8) -> Config {
+    let mut cfg = Config::new("sim-sink", "127.0.0.1", 1883, "sensors");
+    cfg.version = version;
+    cfg.qos = qos;
+    cfg.tls_enabled = false;
+    cfg.flush_timeout = Duration::from_secs(5);
+    cfg.keepalive = Duration::from_secs(30);
+    cfg.ping_timeout = Duration::from_secs(5);
+    cfg.connect_timeout = Duration::from_secs(5);
+    cfg.reconnect_backoff_min = Duration::from_millis(50);
+    cfg.reconnect_backoff_max = Duration::from_secs(2);
+    cfg.max_inflight = 20;
+    cfg
+}

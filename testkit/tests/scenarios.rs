@@ -1,0 +1,826 @@
+//! Scenario tests: each behaviour of the core, on the simulated broker, link and clock.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqtt_sink_core::{
+    ConnectFailure, ErrorPolicy, Event, LostReason, MqttVersion, PublishProperties, PushError,
+    Record, RecordMapper, RejectReason, TopicPartition,
+};
+use mqtt_sink_testkit::broker::BrokerKnobs;
+use mqtt_sink_testkit::checker::{check, Expected};
+use mqtt_sink_testkit::sim::{record, test_config, Harness, LinkKnobs};
+
+const VERSIONS: [MqttVersion; 3] = [MqttVersion::V31, MqttVersion::V311, MqttVersion::V5];
+
+fn harness(version: MqttVersion, qos: u8, knobs: BrokerKnobs) -> Harness {
+    Harness::new(test_config(version, qos), knobs, LinkKnobs::default(), 1)
+}
+
+fn connected(h: &mut Harness) {
+    assert!(
+        h.run_until(Duration::from_secs(30), |h| h.sink.is_connected()),
+        "never connected: {:?}",
+        h.transcript
+    );
+}
+
+fn expected(records: &[Record]) -> Vec<Expected> {
+    records
+        .iter()
+        .map(|r| Expected {
+            topic: format!(
+                "sensors/{}",
+                std::str::from_utf8(r.key.as_ref().unwrap()).unwrap()
+            ),
+            payload: r.value.clone().unwrap(),
+        })
+        .collect()
+}
+
+fn records(n: i64, partitions: i32) -> Vec<Record> {
+    (0..n)
+        .map(|i| {
+            let p = (i % i64::from(partitions)) as i32;
+            record(
+                "readings",
+                p,
+                i / i64::from(partitions),
+                &format!("k{}", i % 7),
+                &format!("v{i}"),
+            )
+        })
+        .collect()
+}
+
+fn delivered(h: &Harness) -> Vec<(String, Bytes)> {
+    h.broker
+        .delivered()
+        .iter()
+        .map(|d| (d.topic.clone(), d.payload.clone()))
+        .collect()
+}
+
+#[test]
+fn every_version_and_qos_delivers_and_commits_end_offsets() {
+    for version in VERSIONS {
+        for qos in 0..=2u8 {
+            let mut h = harness(version, qos, BrokerKnobs::default());
+            connected(&mut h);
+            let recs = records(60, 3);
+            for r in recs.clone() {
+                h.push(r).unwrap();
+            }
+            let outcome = h.flush();
+            let Event::FlushCompleted { offsets } = outcome else {
+                panic!("{version} qos {qos}: {outcome:?}");
+            };
+            let want: Vec<_> = (0..3)
+                .map(|p| (TopicPartition::new("readings", p), 20))
+                .collect();
+            assert_eq!(offsets, want, "{version} qos {qos}");
+            let report = check(&expected(&recs), &delivered(&h), false).unwrap();
+            assert_eq!(report.arrived, 60);
+            let c = &h.broker.connects()[0];
+            let (level, name) = match version {
+                MqttVersion::V31 => (3, "MQIsdp"),
+                MqttVersion::V311 => (4, "MQTT"),
+                _ => (5, "MQTT"),
+            };
+            assert_eq!((c.protocol_level, c.protocol_name.as_str()), (level, name));
+            assert!(h.broker.received().iter().all(|r| r.qos == qos));
+            assert!(
+                h.broker.violations().is_empty(),
+                "{:?}",
+                h.broker.violations()
+            );
+        }
+    }
+}
+
+#[test]
+fn connected_is_reported_only_after_connack_and_refusals_back_off() {
+    for (version, code) in [(MqttVersion::V311, 5u8), (MqttVersion::V5, 0x87)] {
+        let knobs = BrokerKnobs {
+            refuse_connects: 2,
+            refusal_code: code,
+            ..BrokerKnobs::default()
+        };
+        let mut h = harness(version, 1, knobs);
+        connected(&mut h);
+        let kinds: Vec<_> = h
+            .events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                Event::ConnectFailed(ConnectFailure::Refused { code, .. }) => Some((*t, *code)),
+                Event::Connected(_) => Some((*t, 0)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            kinds.iter().map(|k| k.1).collect::<Vec<_>>(),
+            vec![code, code, 0]
+        );
+        // Backoff: min 50 ms doubling with equal jitter, so at least 25 ms then 50 ms.
+        assert!(kinds[1].0 - kinds[0].0 >= Duration::from_millis(25));
+        assert!(kinds[2].0 - kinds[1].0 >= Duration::from_millis(50));
+        let accepted: Vec<_> = h.broker.connects().iter().map(|c| c.accepted).collect();
+        assert_eq!(accepted, vec![false, false, true]);
+    }
+}
+
+#[test]
+fn bad_password_fails_every_attempt_and_never_connects() {
+    for version in VERSIONS {
+        let mut cfg = test_config(version, 1);
+        cfg.username = Some("user".into());
+        cfg.password = Some(mqtt_sink_core::Secret::new("wrong"));
+        let knobs = BrokerKnobs {
+            require_password: Some(("user".into(), "right".into())),
+            ..BrokerKnobs::default()
+        };
+        let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 3);
+        h.run_for(Duration::from_secs(10));
+        assert!(!h.sink.is_connected());
+        assert_eq!(h.count_events(|e| matches!(e, Event::Connected(_))), 0);
+        let want = if version == MqttVersion::V5 { 0x86 } else { 4 };
+        let refusals = h.count_events(|e| {
+            matches!(e, Event::ConnectFailed(ConnectFailure::Refused { code, .. }) if *code == want)
+        });
+        assert!(refusals >= 3, "{version}: {refusals} refusals");
+        let text = h
+            .events
+            .iter()
+            .find_map(|(_, e)| matches!(e, Event::ConnectFailed(_)).then(|| e.to_string()))
+            .unwrap();
+        assert!(text.contains("bad user name or password"), "{text}");
+        assert!(!text.contains("wrong"), "the password leaked: {text}");
+    }
+}
+
+fn rejecting_broker() -> BrokerKnobs {
+    BrokerKnobs {
+        topic_reason_codes: BTreeMap::from([
+            ("sensors/denied".to_string(), 0x87u8),
+            ("sensors/lonely".to_string(), 0x10u8),
+        ]),
+        ..BrokerKnobs::default()
+    }
+}
+
+fn push_with_denied(h: &mut Harness) -> TopicPartition {
+    let tp = TopicPartition::new("readings", 0);
+    for (off, key) in [(0, "a"), (1, "lonely"), (2, "denied"), (3, "b")] {
+        h.push(record("readings", 0, off, key, &format!("v{off}")))
+            .unwrap();
+    }
+    tp
+}
+
+#[test]
+fn v5_reason_codes_reject_records_per_policy() {
+    for qos in [1u8, 2] {
+        // fail: the flush fails at the denied record, and nothing past it is committed.
+        let mut h = harness(MqttVersion::V5, qos, rejecting_broker());
+        connected(&mut h);
+        let tp = push_with_denied(&mut h);
+        match h.flush() {
+            Event::FlushFailed {
+                coords,
+                reason,
+                offsets,
+            } => {
+                assert_eq!((coords.tp.clone(), coords.offset), (tp.clone(), 2));
+                assert_eq!(reason, RejectReason::Broker { code: 0x87 });
+                assert_eq!(offsets, vec![(tp.clone(), 2)]);
+                assert!(reason.to_string().contains("not authorized"));
+            }
+            other => panic!("qos {qos}: {other:?}"),
+        }
+        assert_eq!(h.committed_of(&tp), Some(2));
+        // 0x10 "no matching subscribers" counted as success.
+        assert!(h
+            .broker
+            .delivered()
+            .iter()
+            .any(|d| d.topic == "sensors/lonely"));
+
+        // skip: the offset passes.
+        let mut cfg = test_config(MqttVersion::V5, qos);
+        cfg.error_policy = ErrorPolicy::Skip;
+        let mut h = Harness::new(cfg, rejecting_broker(), LinkKnobs::default(), 1);
+        connected(&mut h);
+        let tp = push_with_denied(&mut h);
+        assert_eq!(
+            h.flush(),
+            Event::FlushCompleted {
+                offsets: vec![(tp.clone(), 4)]
+            }
+        );
+        assert_eq!(
+            h.count_events(|e| matches!(
+                e,
+                Event::RecordRejected {
+                    policy: ErrorPolicy::Skip,
+                    ..
+                }
+            )),
+            1
+        );
+
+        // dead-letter: the record goes to the runtime, the offset passes once confirmed.
+        let mut cfg = test_config(MqttVersion::V5, qos);
+        cfg.error_policy = ErrorPolicy::DeadLetter;
+        cfg.dead_letter_topic = Some("readings-dlq".into());
+        let mut h = Harness::new(cfg, rejecting_broker(), LinkKnobs::default(), 1);
+        connected(&mut h);
+        let tp = push_with_denied(&mut h);
+        assert_eq!(
+            h.flush(),
+            Event::FlushCompleted {
+                offsets: vec![(tp, 4)]
+            }
+        );
+        assert_eq!(h.dead_letters.len(), 1);
+        assert_eq!(h.dead_letters[0].offset, 2);
+        assert_eq!(h.dead_letters[0].value.as_deref(), Some(&b"v2"[..]));
+    }
+}
+
+#[test]
+fn oversized_records_are_rejected_once_before_sending() {
+    // The broker's MQTT 5 Maximum Packet Size.
+    let knobs = BrokerKnobs {
+        max_packet_size: Some(200),
+        ..BrokerKnobs::default()
+    };
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.error_policy = ErrorPolicy::Skip;
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+    connected(&mut h);
+    h.push(record("readings", 0, 0, "a", "small")).unwrap();
+    h.push(record("readings", 0, 1, "a", &"x".repeat(500)))
+        .unwrap();
+    h.push(record("readings", 0, 2, "a", "small too")).unwrap();
+    let tp = TopicPartition::new("readings", 0);
+    assert_eq!(
+        h.flush(),
+        Event::FlushCompleted {
+            offsets: vec![(tp.clone(), 3)]
+        }
+    );
+    h.run_for(Duration::from_secs(60));
+    let rejected: Vec<_> = h
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::RecordRejected { coords, reason, .. } => Some((coords.offset, reason.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![(
+            1,
+            RejectReason::PacketTooLarge {
+                size: 517,
+                limit: 200,
+                by_broker: true
+            }
+        )]
+    );
+    assert_eq!(
+        h.broker.received().len(),
+        2,
+        "the large record was never sent"
+    );
+    assert!(h.broker.violations().is_empty());
+
+    // The configured limit, any version: rejected at push.
+    let mut cfg = test_config(MqttVersion::V311, 1);
+    cfg.max_packet_size = 100;
+    let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 1);
+    connected(&mut h);
+    h.push(record("readings", 0, 0, "a", &"x".repeat(200)))
+        .unwrap();
+    match h.flush() {
+        Event::FlushFailed {
+            reason:
+                RejectReason::PacketTooLarge {
+                    by_broker: false,
+                    limit: 100,
+                    ..
+                },
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(h.broker.received().is_empty());
+}
+
+#[test]
+fn window_is_min_of_config_and_receive_maximum() {
+    let knobs = BrokerKnobs {
+        receive_maximum: Some(3),
+        ack_delay: Duration::from_millis(100),
+        ..BrokerKnobs::default()
+    };
+    let mut h = harness(MqttVersion::V5, 1, knobs);
+    connected(&mut h);
+    let window = h.events.iter().find_map(|(_, e)| match e {
+        Event::Connected(c) => Some(c.window),
+        _ => None,
+    });
+    assert_eq!(window, Some(3));
+    for r in records(30, 1) {
+        h.push(r).unwrap();
+        assert!(h.sink.stats().inflight <= 3);
+    }
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    assert!(
+        h.broker.violations().is_empty(),
+        "{:?}",
+        h.broker.violations()
+    );
+}
+
+#[test]
+fn keepalive_pings_and_a_missing_pingresp_loses_the_connection() {
+    let mut h = harness(MqttVersion::V311, 1, BrokerKnobs::default());
+    connected(&mut h);
+    h.run_for(Duration::from_secs(100));
+    assert!(h.sink.is_connected(), "pings answered: still connected");
+    assert_eq!(h.broker.connects().len(), 1);
+
+    let knobs = BrokerKnobs {
+        answer_pings: false,
+        ..BrokerKnobs::default()
+    };
+    let mut h = harness(MqttVersion::V311, 1, knobs);
+    connected(&mut h);
+    let t0 = h.elapsed();
+    assert!(
+        h.run_until(Duration::from_secs(60), |h| h.count_events(|e| matches!(
+            e,
+            Event::ConnectionLost(LostReason::PingTimeout)
+        )) > 0)
+    );
+    // keepalive 30 s + ping_timeout 5 s (+ one link latency).
+    let lost = h.elapsed() - t0;
+    assert!(
+        lost >= Duration::from_secs(35) && lost <= Duration::from_millis(35_010),
+        "{lost:?}"
+    );
+    connected(&mut h);
+    assert_eq!(h.broker.connects().len(), 2);
+}
+
+#[test]
+fn server_disconnect_bodiless_or_with_reason_reconnects() {
+    for code in [0u8, 0x8B] {
+        let mut h = harness(MqttVersion::V5, 1, BrokerKnobs::default());
+        connected(&mut h);
+        let now = h.now;
+        h.broker.disconnect_client(now, code);
+        h.run_until(Duration::from_secs(1), |h| !h.sink.is_connected());
+        let lost = h.events.iter().find_map(|(_, e)| match e {
+            Event::ConnectionLost(LostReason::ServerDisconnect { code, .. }) => Some(*code),
+            _ => None,
+        });
+        assert_eq!(lost, Some(code));
+        assert!(h.protocol_errors.is_empty(), "{:?}", h.protocol_errors);
+        connected(&mut h);
+    }
+}
+
+/// Sends records with acks lost, cuts the link, and returns the harness reconnected.
+fn lose_acks_then_cut(
+    version: MqttVersion,
+    qos: u8,
+    keep_sessions: bool,
+) -> (Harness, Vec<Record>) {
+    let mut cfg = test_config(version, qos);
+    cfg.clean_session = false;
+    let knobs = BrokerKnobs {
+        keep_sessions,
+        ..BrokerKnobs::default()
+    };
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 5);
+    connected(&mut h);
+    // A first reconnect, so that the session in use is a persistent one (the first connect
+    // of a process is always clean).
+    h.cut();
+    connected(&mut h);
+    h.broker.knobs_mut().ack_loss = 1.0;
+    let recs = records(10, 1);
+    for r in recs.clone() {
+        h.push(r).unwrap();
+    }
+    h.run_for(Duration::from_millis(100));
+    assert_eq!(h.sink.stats().inflight, 10);
+    h.broker.knobs_mut().ack_loss = 0.0;
+    h.cut();
+    connected(&mut h);
+    (h, recs)
+}
+
+#[test]
+fn resumed_session_resends_with_dup_same_ids_in_order() {
+    for version in [MqttVersion::V311, MqttVersion::V5] {
+        let (mut h, recs) = lose_acks_then_cut(version, 1, true);
+        assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+        let rx = h.broker.received();
+        let (first, second): (Vec<_>, Vec<_>) =
+            rx.iter().partition(|r| r.connection == rx[0].connection);
+        assert_eq!(first.len(), 10);
+        assert!(first.iter().all(|r| !r.dup));
+        assert!(second.iter().all(|r| r.dup), "resent with DUP");
+        let ids = |v: &[&mqtt_sink_testkit::broker::Received]| {
+            v.iter()
+                .map(|r| (r.pkid, r.payload.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&first), ids(&second), "same ids, same order");
+        check(&expected(&recs), &delivered(&h), true).unwrap();
+        assert!(h.sink.stats().resent >= 10);
+    }
+}
+
+#[test]
+fn lost_session_republishes_as_new_publishes_in_order() {
+    let (mut h, recs) = lose_acks_then_cut(MqttVersion::V311, 1, false);
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    let last = h.broker.received().last().unwrap().connection;
+    let second: Vec<_> = h
+        .broker
+        .received()
+        .iter()
+        .filter(|r| r.connection == last)
+        .collect();
+    assert_eq!(second.len(), 10);
+    assert!(second.iter().all(|r| !r.dup));
+    let payloads: Vec<_> = second.iter().map(|r| r.payload.clone()).collect();
+    let want: Vec<_> = recs.iter().map(|r| r.value.clone().unwrap()).collect();
+    assert_eq!(payloads, want);
+}
+
+#[test]
+fn qos2_resume_sends_pubrel_not_publish_and_delivers_once() {
+    let mut cfg = test_config(MqttVersion::V5, 2);
+    cfg.clean_session = false;
+    let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 9);
+    connected(&mut h);
+    h.cut();
+    connected(&mut h);
+    h.push(record("readings", 0, 0, "a", "once")).unwrap();
+    // Let PUBLISH reach the broker and PUBREC come back, then cut before PUBCOMP returns.
+    assert!(h.run_until(Duration::from_secs(1), |h| h
+        .count_events(|e| matches!(e, Event::RecordAcknowledged(_)))
+        == 1));
+    h.cut();
+    connected(&mut h);
+    h.run_for(Duration::from_secs(1));
+    assert_eq!(
+        h.broker.received().len(),
+        1,
+        "no PUBLISH resent after PUBREC"
+    );
+    assert_eq!(h.broker.delivered().len(), 1);
+    assert_eq!(h.sink.stats().inflight, 0, "PUBCOMP completed the flow");
+    assert!(
+        h.broker.violations().is_empty(),
+        "{:?}",
+        h.broker.violations()
+    );
+}
+
+#[test]
+fn flush_times_out_at_its_deadline_and_rewinds_to_committed() {
+    let knobs = BrokerKnobs {
+        ack_loss: 1.0,
+        ..BrokerKnobs::default()
+    };
+    let mut h = harness(MqttVersion::V311, 1, knobs);
+    connected(&mut h);
+    let tp = TopicPartition::new("readings", 0);
+    h.sink.assign(tp.clone(), Some(0));
+    for r in records(5, 1) {
+        h.push(r).unwrap();
+    }
+    let deadline = h.now + Duration::from_secs(3);
+    let outcome = h.flush_with_deadline(deadline);
+    assert_eq!(
+        outcome,
+        Event::FlushTimedOut {
+            unacked: 5,
+            offsets: vec![(tp.clone(), 0)]
+        }
+    );
+    let at = h.events.iter().find(|(_, e)| *e == outcome).unwrap().0;
+    assert_eq!(h.now, deadline, "fired at the deadline, not later ({at:?})");
+    assert_eq!(h.sink.rewind(), vec![(tp.clone(), 0)]);
+    // Pushing again from the rewind point is accepted.
+    h.push(record("readings", 0, 0, "k", "again")).unwrap();
+}
+
+#[test]
+fn a_full_buffer_returns_the_record() {
+    let mut cfg = test_config(MqttVersion::V311, 1);
+    cfg.max_buffered_records = 10;
+    let knobs = BrokerKnobs {
+        ack_loss: 1.0,
+        ..BrokerKnobs::default()
+    };
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+    connected(&mut h);
+    for r in records(10, 1) {
+        h.sink.push_record(h.now, r).unwrap();
+    }
+    let r = record("readings", 0, 10, "k", "eleventh");
+    match h.sink.push_record(h.now, r.clone()) {
+        Err(PushError::Full(back)) => assert_eq!(back, r),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.sink.stats().buffered_records, 10);
+}
+
+#[test]
+fn bad_keys_and_topics_are_rejected_with_coordinates() {
+    let mut cfg = test_config(MqttVersion::V311, 1);
+    cfg.error_policy = ErrorPolicy::Skip;
+    let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 1);
+    connected(&mut h);
+    let tp = TopicPartition::new("readings", 4);
+    let keys: [Option<&[u8]>; 6] = [
+        None,
+        Some(&[0xff, 0xfe]),
+        Some(b"a+b"),
+        Some(b"a/#"),
+        Some(b"nul\0"),
+        Some(b"fine"),
+    ];
+    for (off, key) in keys.into_iter().enumerate() {
+        let r = Record::new(
+            tp.clone(),
+            off as i64,
+            key.map(Bytes::copy_from_slice),
+            Some("v"),
+        );
+        h.push(r).unwrap();
+    }
+    assert_eq!(
+        h.flush(),
+        Event::FlushCompleted {
+            offsets: vec![(tp, 6)]
+        }
+    );
+    let rejected: Vec<String> = h
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::RecordRejected { .. }))
+        .map(|(_, e)| e.to_string())
+        .collect();
+    assert_eq!(rejected.len(), 5, "{rejected:?}");
+    for (i, text) in rejected.iter().enumerate() {
+        assert!(text.contains(&format!("readings/4@{i}")), "{text}");
+    }
+    assert!(rejected[0].contains("no key"));
+    assert!(rejected[1].contains("not UTF-8"));
+    assert!(rejected[2].contains("wildcard '+'"));
+    assert!(rejected[3].contains("wildcard '#'"));
+    assert!(rejected[4].contains("NUL"));
+    assert_eq!(h.broker.received().len(), 1);
+}
+
+#[test]
+fn retain_and_properties_static_and_per_record() {
+    // Static, from config.
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.retain = true;
+    cfg.properties = Some(PublishProperties {
+        content_type: Some("application/json".into()),
+        user_properties: vec![("source".into(), "kafka".into())],
+        ..PublishProperties::default()
+    });
+    let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 1);
+    connected(&mut h);
+    h.push(record("readings", 0, 0, "a", "1")).unwrap();
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    let rx = &h.broker.received()[0];
+    assert!(rx.retain);
+    assert_eq!(
+        rx.properties.content_type.as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(
+        rx.properties.user_properties,
+        vec![("source".into(), "kafka".into())]
+    );
+
+    // Per record, from the whole record: retain from a header, properties from the
+    // coordinates and key.
+    let cfg = test_config(MqttVersion::V5, 1);
+    let mapper = RecordMapper::from_config(&cfg)
+        .retain_with(|r| r.headers.iter().any(|h| h.key == "retain"))
+        .properties_with(|r| {
+            Some(PublishProperties {
+                user_properties: vec![
+                    ("offset".into(), r.offset.to_string()),
+                    (
+                        "key".into(),
+                        String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into(),
+                    ),
+                ],
+                ..PublishProperties::default()
+            })
+        });
+    let mut h = Harness::with_mapper(cfg, mapper, BrokerKnobs::default(), LinkKnobs::default(), 1);
+    connected(&mut h);
+    let mut r = record("readings", 0, 7, "dev", "1");
+    r.headers.push(mqtt_sink_core::Header {
+        key: "retain".into(),
+        value: None,
+    });
+    h.push(r).unwrap();
+    h.push(record("readings", 0, 8, "dev", "2")).unwrap();
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    let rx = h.broker.received();
+    assert_eq!((rx[0].retain, rx[1].retain), (true, false));
+    assert_eq!(
+        rx[1].properties.user_properties,
+        vec![("offset".into(), "8".into()), ("key".into(), "dev".into())]
+    );
+}
+
+#[test]
+fn v5_assigned_client_id_is_reused_on_reconnect() {
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.client_id = String::new();
+    let knobs = BrokerKnobs {
+        assigned_client_id: Some("broker-given".into()),
+        ..BrokerKnobs::default()
+    };
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+    connected(&mut h);
+    h.cut();
+    connected(&mut h);
+    let ids: Vec<_> = h
+        .broker
+        .connects()
+        .iter()
+        .map(|c| c.client_id.clone())
+        .collect();
+    assert_eq!(ids, vec!["".to_string(), "broker-given".to_string()]);
+}
+
+#[test]
+fn broker_limits_maximum_qos_and_retain_available() {
+    let knobs = BrokerKnobs {
+        maximum_qos: Some(0),
+        ..BrokerKnobs::default()
+    };
+    let mut h = harness(MqttVersion::V5, 1, knobs);
+    h.run_for(Duration::from_secs(1));
+    assert!(!h.sink.is_connected());
+    assert!(
+        h.count_events(|e| matches!(
+            e,
+            Event::ConnectFailed(ConnectFailure::QosNotSupported {
+                broker_max: 0,
+                configured: 1
+            })
+        )) > 0
+    );
+
+    let knobs = BrokerKnobs {
+        retain_available: Some(false),
+        ..BrokerKnobs::default()
+    };
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.retain = true;
+    cfg.error_policy = ErrorPolicy::Skip;
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+    connected(&mut h);
+    h.push(record("readings", 0, 0, "a", "1")).unwrap();
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    assert!(
+        h.count_events(|e| matches!(
+            e,
+            Event::RecordRejected {
+                reason: RejectReason::RetainNotSupported,
+                ..
+            }
+        )) == 1
+    );
+    assert!(h.broker.received().is_empty());
+}
+
+#[test]
+fn transport_failures_back_off_and_recover() {
+    let link = LinkKnobs {
+        failing_opens: 3,
+        ..LinkKnobs::default()
+    };
+    let mut h = Harness::new(
+        test_config(MqttVersion::V311, 1),
+        BrokerKnobs::default(),
+        link,
+        1,
+    );
+    connected(&mut h);
+    let failures: Vec<_> = h
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::ConnectFailed(ConnectFailure::Transport(_))))
+        .collect();
+    assert_eq!(failures.len(), 3);
+    assert!(failures[0].1.to_string().contains("connection refused"));
+}
+
+#[test]
+fn records_pushed_while_disconnected_are_delivered_after_reconnect() {
+    let link = LinkKnobs {
+        failing_opens: 5,
+        ..LinkKnobs::default()
+    };
+    let mut h = Harness::new(
+        test_config(MqttVersion::V311, 1),
+        BrokerKnobs::default(),
+        link,
+        1,
+    );
+    let recs = records(20, 2);
+    for r in recs.clone() {
+        h.push(r).unwrap();
+    }
+    assert!(!h.sink.is_connected());
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    check(&expected(&recs), &delivered(&h), false).unwrap();
+}
+
+#[test]
+fn revoked_partitions_drop_queued_records_and_leave_the_ledger() {
+    let link = LinkKnobs {
+        failing_opens: 1,
+        ..LinkKnobs::default()
+    };
+    let mut h = Harness::new(
+        test_config(MqttVersion::V311, 1),
+        BrokerKnobs::default(),
+        link,
+        1,
+    );
+    for r in records(10, 2) {
+        h.push(r).unwrap();
+    }
+    let gone = TopicPartition::new("readings", 1);
+    h.sink.revoke(&gone);
+    assert!(!h.sink.is_assigned(&gone));
+    assert_eq!(h.sink.stats().buffered_records, 5);
+    match h.flush() {
+        Event::FlushCompleted { offsets } => {
+            assert_eq!(offsets, vec![(TopicPartition::new("readings", 0), 5)]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.broker.received().len(), 5);
+}
+
+#[test]
+fn close_sends_disconnect_and_refuses_records() {
+    for version in VERSIONS {
+        let mut h = harness(version, 1, BrokerKnobs::default());
+        connected(&mut h);
+        let now = h.now;
+        h.sink.close(now);
+        h.drain();
+        h.run_for(Duration::from_millis(10));
+        assert!(h.sink.is_closed());
+        assert_eq!(h.count_events(|e| *e == Event::Closed), 1);
+        assert_eq!(h.count_events(|e| *e == Event::CloseTransport), 1);
+        assert!(h.broker.violations().is_empty());
+        assert!(matches!(
+            h.sink
+                .push_record(h.now, record("readings", 0, 0, "a", "1")),
+            Err(PushError::Closed(_))
+        ));
+        assert_eq!(h.sink.poll_timeout(), None, "no timers after close");
+    }
+}
+
+#[test]
+fn out_of_order_offsets_are_refused() {
+    let mut h = harness(MqttVersion::V311, 1, BrokerKnobs::default());
+    h.push(record("readings", 0, 5, "a", "1")).unwrap();
+    match h
+        .sink
+        .push_record(h.now, record("readings", 0, 5, "a", "dup"))
+    {
+        Err(e @ PushError::OutOfOrder { last: 5, .. }) => {
+            assert!(e.to_string().contains("readings/0@5"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
