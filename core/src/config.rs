@@ -637,7 +637,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} = {}: {}", self.option, self.value, self.rule)
+        if self.value.is_empty() {
+            write!(f, "{}: {}", self.option, self.rule)
+        } else {
+            write!(f, "{} = {}: {}", self.option, self.value, self.rule)
+        }
     }
 }
 
