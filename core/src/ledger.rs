@@ -52,7 +52,8 @@ impl Partition {
             if e.state != State::Done {
                 break;
             }
-            self.position = Some(e.offset + 1);
+            // Never backwards: a consumer may start below a known committed position.
+            self.position = Some(self.position.map_or(e.offset + 1, |p| p.max(e.offset + 1)));
             self.entries.pop_front();
         }
     }
@@ -314,6 +315,15 @@ mod tests {
             l.status(&l.target()),
             FlushStatus::Failed(coords, RejectReason::MissingKey)
         );
+    }
+
+    #[test]
+    fn positions_never_move_backwards() {
+        let mut l = Ledger::default();
+        l.assign(tp(), Some(10));
+        l.push(&tp(), 3, 0);
+        assert!(l.resolve(&tp(), 3, 0));
+        assert_eq!(l.positions(), vec![(tp(), 10)]);
     }
 
     #[test]

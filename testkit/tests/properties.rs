@@ -24,15 +24,16 @@ proptest! {
 
     /// Invariant 5: chunking the byte stream differently never changes the events.
     #[test]
-    fn chunking_never_changes_events(s in scenario(), chunk in 1usize..9) {
-        let whole = run(&Scenario { max_chunk: 0, ..s.clone() }, false)?;
-        let chunked = run(&Scenario { max_chunk: chunk, ..s }, false)?;
+    fn chunking_never_changes_events(s in scenario(), chunk in 1usize..9, qos in 0u8..=2) {
+        let whole = run(&Scenario { max_chunk: 0, qos, ..s.clone() }, false)?;
+        let chunked = run(&Scenario { max_chunk: chunk, qos, ..s }, false)?;
         prop_assert_eq!(whole.events, chunked.events);
     }
 
     /// Invariant 6: the same seed gives the same transcript.
     #[test]
-    fn same_seed_same_transcript(s in scenario()) {
+    fn same_seed_same_transcript(s in scenario(), qos in 0u8..=2) {
+        let s = Scenario { qos, ..s };
         let a = run(&s, false)?;
         let b = run(&s, false)?;
         prop_assert_eq!(a.transcript, b.transcript);

@@ -348,7 +348,13 @@ fn window_is_min_of_config_and_receive_maximum() {
 
 #[test]
 fn keepalive_pings_and_a_missing_pingresp_loses_the_connection() {
-    let mut h = harness(MqttVersion::V311, 1, BrokerKnobs::default());
+    for version in VERSIONS {
+        keepalive_case(version);
+    }
+}
+
+fn keepalive_case(version: MqttVersion) {
+    let mut h = harness(version, 1, BrokerKnobs::default());
     connected(&mut h);
     h.run_for(Duration::from_secs(100));
     assert!(h.sink.is_connected(), "pings answered: still connected");
@@ -358,7 +364,7 @@ fn keepalive_pings_and_a_missing_pingresp_loses_the_connection() {
         answer_pings: false,
         ..BrokerKnobs::default()
     };
-    let mut h = harness(MqttVersion::V311, 1, knobs);
+    let mut h = harness(version, 1, knobs);
     connected(&mut h);
     let t0 = h.elapsed();
     assert!(
@@ -428,8 +434,8 @@ fn lose_acks_then_cut(
 
 #[test]
 fn resumed_session_resends_with_dup_same_ids_in_order() {
-    for version in [MqttVersion::V311, MqttVersion::V5] {
-        let (mut h, recs) = lose_acks_then_cut(version, 1, true);
+    for (version, qos) in VERSIONS.into_iter().flat_map(|v| [(v, 1), (v, 2)]) {
+        let (mut h, recs) = lose_acks_then_cut(version, qos, true);
         assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
         let rx = h.broker.received();
         let (first, second): (Vec<_>, Vec<_>) =
@@ -450,7 +456,13 @@ fn resumed_session_resends_with_dup_same_ids_in_order() {
 
 #[test]
 fn lost_session_republishes_as_new_publishes_in_order() {
-    let (mut h, recs) = lose_acks_then_cut(MqttVersion::V311, 1, false);
+    for (version, qos) in VERSIONS.into_iter().flat_map(|v| [(v, 1), (v, 2)]) {
+        lost_session_case(version, qos);
+    }
+}
+
+fn lost_session_case(version: MqttVersion, qos: u8) {
+    let (mut h, recs) = lose_acks_then_cut(version, qos, false);
     assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
     let last = h.broker.received().last().unwrap().connection;
     let second: Vec<_> = h
@@ -498,11 +510,17 @@ fn qos2_resume_sends_pubrel_not_publish_and_delivers_once() {
 
 #[test]
 fn flush_times_out_at_its_deadline_and_rewinds_to_committed() {
+    for (version, qos) in VERSIONS.into_iter().flat_map(|v| [(v, 1), (v, 2)]) {
+        flush_timeout_case(version, qos);
+    }
+}
+
+fn flush_timeout_case(version: MqttVersion, qos: u8) {
     let knobs = BrokerKnobs {
         ack_loss: 1.0,
         ..BrokerKnobs::default()
     };
-    let mut h = harness(MqttVersion::V311, 1, knobs);
+    let mut h = harness(version, qos, knobs);
     connected(&mut h);
     let tp = TopicPartition::new("readings", 0);
     h.sink.assign(tp.clone(), Some(0));
@@ -548,7 +566,13 @@ fn a_full_buffer_returns_the_record() {
 
 #[test]
 fn bad_keys_and_topics_are_rejected_with_coordinates() {
-    let mut cfg = test_config(MqttVersion::V311, 1);
+    for (version, qos) in VERSIONS.into_iter().flat_map(|v| [(v, 0), (v, 1), (v, 2)]) {
+        bad_keys_case(version, qos);
+    }
+}
+
+fn bad_keys_case(version: MqttVersion, qos: u8) {
+    let mut cfg = test_config(version, qos);
     cfg.error_policy = ErrorPolicy::Skip;
     let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 1);
     connected(&mut h);
@@ -822,5 +846,123 @@ fn out_of_order_offsets_are_refused() {
             assert!(e.to_string().contains("readings/0@5"));
         }
         other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn invalid_per_record_properties_reject_the_record() {
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.error_policy = ErrorPolicy::Skip;
+    let mapper = RecordMapper::from_config(&cfg).properties_with(|r| {
+        Some(PublishProperties {
+            response_topic: Some(format!(
+                "replies/{}",
+                if r.offset == 1 { "#" } else { "ok" }
+            )),
+            ..PublishProperties::default()
+        })
+    });
+    let mut h = Harness::with_mapper(cfg, mapper, BrokerKnobs::default(), LinkKnobs::default(), 1);
+    connected(&mut h);
+    for off in 0..3 {
+        h.push(record("readings", 0, off, "a", "v")).unwrap();
+    }
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    let rejected: Vec<_> = h
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::RecordRejected {
+                coords,
+                reason: RejectReason::InvalidProperties(text),
+                ..
+            } => Some((coords.offset, text.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].0, 1);
+    assert!(
+        rejected[0].1.contains("response_topic"),
+        "{}",
+        rejected[0].1
+    );
+    assert_eq!(h.broker.received().len(), 2);
+}
+
+#[test]
+fn per_record_properties_need_mqtt5() {
+    let cfg = test_config(MqttVersion::V311, 1);
+    let mapper = RecordMapper::from_config(&cfg).properties_with(|_| None);
+    let err = mqtt_sink_core::Sink::new(cfg, mapper, std::time::Instant::now()).unwrap_err();
+    assert!(err.to_string().contains("properties"), "{err}");
+}
+
+#[test]
+fn tombstones_follow_the_value_serializer() {
+    use mqtt_sink_core::ValueSerializer;
+    for (ser, want) in [
+        (ValueSerializer::Json, &b"null"[..]),
+        (ValueSerializer::Raw, &b""[..]),
+    ] {
+        let cfg = test_config(MqttVersion::V311, 1);
+        let mapper = RecordMapper::from_config(&cfg).value_serializer(ser);
+        let mut h =
+            Harness::with_mapper(cfg, mapper, BrokerKnobs::default(), LinkKnobs::default(), 1);
+        connected(&mut h);
+        let tp = TopicPartition::new("readings", 0);
+        h.push(Record::new(tp, 0, Some("k"), None::<Bytes>))
+            .unwrap();
+        assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+        assert_eq!(h.broker.delivered()[0].payload.as_ref(), want);
+    }
+}
+
+#[test]
+fn custom_key_serializer_sees_the_whole_record() {
+    let cfg = test_config(MqttVersion::V311, 1);
+    let mapper = RecordMapper::from_config(&cfg)
+        .key_serializer(|r| Ok(format!("{}/{}/{}", r.tp.topic, r.tp.partition, r.offset)));
+    let mut h = Harness::with_mapper(cfg, mapper, BrokerKnobs::default(), LinkKnobs::default(), 1);
+    connected(&mut h);
+    h.push(Record::new(
+        TopicPartition::new("readings", 3),
+        9,
+        None::<Bytes>,
+        Some("v"),
+    ))
+    .unwrap();
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    assert_eq!(h.broker.delivered()[0].topic, "sensors/readings/3/9");
+}
+
+#[test]
+fn lost_acks_are_recovered_by_reconnect_and_resend() {
+    for qos in [1u8, 2] {
+        let mut cfg = test_config(MqttVersion::V5, qos);
+        cfg.clean_session = false;
+        let knobs = BrokerKnobs {
+            ack_loss: 0.2,
+            ..BrokerKnobs::default()
+        };
+        let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 11);
+        let recs = records(200, 2);
+        for r in recs.clone() {
+            h.push(r).unwrap();
+        }
+        h.run_for(Duration::from_millis(200));
+        h.broker.knobs_mut().ack_loss = 0.0;
+        assert!(h.sink.stats().inflight > 0, "some acks were lost");
+        // Lost acks stall in-flight publishes until ack_timeout (5 s) reconnects and resends.
+        let outcome = h.flush_with_deadline(h.now + Duration::from_secs(60));
+        assert!(
+            matches!(outcome, Event::FlushCompleted { .. }),
+            "qos {qos}: {outcome:?}"
+        );
+        assert!(
+            h.count_events(|e| matches!(e, Event::ConnectionLost(LostReason::AckTimeout { .. })))
+                >= 1
+        );
+        check(&expected(&recs), &delivered(&h), true).unwrap();
     }
 }
