@@ -19,6 +19,14 @@ fn harness(version: MqttVersion, qos: u8, knobs: BrokerKnobs) -> Harness {
     Harness::new(test_config(version, qos), knobs, LinkKnobs::default(), 1)
 }
 
+fn assert_no_violations(h: &Harness) {
+    assert!(
+        h.broker.violations().is_empty(),
+        "{:?}",
+        h.broker.violations()
+    );
+}
+
 fn connected(h: &mut Harness) {
     assert!(
         h.run_until(Duration::from_secs(30), |h| h.sink.is_connected()),
@@ -91,11 +99,7 @@ fn every_version_and_qos_delivers_and_commits_end_offsets() {
             };
             assert_eq!((c.protocol_level, c.protocol_name.as_str()), (level, name));
             assert!(h.broker.received().iter().all(|r| r.qos == qos));
-            assert!(
-                h.broker.violations().is_empty(),
-                "{:?}",
-                h.broker.violations()
-            );
+            assert_no_violations(&h);
         }
     }
 }
@@ -339,11 +343,7 @@ fn window_is_min_of_config_and_receive_maximum() {
         assert!(h.sink.stats().inflight <= 3);
     }
     assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
-    assert!(
-        h.broker.violations().is_empty(),
-        "{:?}",
-        h.broker.violations()
-    );
+    assert_no_violations(&h);
 }
 
 #[test]
@@ -501,11 +501,7 @@ fn qos2_resume_sends_pubrel_not_publish_and_delivers_once() {
     );
     assert_eq!(h.broker.delivered().len(), 1);
     assert_eq!(h.sink.stats().inflight, 0, "PUBCOMP completed the flow");
-    assert!(
-        h.broker.violations().is_empty(),
-        "{:?}",
-        h.broker.violations()
-    );
+    assert_no_violations(&h);
 }
 
 #[test]
