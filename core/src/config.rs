@@ -260,6 +260,18 @@ pub struct Config {
     /// Use TLS. Default: true.
     #[serde(default = "default_true")]
     pub tls_enabled: bool,
+    /// PEM file of the CA(s) that sign the broker's certificate; default: the system roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// PEM file of the client certificate chain, for mutual TLS (with `tls_client_key`).
+    #[serde(default)]
+    pub tls_client_cert: Option<std::path::PathBuf>,
+    /// PEM file of the client private key, for mutual TLS (with `tls_client_cert`).
+    #[serde(default)]
+    pub tls_client_key: Option<std::path::PathBuf>,
+    /// Accept any broker certificate. For tests only: it disables server authentication.
+    #[serde(default)]
+    pub tls_insecure_skip_verify: bool,
     /// QoS of every publish: 0 at-most-once, 1 at-least-once (default), 2 exactly-once.
     #[serde(default = "default_qos")]
     pub qos: u8,
@@ -391,6 +403,10 @@ impl Config {
             password: None,
             version: MqttVersion::default(),
             tls_enabled: true,
+            tls_ca_file: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+            tls_insecure_skip_verify: false,
             qos: default_qos(),
             flush_timeout: default_flush_timeout(),
             retain: false,
@@ -486,6 +502,28 @@ impl Config {
                     "MQTT 3.1/3.1.1 send a password only with a username: set username",
                 );
             }
+        }
+        if self.tls_client_cert.is_some() != self.tls_client_key.is_some() {
+            let (option, missing) = if self.tls_client_cert.is_some() {
+                ("tls_client_cert", "tls_client_key")
+            } else {
+                ("tls_client_key", "tls_client_cert")
+            };
+            bad(
+                option,
+                "(set)".into(),
+                &format!("mutual TLS needs both files: set {missing} too"),
+            );
+        }
+        let tls_only = self.tls_ca_file.is_some()
+            || self.tls_client_cert.is_some()
+            || self.tls_insecure_skip_verify;
+        if tls_only && !self.tls_enabled {
+            bad(
+                "tls_enabled",
+                "false".into(),
+                "TLS options are set (tls_ca_file, tls_client_cert or tls_insecure_skip_verify) but TLS is off; set tls_enabled = true or remove them",
+            );
         }
         if self.qos > 2 {
             bad("qos", self.qos.to_string(), "must be 0, 1 or 2");

@@ -1,8 +1,480 @@
 //! mqtt-sink driver for the tokio runtime.
 //!
-//! **Placeholder.** This crate compiles so that the workspace has its final shape; the
-//! driver itself (TCP + rustls TLS, the `MqttSink` and the rdkafka `Bridge`) is built by the
-//! runtimes issue. It will only move bytes, records and time between tokio and
-//! [`mqtt_sink_core::Sink`]: every decision stays in the core.
+//! [`MqttSink`] publishes records to an MQTT broker over TCP or TLS (rustls, ring). It is a
+//! thin driver of [`mqtt_sink_core::Sink`]: one task moves socket bytes, records and time in
+//! and out of the core; every MQTT decision (packets, timeouts, resends) stays in the core.
+//!
+//! The Kafka `Bridge` (an rdkafka consumer in a group, checkpoints, rebalances) is still to
+//! come (the runtimes issue); today this crate is the library sink.
+
+pub mod tls;
+mod transport;
+
+use std::fmt;
+use std::time::Instant as StdInstant;
+
+use mqtt_sink_core::{
+    CommitOffsets, ConfigErrors, ConnectFailure, Connected, Event, PushError, Record, RecordMapper,
+    Sink,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 pub use mqtt_sink_core as core;
+pub use mqtt_sink_core::Config;
+
+use transport::{open, Stream};
+
+type SuccessFn = Box<dyn Fn(&Connected) + Send + Sync>;
+type FailureFn = Box<dyn Fn(&ConnectFailure) + Send + Sync>;
+type EventFn = Box<dyn Fn(&Event) + Send + Sync>;
+
+/// Errors of [`MqttSink`] operations.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The flush timed out: this many records were not acknowledged in time.
+    FlushTimedOut {
+        /// Records not acknowledged.
+        unacked: usize,
+        /// Positions that are safe to commit nevertheless.
+        offsets: CommitOffsets,
+    },
+    /// The flush failed on a rejected record (error policy `fail`): the message names it.
+    FlushFailed {
+        /// What failed, naming the record by topic/partition@offset.
+        message: String,
+        /// Positions that are safe to commit nevertheless.
+        offsets: CommitOffsets,
+    },
+    /// The record was refused (closed sink, offset out of order).
+    Push(String),
+    /// The sink's task has stopped.
+    Closed,
+}
+
+impl fmt::Display for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::FlushTimedOut { unacked, .. } => write!(
+                f,
+                "flush timed out: {unacked} record(s) not acknowledged by the broker within flush_timeout"
+            ),
+            Self::FlushFailed { message, .. } => write!(f, "flush failed: {message}"),
+            Self::Push(e) => write!(f, "{e}"),
+            Self::Closed => f.write_str("the sink is closed"),
+        }
+    }
+}
+
+impl std::error::Error for SinkError {}
+
+/// Builds an [`MqttSink`]: config, record mapper and the seed's callbacks.
+pub struct MqttSinkBuilder {
+    config: Config,
+    mapper: Option<RecordMapper>,
+    on_success: Option<SuccessFn>,
+    on_failure: Option<FailureFn>,
+    on_event: Option<EventFn>,
+}
+
+impl fmt::Debug for MqttSinkBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttSinkBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqttSinkBuilder {
+    /// Replaces the default record mapper (serializers, retain, properties).
+    #[must_use]
+    pub fn mapper(mut self, mapper: RecordMapper) -> Self {
+        self.mapper = Some(mapper);
+        self
+    }
+
+    /// Called after each successful CONNACK (never before).
+    #[must_use]
+    pub fn on_client_connect_success(
+        mut self,
+        f: impl Fn(&Connected) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_success = Some(Box::new(f));
+        self
+    }
+
+    /// Called when a connection attempt fails: refusal code or transport error.
+    #[must_use]
+    pub fn on_client_connect_failure(
+        mut self,
+        f: impl Fn(&ConnectFailure) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_failure = Some(Box::new(f));
+        self
+    }
+
+    /// Sees every event of the core (for logs and metrics).
+    #[must_use]
+    pub fn on_event(mut self, f: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.on_event = Some(Box::new(f));
+        self
+    }
+
+    /// Validates the config, then starts the sink's task on the current tokio runtime. It
+    /// connects at once and reconnects with the core's backoff.
+    pub fn start(self) -> Result<MqttSink, ConfigErrors> {
+        let tls = if self.config.tls_enabled {
+            let cfg = tls::client_config(&self.config).map_err(|rule| {
+                ConfigErrors(vec![mqtt_sink_core::ConfigError {
+                    option: "tls".into(),
+                    value: String::new(),
+                    rule,
+                }])
+            })?;
+            Some(cfg)
+        } else {
+            None
+        };
+        let mapper = self
+            .mapper
+            .unwrap_or_else(|| RecordMapper::from_config(&self.config));
+        let server = self.config.server.clone();
+        let port = self.config.port;
+        let sink = Sink::new(self.config, mapper, StdInstant::now())?;
+        let (tx, rx) = mpsc::channel(64);
+        let driver = Driver {
+            sink,
+            server,
+            port,
+            tls,
+            rx,
+            on_success: self.on_success,
+            on_failure: self.on_failure,
+            on_event: self.on_event,
+            flush_waiters: Vec::new(),
+            flush_queued: Vec::new(),
+            close_waiter: None,
+        };
+        let task = tokio::spawn(driver.run());
+        Ok(MqttSink { tx, task })
+    }
+}
+
+enum Cmd {
+    Send(Record, oneshot::Sender<Result<(), SinkError>>),
+    Flush(oneshot::Sender<Result<CommitOffsets, SinkError>>),
+    Close(oneshot::Sender<()>),
+}
+
+/// A running sink: send records, flush, close.
+#[derive(Debug)]
+pub struct MqttSink {
+    tx: mpsc::Sender<Cmd>,
+    task: JoinHandle<()>,
+}
+
+impl MqttSink {
+    /// Starts building a sink from `config`.
+    pub fn builder(config: Config) -> MqttSinkBuilder {
+        MqttSinkBuilder {
+            config,
+            mapper: None,
+            on_success: None,
+            on_failure: None,
+            on_event: None,
+        }
+    }
+
+    /// Hands a record to the sink. Waits while the sink's buffer is full: this is the
+    /// backpressure. Records sent while the broker is unreachable are queued (bounded) and
+    /// published after it returns.
+    pub async fn send(&self, record: Record) -> Result<(), SinkError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Send(record, tx))
+            .await
+            .map_err(|_| SinkError::Closed)?;
+        rx.await.map_err(|_| SinkError::Closed)?
+    }
+
+    /// Waits until every record sent before this call is acknowledged (or handled by the
+    /// error policy), at most `flush_timeout`; returns the positions to commit.
+    pub async fn flush(&self) -> Result<CommitOffsets, SinkError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Flush(tx))
+            .await
+            .map_err(|_| SinkError::Closed)?;
+        rx.await.map_err(|_| SinkError::Closed)?
+    }
+
+    /// Sends DISCONNECT and stops the task. Flush first: unacknowledged records are dropped.
+    pub async fn close(self) -> Result<(), SinkError> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.task.await.map_err(|_| SinkError::Closed)
+    }
+}
+
+struct Driver {
+    sink: Sink,
+    server: String,
+    port: u16,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    rx: mpsc::Receiver<Cmd>,
+    on_success: Option<SuccessFn>,
+    on_failure: Option<FailureFn>,
+    on_event: Option<EventFn>,
+    flush_waiters: Vec<oneshot::Sender<Result<CommitOffsets, SinkError>>>,
+    flush_queued: Vec<oneshot::Sender<Result<CommitOffsets, SinkError>>>,
+    close_waiter: Option<oneshot::Sender<()>>,
+}
+
+enum IoDone {
+    Read(std::io::Result<usize>),
+    Wrote(std::io::Result<usize>),
+}
+
+/// What the select loop waits on besides the socket.
+type Connecting =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Stream, String>> + Send>>;
+
+impl Driver {
+    async fn run(mut self) {
+        let mut conn: Option<Stream> = None;
+        let mut connecting: Option<Connecting> = None;
+        let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut out_pos = 0;
+        let mut rbuf = vec![0u8; 16 * 1024];
+        let mut blocked: Option<(Record, oneshot::Sender<Result<(), SinkError>>)> = None;
+        let mut close_after_write = false;
+        let mut rx_open = true;
+        // Map the core's std Instants onto tokio's clock (which tests may pause).
+        let base_std = StdInstant::now();
+        let base_tokio = Instant::now();
+        let now_std = |t: Instant| base_std + (t - base_tokio);
+
+        loop {
+            let now = now_std(Instant::now());
+            // Drain the core: bytes, then events (which may feed it again).
+            loop {
+                let before = out.len();
+                while self.sink.poll_transmit(now, &mut out) {}
+                let mut any = out.len() > before;
+                while let Some(e) = self.sink.poll_event() {
+                    any = true;
+                    match &e {
+                        Event::OpenTransport => {
+                            conn = None;
+                            out.clear();
+                            out_pos = 0;
+                            connecting = Some(Box::pin(open(
+                                self.server.clone(),
+                                self.port,
+                                self.tls.clone(),
+                            )));
+                        }
+                        Event::CloseTransport => {
+                            connecting = None;
+                            close_after_write = true;
+                        }
+                        _ => {}
+                    }
+                    self.on_event(&e, now);
+                }
+                if let Some((r, reply)) = blocked.take() {
+                    match self.sink.push_record(now, r) {
+                        Ok(()) => {
+                            let _ = reply.send(Ok(()));
+                            any = true;
+                        }
+                        Err(PushError::Full(r)) => blocked = Some((r, reply)),
+                        Err(e) => {
+                            let _ = reply.send(Err(SinkError::Push(e.to_string())));
+                        }
+                    }
+                }
+                if !any {
+                    break;
+                }
+            }
+            if close_after_write {
+                if let Some(mut s) = conn.take() {
+                    // The DISCONNECT (if any) goes out before the close; bounded by a second.
+                    let pending = &out[out_pos..];
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                        s.write_all(pending).await?;
+                        s.shutdown().await
+                    })
+                    .await;
+                }
+                out.clear();
+                out_pos = 0;
+                close_after_write = false;
+            }
+            if self.sink.is_closed() && self.close_waiter.is_none() && !rx_open {
+                return;
+            }
+            if self.sink.is_closed() {
+                if let Some(w) = self.close_waiter.take() {
+                    let _ = w.send(());
+                    return;
+                }
+            }
+            if conn.is_none() && connecting.is_none() {
+                out.clear();
+                out_pos = 0;
+            }
+            let deadline = self.sink.poll_timeout().map(|t| {
+                let d = t.saturating_duration_since(base_std);
+                base_tokio + d
+            });
+            let can_take = rx_open && blocked.is_none() && !self.sink.is_closed();
+            let writing = conn.is_some() && out_pos < out.len();
+
+            tokio::select! {
+                res = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
+                    connecting = None;
+                    let now = now_std(Instant::now());
+                    match res {
+                        Ok(s) => {
+                            conn = Some(s);
+                            self.sink.handle_connected(now);
+                        }
+                        Err(e) => self.sink.handle_disconnected(now, e),
+                    }
+                }
+                res = async {
+                    let c = conn.as_mut().expect("guarded");
+                    if writing {
+                        IoDone::Wrote(c.write(&out[out_pos..]).await)
+                    } else {
+                        IoDone::Read(c.read(&mut rbuf).await)
+                    }
+                }, if conn.is_some() => {
+                    let now = now_std(Instant::now());
+                    let lost = match res {
+                        IoDone::Read(Ok(0)) => Some("the broker closed the connection".to_string()),
+                        IoDone::Read(Ok(n)) => {
+                            let _ = self.sink.handle_input(now, &rbuf[..n]);
+                            None
+                        }
+                        IoDone::Wrote(Ok(n)) if n > 0 => {
+                            out_pos += n;
+                            if out_pos == out.len() {
+                                out.clear();
+                                out_pos = 0;
+                            }
+                            None
+                        }
+                        IoDone::Wrote(Ok(_)) => Some("write failed: wrote 0 bytes".to_string()),
+                        IoDone::Read(Err(e)) => Some(format!("read failed: {e}")),
+                        IoDone::Wrote(Err(e)) => Some(format!("write failed: {e}")),
+                    };
+                    if let Some(why) = lost {
+                        conn = None;
+                        self.sink.handle_disconnected(now, format!("{}:{}: {why}", self.server, self.port));
+                    }
+                }
+                cmd = self.rx.recv(), if can_take => {
+                    let now = now_std(Instant::now());
+                    match cmd {
+                        None => {
+                            rx_open = false;
+                            self.sink.close(now);
+                        }
+                        Some(Cmd::Send(r, reply)) => match self.sink.push_record(now, r) {
+                            Ok(()) => { let _ = reply.send(Ok(())); }
+                            Err(PushError::Full(r)) => blocked = Some((r, reply)),
+                            Err(e) => { let _ = reply.send(Err(SinkError::Push(e.to_string()))); }
+                        },
+                        Some(Cmd::Flush(reply)) => {
+                            if self.sink.is_flushing() {
+                                self.flush_queued.push(reply);
+                            } else {
+                                self.flush_waiters.push(reply);
+                                let deadline = self.sink.flush_deadline(now);
+                                let _ = self.sink.begin_flush(now, deadline);
+                            }
+                        }
+                        Some(Cmd::Close(reply)) => {
+                            self.close_waiter = Some(reply);
+                            self.sink.close(now);
+                        }
+                    }
+                }
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.sink.handle_timeout(now_std(Instant::now()));
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, e: &Event, now: StdInstant) {
+        if let Some(f) = &self.on_event {
+            f(e);
+        }
+        match e {
+            Event::Connected(c) => {
+                if let Some(f) = &self.on_success {
+                    f(c);
+                }
+            }
+            Event::ConnectFailed(c) => {
+                if let Some(f) = &self.on_failure {
+                    f(c);
+                }
+            }
+            Event::FlushCompleted { offsets } => self.finish_flush(Ok(offsets.clone()), now),
+            Event::FlushTimedOut { unacked, offsets } => self.finish_flush(
+                Err(SinkError::FlushTimedOut {
+                    unacked: *unacked,
+                    offsets: offsets.clone(),
+                }),
+                now,
+            ),
+            Event::FlushFailed { .. } => {
+                let offsets = match e {
+                    Event::FlushFailed { offsets, .. } => offsets.clone(),
+                    _ => Vec::new(),
+                };
+                self.finish_flush(
+                    Err(SinkError::FlushFailed {
+                        message: e.to_string(),
+                        offsets,
+                    }),
+                    now,
+                );
+            }
+            Event::DeadLetter { record, .. } => {
+                // The library sink has no Kafka producer; the Bridge does.
+                self.sink.handle_dead_letter_failed(
+                    &record.coords(),
+                    "MqttSink has no dead-letter producer; use the Kafka Bridge for error_policy = \"dead-letter\"",
+                );
+            }
+            _ => {}
+        }
+    }
+
+    fn finish_flush(&mut self, result: Result<CommitOffsets, SinkError>, now: StdInstant) {
+        for w in self.flush_waiters.drain(..) {
+            let _ = w.send(result.clone());
+        }
+        if !self.flush_queued.is_empty() {
+            self.flush_waiters = std::mem::take(&mut self.flush_queued);
+            let deadline = self.sink.flush_deadline(now);
+            let _ = self.sink.begin_flush(now, deadline);
+        }
+    }
+}

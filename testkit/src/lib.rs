@@ -6,5 +6,7 @@
 pub mod broker;
 pub mod checker;
 pub mod model;
+pub mod mosquitto;
 pub mod rng;
 pub mod sim;
+pub mod subscriber;

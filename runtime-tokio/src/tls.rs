@@ -1,0 +1,135 @@
+//! rustls client configuration from the sink's TLS options (ring is the only provider).
+
+use std::sync::Arc;
+
+use mqtt_sink_core::Config;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// Builds the rustls client config for `cfg`; errors name the option and file.
+pub fn client_config(cfg: &Config) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup failed: {e}"))?;
+    let builder = if cfg.tls_insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &cfg.tls_ca_file {
+            Some(path) => {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| {
+                        format!(
+                            "tls_ca_file = {}: cannot read PEM certificates: {e}",
+                            path.display()
+                        )
+                    })?;
+                if certs.is_empty() {
+                    return Err(format!(
+                        "tls_ca_file = {}: no certificate in the file",
+                        path.display()
+                    ));
+                }
+                for c in certs {
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("tls_ca_file = {}: {e}", path.display()))?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                for c in found.certs {
+                    let _ = roots.add(c);
+                }
+                if roots.is_empty() {
+                    return Err("no system CA certificates found: install ca-certificates or set tls_ca_file".into());
+                }
+            }
+        }
+        builder.with_root_certificates(roots)
+    };
+    let config = match (&cfg.tls_client_cert, &cfg.tls_client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    format!(
+                        "tls_client_cert = {}: cannot read PEM certificates: {e}",
+                        cert.display()
+                    )
+                })?;
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                format!(
+                    "tls_client_key = {}: cannot read a PEM private key: {e}",
+                    key.display()
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| format!("tls_client_cert / tls_client_key: {e}"))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// The server name for SNI and verification: `server` from the config.
+pub fn server_name(server: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(server.to_string())
+        .map_err(|e| format!("server = {server:?} is not a valid TLS server name: {e}"))
+}
+
+/// `tls_insecure_skip_verify`: signatures are checked, the certificate chain is not.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,109 @@
+//! An independent MQTT 5 subscriber (rumqttc) that records everything it receives.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::Notify;
+
+/// One message as the subscriber saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// The retain flag as delivered.
+    pub retain: bool,
+    /// MQTT 5 user properties.
+    pub user_properties: Vec<(String, String)>,
+    /// MQTT 5 content type.
+    pub content_type: Option<String>,
+}
+
+/// A subscriber to `filter` on a broker at 127.0.0.1:`port`, recording arrivals.
+#[derive(Debug)]
+pub struct Subscriber {
+    messages: Arc<Mutex<Vec<Message>>>,
+    notify: Arc<Notify>,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Connects, subscribes at QoS 2 and returns once the SUBACK arrived (at most 10 s).
+    pub async fn start(port: u16, filter: &str) -> Result<Self, String> {
+        let id = format!("checker-{}-{port}", std::process::id());
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(Some(64 << 20));
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        client
+            .subscribe(filter, QoS::ExactlyOnce)
+            .await
+            .map_err(|e| format!("subscribe {filter}: {e}"))?;
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let notify = Arc::new(Notify::new());
+        let subscribed = Arc::new(Notify::new());
+        let (m, n, s) = (messages.clone(), notify.clone(), subscribed.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => s.notify_one(),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let props = p.properties.unwrap_or_default();
+                        let msg = Message {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload,
+                            retain: p.retain,
+                            user_properties: props.user_properties,
+                            content_type: props.content_type,
+                        };
+                        m.lock().expect("lock").push(msg);
+                        n.notify_waiters();
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
+            .await
+            .map_err(|_| format!("no SUBACK for {filter} within 10 s"))?;
+        Ok(Self {
+            messages,
+            notify,
+            client,
+            task,
+        })
+    }
+
+    /// Everything received so far.
+    pub fn messages(&self) -> Vec<Message> {
+        self.messages.lock().expect("lock").clone()
+    }
+
+    /// Waits until at least `n` messages arrived, at most `timeout`; returns the count.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            let count = self.messages.lock().expect("lock").len();
+            if count >= n {
+                return count;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.messages.lock().expect("lock").len();
+            }
+        }
+    }
+
+    /// Disconnects.
+    pub async fn stop(self) {
+        let _ = self.client.disconnect().await;
+        self.task.abort();
+    }
+}
