@@ -7,8 +7,10 @@
 //! The Kafka `Bridge` (an rdkafka consumer in a group, checkpoints, rebalances) is still to
 //! come (the runtimes issue); today this crate is the library sink.
 
-pub mod tls;
 mod transport;
+
+/// TLS client configuration (shared with the blocking runtime).
+pub use mqtt_sink_blocking::tls;
 
 use std::fmt;
 use std::time::Instant as StdInstant;

@@ -10,3 +10,4 @@ pub mod mosquitto;
 pub mod rng;
 pub mod sim;
 pub mod subscriber;
+pub mod suite;

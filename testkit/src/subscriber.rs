@@ -107,3 +107,52 @@ impl Subscriber {
         self.task.abort();
     }
 }
+
+/// [`Subscriber`] for synchronous tests: it runs on its own tokio runtime.
+#[derive(Debug)]
+pub struct SyncSubscriber {
+    rt: tokio::runtime::Runtime,
+    inner: Option<Subscriber>,
+}
+
+impl SyncSubscriber {
+    /// Connects and subscribes (panics with the reason if it cannot: a test fixture).
+    pub fn start(port: u16, filter: &str) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let inner = rt
+            .block_on(Subscriber::start(port, filter))
+            .unwrap_or_else(|e| panic!("subscriber: {e}"));
+        Self {
+            rt,
+            inner: Some(inner),
+        }
+    }
+
+    /// Everything received so far.
+    pub fn messages(&self) -> Vec<Message> {
+        self.inner
+            .as_ref()
+            .map(Subscriber::messages)
+            .unwrap_or_default()
+    }
+
+    /// Waits until at least `n` messages arrived, at most `timeout`; returns the count.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> usize {
+        match &self.inner {
+            Some(s) => self.rt.block_on(s.wait_for(n, timeout)),
+            None => 0,
+        }
+    }
+}
+
+impl Drop for SyncSubscriber {
+    fn drop(&mut self) {
+        if let Some(s) = self.inner.take() {
+            self.rt.block_on(s.stop());
+        }
+    }
+}

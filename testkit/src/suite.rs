@@ -1,0 +1,358 @@
+//! The real-broker suite, written once and run for every runtime.
+//!
+//! A runtime's test file implements [`Runtime`] for its `MqttSink` and expands
+//! [`real_broker_suite!`](crate::real_broker_suite) to get one `#[test]` per case. The suite
+//! is synchronous: the tokio adapter owns a runtime, the blocking one is blocking anyway.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqtt_sink_core::{
+    CommitOffsets, Config, ConnectFailure, Event, MqttVersion, PublishProperties, Record,
+    RecordMapper, Secret, TopicPartition,
+};
+
+use crate::checker::{check, Expected};
+use crate::mosquitto::{Mosquitto, MosquittoOptions};
+use crate::sim::record;
+use crate::subscriber::SyncSubscriber;
+
+/// How the suite sees a flush or send failure.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SuiteError {
+    /// The flush timed out with this many records unacknowledged.
+    FlushTimedOut(usize),
+    /// The flush failed; the runtime's message.
+    FlushFailed(String),
+    /// Anything else; the runtime's message.
+    Other(String),
+}
+
+/// A running sink, as the suite drives it.
+pub trait SinkHandle: Send {
+    /// Sends a record (blocking while the sink is full).
+    fn send(&self, record: Record) -> Result<(), SuiteError>;
+    /// Flushes; returns the positions to commit.
+    fn flush(&self) -> Result<CommitOffsets, SuiteError>;
+    /// Disconnects and stops.
+    fn close(self) -> Result<(), SuiteError>;
+}
+
+/// The runtime under test.
+pub trait Runtime {
+    /// Its sink.
+    type Sink: SinkHandle;
+    /// Starts a sink; every core event is passed to `events`.
+    fn start(
+        config: Config,
+        mapper: Option<RecordMapper>,
+        events: mpsc::Sender<Event>,
+    ) -> Result<Self::Sink, String>;
+}
+
+/// A plain-TCP config for Mosquitto on 127.0.0.1:`port`.
+pub fn config(port: u16, version: MqttVersion, qos: u8) -> Config {
+    let mut cfg = Config::new(
+        format!("suite-{version}-{qos}-{port}"),
+        "127.0.0.1",
+        port,
+        "sensors",
+    );
+    cfg.tls_enabled = false;
+    cfg.version = version;
+    cfg.qos = qos;
+    cfg.reconnect_backoff_min = Duration::from_millis(50);
+    cfg.reconnect_backoff_max = Duration::from_millis(500);
+    cfg
+}
+
+fn start<R: Runtime>(
+    cfg: Config,
+    mapper: Option<RecordMapper>,
+) -> (R::Sink, mpsc::Receiver<Event>) {
+    let (tx, rx) = mpsc::channel();
+    let sink = R::start(cfg, mapper, tx).unwrap_or_else(|e| panic!("sink did not start: {e}"));
+    (sink, rx)
+}
+
+fn broker(opts: MosquittoOptions) -> Mosquitto {
+    Mosquitto::start(opts).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn deliver<R: Runtime>(port: u16, version: MqttVersion, qos: u8, n: i64) {
+    let sub = SyncSubscriber::start(port, "sensors/#");
+    let (sink, _events) = start::<R>(config(port, version, qos), None);
+    let mut expected = Vec::new();
+    for i in 0..n {
+        let key = format!("k{}", i % 10);
+        let r = record(
+            "readings",
+            (i % 4) as i32,
+            i / 4,
+            &key,
+            &format!("{version}-{qos}-{i}"),
+        );
+        expected.push(Expected {
+            topic: format!("sensors/{key}"),
+            payload: r.value.clone().unwrap_or_default(),
+        });
+        sink.send(r).expect("send");
+    }
+    let offsets = sink.flush().expect("flush");
+    let want: Vec<_> = (0..4)
+        .map(|p| (TopicPartition::new("readings", p), n / 4))
+        .collect();
+    assert_eq!(
+        offsets, want,
+        "{version} qos {qos}: committed offsets are the end offsets"
+    );
+    assert_eq!(
+        sub.wait_for(n as usize, Duration::from_secs(60)),
+        n as usize,
+        "{version} qos {qos}"
+    );
+    let arrivals: Vec<_> = sub
+        .messages()
+        .into_iter()
+        .map(|m| (m.topic, m.payload))
+        .collect();
+    if let Err(e) = check(&expected, &arrivals, false) {
+        panic!("{version} qos {qos}: {e}");
+    }
+    sink.close().expect("close");
+}
+
+/// MQTT 3.1, 3.1.1 and 5 each deliver (QoS 1).
+pub fn every_version_delivers<R: Runtime>() {
+    let b = broker(MosquittoOptions::default());
+    for version in [MqttVersion::V31, MqttVersion::V311, MqttVersion::V5] {
+        deliver::<R>(b.port, version, 1, 1000);
+    }
+}
+
+/// QoS 0, 1 and 2 each deliver every record of a 10k-record run; with QoS 1/2 the
+/// committed offsets equal the end offsets.
+pub fn every_qos_delivers_10k<R: Runtime>() {
+    let b = broker(MosquittoOptions::default());
+    for qos in [0, 1, 2] {
+        deliver::<R>(b.port, MqttVersion::V311, qos, 10_000);
+    }
+}
+
+/// Retain static and per record; MQTT 5 properties static and per record, as a subscriber
+/// sees them.
+pub fn retain_and_properties_reach_the_subscriber<R: Runtime>() {
+    let b = broker(MosquittoOptions::default());
+    // Static retain and properties.
+    let mut cfg = config(b.port, MqttVersion::V5, 1);
+    cfg.retain = true;
+    cfg.properties = Some(PublishProperties {
+        content_type: Some("application/json".into()),
+        user_properties: vec![("source".into(), "kafka".into())],
+        ..PublishProperties::default()
+    });
+    let (sink, _e) = start::<R>(cfg, None);
+    sink.send(record("readings", 0, 0, "static", "s"))
+        .expect("send");
+    sink.flush().expect("flush");
+    sink.close().expect("close");
+    // Per record: retain only for keys starting with "keep", properties from coordinates.
+    let cfg = config(b.port, MqttVersion::V5, 1);
+    let mapper = RecordMapper::from_config(&cfg)
+        .retain_with(|r| r.key.as_deref().is_some_and(|k| k.starts_with(b"keep")))
+        .properties_with(|r| {
+            Some(PublishProperties {
+                user_properties: vec![("offset".into(), r.offset.to_string())],
+                ..PublishProperties::default()
+            })
+        });
+    let (sink, _e) = start::<R>(cfg, Some(mapper));
+    sink.send(record("readings", 0, 7, "keep-1", "k"))
+        .expect("send");
+    sink.send(record("readings", 0, 8, "drop-1", "d"))
+        .expect("send");
+    sink.flush().expect("flush");
+    sink.close().expect("close");
+    // A late subscriber sees exactly the retained messages, with their properties.
+    let sub = SyncSubscriber::start(b.port, "sensors/#");
+    assert_eq!(sub.wait_for(2, Duration::from_secs(10)), 2);
+    let mut got = sub.messages();
+    got.sort_by(|a, b| a.topic.cmp(&b.topic));
+    assert_eq!(got[0].topic, "sensors/keep-1");
+    assert!(got[0].retain);
+    assert_eq!(
+        got[0].user_properties,
+        vec![("offset".to_string(), "7".to_string())]
+    );
+    assert_eq!(got[1].topic, "sensors/static");
+    assert_eq!(got[1].content_type.as_deref(), Some("application/json"));
+    assert_eq!(
+        got[1].user_properties,
+        vec![("source".to_string(), "kafka".to_string())]
+    );
+}
+
+/// A bad password: the failure callback fires with the refusal, the success one never.
+pub fn bad_password_fails_with_the_refusal<R: Runtime>() {
+    let dir = std::env::temp_dir().join(format!(
+        "mqtt-sink-pw-{}-{}",
+        std::process::id(),
+        crate::mosquitto::free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let pwfile = dir.join("passwd");
+    let ok = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&pwfile)
+        .args(["user", "right"])
+        .status()
+        .map(|s| s.success());
+    assert_eq!(
+        ok.ok(),
+        Some(true),
+        "mosquitto_passwd failed (apt-get install mosquitto)"
+    );
+    let _ = std::process::Command::new("chmod")
+        .arg("-R")
+        .arg("a+rX")
+        .arg(&dir)
+        .status();
+    let b = broker(MosquittoOptions {
+        extra: vec![
+            "allow_anonymous false".into(),
+            format!("password_file {}", pwfile.display()),
+        ],
+        ..MosquittoOptions::default()
+    });
+    for version in [MqttVersion::V311, MqttVersion::V5] {
+        let mut cfg = config(b.port, version, 1);
+        cfg.username = Some("user".into());
+        cfg.password = Some(Secret::new("wrong"));
+        let (sink, events) = start::<R>(cfg, None);
+        let mut refusals = Vec::new();
+        while refusals.len() < 2 {
+            match events.recv_timeout(Duration::from_secs(10)) {
+                Ok(Event::Connected(_)) => panic!("{version}: connected with a bad password"),
+                Ok(Event::ConnectFailed(f)) => refusals.push(f),
+                Ok(_) => {}
+                Err(e) => panic!("{version}: no refusal within 10 s ({e}); got {refusals:?}"),
+            }
+        }
+        let want = if version == MqttVersion::V5 {
+            [0x86u8, 0x87]
+        } else {
+            [4u8, 5]
+        };
+        for f in &refusals {
+            assert!(
+                matches!(f, ConnectFailure::Refused { code, .. } if want.contains(code)),
+                "{version}: {f:?}"
+            );
+            assert!(!f.to_string().contains("wrong"), "the password leaked");
+        }
+        sink.close().expect("close");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Records sent while the broker is down are queued and delivered after it returns.
+pub fn records_sent_while_the_broker_is_down_arrive_later<R: Runtime>() {
+    let mut b = broker(MosquittoOptions::default());
+    b.kill();
+    // Retained, one topic each: a subscriber that connects later still sees every record.
+    let mut cfg = config(b.port, MqttVersion::V5, 1);
+    cfg.retain = true;
+    let (sink, _e) = start::<R>(cfg, None);
+    let mut expected = Vec::new();
+    for i in 0..200 {
+        let r = record("readings", 0, i, &format!("dev{i}"), &format!("down-{i}"));
+        expected.push(Expected {
+            topic: format!("sensors/dev{i}"),
+            payload: r.value.clone().unwrap_or_default(),
+        });
+        sink.send(r).expect("send");
+    }
+    b.restart().unwrap_or_else(|e| panic!("{e}"));
+    let offsets = sink.flush().expect("flush after the broker returned");
+    assert_eq!(offsets, vec![(TopicPartition::new("readings", 0), 200)]);
+    let sub = SyncSubscriber::start(b.port, "sensors/#");
+    assert_eq!(sub.wait_for(200, Duration::from_secs(10)), 200);
+    let arrivals: Vec<_> = sub
+        .messages()
+        .into_iter()
+        .map(|m| (m.topic, m.payload))
+        .collect();
+    check(&expected, &arrivals, false).unwrap_or_else(|e| panic!("{e}"));
+    sink.close().expect("close");
+}
+
+/// A record above the broker's `max_packet_size` is rejected once, never resent, and the
+/// records around it are delivered.
+pub fn oversized_record_is_rejected_once<R: Runtime>() {
+    let b = broker(MosquittoOptions {
+        max_packet_size: Some(1024),
+        ..MosquittoOptions::default()
+    });
+    let sub = SyncSubscriber::start(b.port, "sensors/#");
+    let mut cfg = config(b.port, MqttVersion::V5, 1);
+    cfg.error_policy = mqtt_sink_core::ErrorPolicy::Skip;
+    let (sink, events) = start::<R>(cfg, None);
+    sink.send(record("readings", 0, 0, "a", "small"))
+        .expect("send");
+    let big = "x".repeat(4096);
+    sink.send(record("readings", 0, 1, "a", &big))
+        .expect("send");
+    sink.send(record("readings", 0, 2, "a", "small too"))
+        .expect("send");
+    let offsets = sink.flush().expect("flush");
+    assert_eq!(offsets, vec![(TopicPartition::new("readings", 0), 3)]);
+    assert_eq!(sub.wait_for(2, Duration::from_secs(10)), 2);
+    sink.close().expect("close");
+    let rejected: Vec<_> = events
+        .try_iter()
+        .filter(|e| matches!(e, Event::RecordRejected { .. }))
+        .collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(
+        rejected[0].to_string().contains("readings/0@1"),
+        "{}",
+        rejected[0]
+    );
+    let payloads: Vec<Bytes> = sub.messages().into_iter().map(|m| m.payload).collect();
+    assert_eq!(
+        payloads,
+        vec![Bytes::from("small"), Bytes::from("small too")]
+    );
+}
+
+/// Expands to one `#[test]` per suite case for the runtime type `$rt`.
+#[macro_export]
+macro_rules! real_broker_suite {
+    ($rt:ty) => {
+        #[test]
+        fn every_version_delivers() {
+            $crate::suite::every_version_delivers::<$rt>();
+        }
+        #[test]
+        fn every_qos_delivers_10k() {
+            $crate::suite::every_qos_delivers_10k::<$rt>();
+        }
+        #[test]
+        fn retain_and_properties_reach_the_subscriber() {
+            $crate::suite::retain_and_properties_reach_the_subscriber::<$rt>();
+        }
+        #[test]
+        fn bad_password_fails_with_the_refusal() {
+            $crate::suite::bad_password_fails_with_the_refusal::<$rt>();
+        }
+        #[test]
+        fn records_sent_while_the_broker_is_down_arrive_later() {
+            $crate::suite::records_sent_while_the_broker_is_down_arrive_later::<$rt>();
+        }
+        #[test]
+        fn oversized_record_is_rejected_once() {
+            $crate::suite::oversized_record_is_rejected_once::<$rt>();
+        }
+    };
+}
