@@ -4,6 +4,7 @@
 //! Everything here is sans-IO and seeded: a test is a pure function of its seed.
 
 pub mod broker;
+pub mod certs;
 pub mod checker;
 pub mod model;
 pub mod mosquitto;

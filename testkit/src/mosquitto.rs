@@ -16,14 +16,31 @@ pub struct MosquittoOptions {
     pub persistence: bool,
     /// Extra lines appended to the config.
     pub extra: Vec<String>,
+    /// A second listener with TLS on [`Mosquitto::tls_port`].
+    pub tls: Option<TlsListener>,
+}
+
+/// A TLS listener's files.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// CA file (also verifies client certificates).
+    pub cafile: PathBuf,
+    /// Server certificate.
+    pub certfile: PathBuf,
+    /// Server key.
+    pub keyfile: PathBuf,
+    /// Demand a client certificate (mutual TLS).
+    pub require_certificate: bool,
 }
 
 /// A running Mosquitto.
 #[derive(Debug)]
 pub struct Mosquitto {
     child: Option<Child>,
-    /// Its listener port on 127.0.0.1.
+    /// Its plain listener port on 127.0.0.1.
     pub port: u16,
+    /// Its TLS listener port on 127.0.0.1 (0 without [`MosquittoOptions::tls`]).
+    pub tls_port: u16,
     /// Its working directory (config, persistence).
     pub dir: PathBuf,
     opts: MosquittoOptions,
@@ -44,9 +61,11 @@ impl Mosquitto {
         let dir =
             std::env::temp_dir().join(format!("mqtt-sink-mosquitto-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let tls_port = if opts.tls.is_some() { free_port() } else { 0 };
         let mut m = Self {
             child: None,
             port,
+            tls_port,
             dir,
             opts,
         };
@@ -74,6 +93,13 @@ impl Mosquitto {
             lines.push(format!("max_packet_size {n}"));
         }
         lines.extend(self.opts.extra.iter().cloned());
+        if let Some(t) = &self.opts.tls {
+            lines.push(format!("listener {} 127.0.0.1", self.tls_port));
+            lines.push(format!("cafile {}", t.cafile.display()));
+            lines.push(format!("certfile {}", t.certfile.display()));
+            lines.push(format!("keyfile {}", t.keyfile.display()));
+            lines.push(format!("require_certificate {}", t.require_certificate));
+        }
         let mut f = std::fs::File::create(&conf).map_err(|e| format!("{}: {e}", conf.display()))?;
         f.write_all((lines.join("\n") + "\n").as_bytes())
             .map_err(|e| format!("{}: {e}", conf.display()))?;

@@ -326,6 +326,84 @@ pub fn oversized_record_is_rejected_once<R: Runtime>() {
     );
 }
 
+/// TLS: the generated CA works; a wrong CA fails with an error naming server, port and
+/// cause; mutual TLS works with the client certificate and fails without it.
+pub fn tls_server_auth_and_mutual_tls<R: Runtime>() {
+    let dir = std::env::temp_dir().join(format!(
+        "mqtt-sink-pki-{}-{}",
+        std::process::id(),
+        crate::mosquitto::free_port()
+    ));
+    let pki = crate::certs::TestPki::generate(&dir).unwrap_or_else(|e| panic!("{e}"));
+    for mutual in [false, true] {
+        let b = broker(MosquittoOptions {
+            tls: Some(crate::mosquitto::TlsListener {
+                cafile: pki.ca.clone(),
+                certfile: pki.server_cert.clone(),
+                keyfile: pki.server_key.clone(),
+                require_certificate: mutual,
+            }),
+            ..MosquittoOptions::default()
+        });
+        let tls_cfg = |ca: &std::path::Path, client: bool| {
+            let mut cfg = config(b.tls_port, MqttVersion::V311, 1);
+            cfg.server = "localhost".into(); // SNI and verification by name
+            cfg.tls_enabled = true;
+            cfg.tls_ca_file = Some(ca.to_path_buf());
+            if client {
+                cfg.tls_client_cert = Some(pki.client_cert.clone());
+                cfg.tls_client_key = Some(pki.client_key.clone());
+            }
+            cfg
+        };
+        // The right CA (and, for mutual TLS, the client certificate): records flow.
+        let sub = SyncSubscriber::start(b.port, "sensors/#");
+        let (sink, _e) = start::<R>(tls_cfg(&pki.ca, mutual), None);
+        for i in 0..100 {
+            sink.send(record("readings", 0, i, "tls", &format!("secret-{i}")))
+                .expect("send");
+        }
+        assert_eq!(
+            sink.flush().expect("flush over TLS"),
+            vec![(TopicPartition::new("readings", 0), 100)]
+        );
+        assert_eq!(sub.wait_for(100, Duration::from_secs(10)), 100);
+        sink.close().expect("close");
+        // The wrong CA: the connection fails with a clear error, and never connects.
+        let (sink, events) = start::<R>(tls_cfg(&pki.wrong_ca, mutual), None);
+        let failure = wait_for_failure(&events);
+        let text = failure.to_string();
+        assert!(
+            text.contains(&format!("localhost:{}", b.tls_port)),
+            "{text}"
+        );
+        assert!(text.contains("TLS"), "{text}");
+        sink.close().expect("close");
+        if mutual {
+            // No client certificate: the broker refuses the handshake.
+            let (sink, events) = start::<R>(tls_cfg(&pki.ca, false), None);
+            let failure = wait_for_failure(&events);
+            assert!(
+                matches!(failure, ConnectFailure::Transport(_)),
+                "{failure:?}"
+            );
+            sink.close().expect("close");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn wait_for_failure(events: &mpsc::Receiver<Event>) -> ConnectFailure {
+    loop {
+        match events.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Connected(_)) => panic!("connected where it must not"),
+            Ok(Event::ConnectFailed(f)) => return f,
+            Ok(_) => {}
+            Err(e) => panic!("no connect failure within 10 s: {e}"),
+        }
+    }
+}
+
 /// Expands to one `#[test]` per suite case for the runtime type `$rt`.
 #[macro_export]
 macro_rules! real_broker_suite {
@@ -349,6 +427,10 @@ macro_rules! real_broker_suite {
         #[test]
         fn records_sent_while_the_broker_is_down_arrive_later() {
             $crate::suite::records_sent_while_the_broker_is_down_arrive_later::<$rt>();
+        }
+        #[test]
+        fn tls_server_auth_and_mutual_tls() {
+            $crate::suite::tls_server_auth_and_mutual_tls::<$rt>();
         }
         #[test]
         fn oversized_record_is_rejected_once() {
