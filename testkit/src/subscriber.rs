@@ -36,7 +36,10 @@ pub struct Subscriber {
 impl Subscriber {
     /// Connects, subscribes at QoS 2 and returns once the SUBACK arrived (at most 10 s).
     pub async fn start(port: u16, filter: &str) -> Result<Self, String> {
-        let id = format!("checker-{}-{port}", std::process::id());
+        // Unique per subscriber: two clients with one id evict each other.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("checker-{}-{port}-{n}", std::process::id());
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(Some(64 << 20));
