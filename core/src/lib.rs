@@ -74,6 +74,7 @@
 #![cfg_attr(not(test), warn(missing_docs))]
 
 mod backoff;
+mod checkpoint;
 mod config;
 mod event;
 mod ledger;
@@ -85,6 +86,7 @@ mod timer;
 pub mod topic;
 mod wire;
 
+pub use checkpoint::Checkpoints;
 pub use config::{
     Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion, PublishProperties, Secret,
     MAX_MQTT_PACKET,

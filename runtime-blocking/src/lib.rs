@@ -5,9 +5,13 @@
 //! moves bytes, records and time in and out; a reader thread per connection only reads the
 //! socket. Every MQTT decision (packets, timeouts, resends) stays in the core.
 //!
-//! The Kafka `Bridge` (a `BaseConsumer` on a thread) is still to come (the runtimes issue).
+//! [`Bridge`] consumes Kafka (a `BaseConsumer` in a consumer group) into an `MqttSink`,
+//! checkpointing (flush, then commit) on the core's schedule and on every revoke.
 
+pub mod bridge;
 pub mod tls;
+
+pub use bridge::{Bridge, BridgeBuilder, BridgeError, BridgeStats, KafkaConfig};
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -20,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use mqtt_sink_core::{
     CommitOffsets, ConfigErrors, ConnectFailure, Connected, Event, PushError, Record, RecordMapper,
-    Sink,
+    RejectReason, Sink, TopicPartition,
 };
 
 pub use mqtt_sink_core as core;
@@ -29,6 +33,7 @@ pub use mqtt_sink_core::Config;
 type SuccessFn = Box<dyn Fn(&Connected) + Send + Sync>;
 type FailureFn = Box<dyn Fn(&ConnectFailure) + Send + Sync>;
 type EventFn = Box<dyn Fn(&Event) + Send + Sync>;
+type DeadLetterFn = Box<dyn Fn(&Record, &RejectReason) -> Result<(), String> + Send + Sync>;
 
 /// A write that cannot make progress for this long counts as a lost connection, so that a
 /// stalled peer never blocks the driver thread (and its timers) for longer.
@@ -81,6 +86,7 @@ pub struct MqttSinkBuilder {
     on_success: Option<SuccessFn>,
     on_failure: Option<FailureFn>,
     on_event: Option<EventFn>,
+    dead_letter: Option<DeadLetterFn>,
 }
 
 impl fmt::Debug for MqttSinkBuilder {
@@ -126,6 +132,18 @@ impl MqttSinkBuilder {
         self
     }
 
+    /// Produces dead letters (error policy `dead-letter`): called on the sink's thread with
+    /// each rejected record; return `Ok` only once Kafka confirmed the produce. Without it,
+    /// dead-lettering fails the record (as the `fail` policy does).
+    #[must_use]
+    pub fn dead_letter(
+        mut self,
+        f: impl Fn(&Record, &RejectReason) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.dead_letter = Some(Box::new(f));
+        self
+    }
+
     /// Validates the config, then starts the sink's thread. It connects at once and
     /// reconnects with the core's backoff.
     pub fn start(self) -> Result<MqttSink, ConfigErrors> {
@@ -157,6 +175,7 @@ impl MqttSinkBuilder {
             on_success: self.on_success,
             on_failure: self.on_failure,
             on_event: self.on_event,
+            dead_letter: self.dead_letter,
             conn: None,
             attempt: 0,
             out: Vec::with_capacity(64 * 1024),
@@ -176,7 +195,7 @@ impl MqttSinkBuilder {
                 }])
             })?;
         Ok(MqttSink {
-            tx,
+            client: SinkClient { tx },
             thread: Some(thread),
         })
     }
@@ -184,6 +203,11 @@ impl MqttSinkBuilder {
 
 enum Msg {
     Send(Record, SyncSender<Result<(), SinkError>>),
+    TrySend(Record, SyncSender<Result<(), TrySendError>>),
+    Assign(Vec<(TopicPartition, Option<i64>)>, SyncSender<()>),
+    Revoke(Vec<TopicPartition>, SyncSender<()>),
+    Committed(CommitOffsets),
+    Rewind(SyncSender<CommitOffsets>),
     Flush(SyncSender<Result<CommitOffsets, SinkError>>),
     Close(SyncSender<()>),
     Opened(u64, TcpStream),
@@ -192,11 +216,86 @@ enum Msg {
     ReadClosed(u64, String),
 }
 
+/// `try_send` could not take the record.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum TrySendError {
+    /// The buffer is full: here is the record back; try again after acknowledgements.
+    Full(Record),
+    /// Refused for good (closed sink, offset out of order).
+    Refused(SinkError),
+}
+
+/// A cloneable handle to a running sink. All methods block the calling thread.
+#[derive(Debug, Clone)]
+pub struct SinkClient {
+    tx: SyncSender<Msg>,
+}
+
+impl SinkClient {
+    fn call<T>(&self, make: impl FnOnce(SyncSender<T>) -> Msg) -> Result<T, SinkError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.tx.send(make(tx)).map_err(|_| SinkError::Closed)?;
+        rx.recv().map_err(|_| SinkError::Closed)
+    }
+
+    /// Hands a record to the sink. Blocks while the sink's buffer is full: this is the
+    /// backpressure. Records sent while the broker is unreachable are queued (bounded) and
+    /// published after it returns.
+    pub fn send(&self, record: Record) -> Result<(), SinkError> {
+        self.call(|tx| Msg::Send(record, tx))?
+    }
+
+    /// Like [`send`](Self::send) but returns the record at once when the buffer is full.
+    pub fn try_send(&self, record: Record) -> Result<(), TrySendError> {
+        match self.call(|tx| Msg::TrySend(record, tx)) {
+            Ok(r) => r,
+            Err(e) => Err(TrySendError::Refused(e)),
+        }
+    }
+
+    /// Blocks until every record sent before this call is acknowledged (or handled by the
+    /// error policy), at most `flush_timeout`; returns the positions to commit.
+    pub fn flush(&self) -> Result<CommitOffsets, SinkError> {
+        self.call(Msg::Flush)?
+    }
+
+    /// Kafka assigned these partitions (with their committed positions, if known).
+    pub fn assign(&self, partitions: Vec<(TopicPartition, Option<i64>)>) -> Result<(), SinkError> {
+        self.call(|tx| Msg::Assign(partitions, tx))
+    }
+
+    /// Kafka revoked these partitions (flush and commit them first).
+    pub fn revoke(&self, partitions: Vec<TopicPartition>) -> Result<(), SinkError> {
+        self.call(|tx| Msg::Revoke(partitions, tx))
+    }
+
+    /// Kafka confirmed a commit of these positions.
+    pub fn committed(&self, offsets: CommitOffsets) -> Result<(), SinkError> {
+        self.tx
+            .send(Msg::Committed(offsets))
+            .map_err(|_| SinkError::Closed)
+    }
+
+    /// After a failed flush: forgets what was not committed and returns the positions to
+    /// seek the consumer to.
+    pub fn rewind(&self) -> Result<CommitOffsets, SinkError> {
+        self.call(Msg::Rewind)
+    }
+}
+
 /// A running sink: send records, flush, close. All methods block the calling thread.
 #[derive(Debug)]
 pub struct MqttSink {
-    tx: SyncSender<Msg>,
+    client: SinkClient,
     thread: Option<JoinHandle<()>>,
+}
+
+impl std::ops::Deref for MqttSink {
+    type Target = SinkClient;
+    fn deref(&self) -> &SinkClient {
+        &self.client
+    }
 }
 
 impl MqttSink {
@@ -208,28 +307,13 @@ impl MqttSink {
             on_success: None,
             on_failure: None,
             on_event: None,
+            dead_letter: None,
         }
     }
 
-    /// Hands a record to the sink. Blocks while the sink's buffer is full: this is the
-    /// backpressure. Records sent while the broker is unreachable are queued (bounded) and
-    /// published after it returns.
-    pub fn send(&self, record: Record) -> Result<(), SinkError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.tx
-            .send(Msg::Send(record, tx))
-            .map_err(|_| SinkError::Closed)?;
-        rx.recv().map_err(|_| SinkError::Closed)?
-    }
-
-    /// Blocks until every record sent before this call is acknowledged (or handled by the
-    /// error policy), at most `flush_timeout`; returns the positions to commit.
-    pub fn flush(&self) -> Result<CommitOffsets, SinkError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.tx
-            .send(Msg::Flush(tx))
-            .map_err(|_| SinkError::Closed)?;
-        rx.recv().map_err(|_| SinkError::Closed)?
+    /// A cloneable handle (for a rebalance callback, say).
+    pub fn client(&self) -> SinkClient {
+        self.client.clone()
     }
 
     /// Sends DISCONNECT and stops the thread. Flush first: unacknowledged records are
@@ -240,7 +324,7 @@ impl MqttSink {
 
     fn shutdown(&mut self) -> Result<(), SinkError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        if self.tx.send(Msg::Close(tx)).is_ok() {
+        if self.client.tx.send(Msg::Close(tx)).is_ok() {
             let _ = rx.recv();
         }
         match self.thread.take() {
@@ -274,6 +358,7 @@ struct Driver {
     on_success: Option<SuccessFn>,
     on_failure: Option<FailureFn>,
     on_event: Option<EventFn>,
+    dead_letter: Option<DeadLetterFn>,
     conn: Option<Conn>,
     attempt: u64,
     out: Vec<u8>,
@@ -334,6 +419,34 @@ impl Driver {
                 } else {
                     self.blocked.push_back((r, reply));
                 }
+            }
+            Msg::TrySend(r, reply) => {
+                let result = if self.blocked.is_empty() {
+                    match self.sink.push_record(now, r) {
+                        Ok(()) => Ok(()),
+                        Err(PushError::Full(r)) => Err(TrySendError::Full(r)),
+                        Err(e) => Err(TrySendError::Refused(SinkError::Push(e.to_string()))),
+                    }
+                } else {
+                    Err(TrySendError::Full(r))
+                };
+                let _ = reply.send(result);
+            }
+            Msg::Assign(parts, reply) => {
+                for (tp, committed) in parts {
+                    self.sink.assign(tp, committed);
+                }
+                let _ = reply.send(());
+            }
+            Msg::Revoke(parts, reply) => {
+                for tp in &parts {
+                    self.sink.revoke(tp);
+                }
+                let _ = reply.send(());
+            }
+            Msg::Committed(offsets) => self.sink.handle_committed(&offsets),
+            Msg::Rewind(reply) => {
+                let _ = reply.send(self.sink.rewind());
             }
             Msg::Flush(reply) => {
                 if self.sink.is_flushing() || !self.blocked.is_empty() {
@@ -618,12 +731,18 @@ impl Driver {
                 message: e.to_string(),
                 offsets: offsets.clone(),
             })),
-            Event::DeadLetter { record, .. } => {
-                // The library sink has no Kafka producer; the Bridge does.
-                self.sink.handle_dead_letter_failed(
-                    &record.coords(),
-                    "MqttSink has no dead-letter producer; use the Kafka Bridge for error_policy = \"dead-letter\"",
-                );
+            Event::DeadLetter { record, reason } => {
+                let coords = record.coords();
+                match &self.dead_letter {
+                    Some(produce) => match produce(record, reason) {
+                        Ok(()) => self.sink.handle_dead_lettered(&coords),
+                        Err(e) => self.sink.handle_dead_letter_failed(&coords, e),
+                    },
+                    None => self.sink.handle_dead_letter_failed(
+                        &coords,
+                        "no dead-letter producer: use the Kafka Bridge (or MqttSinkBuilder::dead_letter) with error_policy = \"dead-letter\"",
+                    ),
+                }
             }
             _ => {}
         }

@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod certs;
 pub mod checker;
+pub mod kafka;
 pub mod model;
 pub mod mosquitto;
 pub mod rng;

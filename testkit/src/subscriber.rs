@@ -104,6 +104,24 @@ impl Subscriber {
         }
     }
 
+    /// Waits until every payload in `want` arrived (at least once), at most `timeout`;
+    /// returns how many of them arrived.
+    pub async fn wait_for_all(&self, want: &[Bytes], timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            let seen = {
+                let msgs = self.messages.lock().expect("lock");
+                let got: std::collections::BTreeSet<&Bytes> =
+                    msgs.iter().map(|m| &m.payload).collect();
+                want.iter().filter(|p| got.contains(p)).count()
+            };
+            if seen == want.len() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return seen;
+            }
+        }
+    }
+
     /// Disconnects.
     pub async fn stop(self) {
         let _ = self.client.disconnect().await;
@@ -147,6 +165,17 @@ impl SyncSubscriber {
     pub fn wait_for(&self, n: usize, timeout: Duration) -> usize {
         match &self.inner {
             Some(s) => self.rt.block_on(s.wait_for(n, timeout)),
+            None => 0,
+        }
+    }
+}
+
+impl SyncSubscriber {
+    /// Waits until every payload in `want` arrived (at least once), at most `timeout`;
+    /// returns how many of them arrived.
+    pub fn wait_for_all(&self, want: &[Bytes], timeout: Duration) -> usize {
+        match &self.inner {
+            Some(s) => self.rt.block_on(s.wait_for_all(want, timeout)),
             None => 0,
         }
     }
