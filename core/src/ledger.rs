@@ -127,10 +127,8 @@ impl Ledger {
         debug_assert!(p.last_pushed.is_none_or(|l| offset > l));
         p.last_pushed = Some(offset);
         p.first_pushed.get_or_insert(offset);
-        // Starting at `offset` means everything below it is not ours to hold back.
-        if p.position.is_none_or(|pos| pos < offset) && p.entries.is_empty() {
-            p.position = Some(offset);
-        }
+        // The position moves only when records resolve: a record the caller skipped
+        // (never pushed) must not be committed past on the strength of a later push.
         p.entries.push_back(Entry {
             offset,
             id,
@@ -285,10 +283,10 @@ mod tests {
             l.check_order(&tp(), off).expect("in order");
             l.push(&tp(), off, i as u64);
         }
-        assert_eq!(l.positions(), vec![(tp(), 10)]);
+        assert_eq!(l.positions(), vec![], "nothing resolved, nothing to commit");
         assert!(l.resolve(&tp(), 13, 2));
         assert!(l.resolve(&tp(), 11, 1));
-        assert_eq!(l.positions(), vec![(tp(), 10)]);
+        assert_eq!(l.positions(), vec![]);
         let target = l.target();
         assert_eq!(l.status(&target), FlushStatus::Pending);
         assert_eq!(l.unresolved(&target), 1);

@@ -74,6 +74,7 @@
 #![cfg_attr(not(test), warn(missing_docs))]
 
 mod backoff;
+mod bridge;
 mod checkpoint;
 mod config;
 mod event;
@@ -86,6 +87,7 @@ mod timer;
 pub mod topic;
 mod wire;
 
+pub use bridge::{BridgeFlow, BridgeStats, FlowAction, FlushOutcome, KafkaConfig};
 pub use checkpoint::Checkpoints;
 pub use config::{
     Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion, PublishProperties, Secret,

@@ -9,9 +9,11 @@
 //! checkpointing (flush, then commit) on the core's schedule and on every revoke.
 
 pub mod bridge;
+pub mod kafka;
 pub mod tls;
 
-pub use bridge::{Bridge, BridgeBuilder, BridgeError, BridgeStats, KafkaConfig};
+pub use bridge::{Bridge, BridgeBuilder, BridgeError};
+pub use mqtt_sink_core::{BridgeStats, KafkaConfig};
 
 use std::collections::VecDeque;
 use std::fmt;
