@@ -1,252 +1,40 @@
-//! The blocking Kafka bridge on MockCluster (in-process Kafka) and a real Mosquitto.
-#![allow(clippy::unwrap_used)]
+//! The shared bridge suite (testkit) for the blocking `Bridge`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use bytes::Bytes;
-use mqtt_sink_blocking::{Bridge, BridgeStats, KafkaConfig};
-use mqtt_sink_core::{Config, ErrorPolicy, MqttVersion};
-use mqtt_sink_testkit::checker::{check, Expected};
-use mqtt_sink_testkit::kafka::{classic_group_properties, fast_group_properties, MockKafka};
-use mqtt_sink_testkit::mosquitto::{Mosquitto, MosquittoOptions};
-use mqtt_sink_testkit::subscriber::SyncSubscriber;
-use mqtt_sink_testkit::suite::config;
+use mqtt_sink_blocking::Bridge;
+use mqtt_sink_core::{BridgeStats, Config, KafkaConfig};
+use mqtt_sink_testkit::bridge_suite::{BridgeRuntime, RunningBridge};
 
 struct Running {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<BridgeStats>,
 }
 
-fn run(kafka: &MockKafka, group: &str, topic: &str, mqtt: Config, suffix: &str) -> Running {
-    run_with(kafka, group, topic, mqtt, suffix, fast_group_properties())
-}
-
-fn run_with(
-    kafka: &MockKafka,
-    group: &str,
-    topic: &str,
-    mqtt: Config,
-    suffix: &str,
-    properties: std::collections::BTreeMap<String, String>,
-) -> Running {
-    let mut kc = KafkaConfig::new(kafka.bootstrap(), group, vec![topic.to_string()]);
-    kc.properties = properties;
-    kc.commit_interval = Duration::from_millis(500);
-    let bridge = Bridge::builder(kc, mqtt)
-        .client_id_suffix(suffix)
-        .start()
-        .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let thread = std::thread::spawn(move || bridge.run(&s).unwrap());
-    Running { stop, thread }
-}
-
-impl Running {
+impl RunningBridge for Running {
     fn stop(self) -> BridgeStats {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap()
+        self.thread.join().expect("bridge thread")
     }
 }
 
-fn records(n: usize, partitions: i32, tag: &str) -> (Vec<(i32, String, String)>, Vec<Expected>) {
-    // As in Kafka, a key lives on one partition (8 keys spread evenly).
-    let recs: Vec<_> = (0..n)
-        .map(|i| {
-            (
-                ((i % 8) as i32) % partitions,
-                format!("k{}", i % 8),
-                format!("{tag}-{i}"),
-            )
-        })
-        .collect();
-    let exp = recs
-        .iter()
-        .map(|(_, k, v)| Expected {
-            topic: format!("sensors/{k}"),
-            payload: Bytes::from(v.clone()),
-        })
-        .collect();
-    (recs, exp)
-}
+struct Blocking;
 
-#[test]
-fn bridge_delivers_and_commits_end_offsets() {
-    let kafka = MockKafka::start().unwrap();
-    kafka.create_topic("readings", 4).unwrap();
-    let (recs, expected) = records(2000, 4, "d");
-    kafka.produce("readings", &recs).unwrap();
-    let broker = Mosquitto::start(MosquittoOptions::default()).unwrap();
-    let sub = SyncSubscriber::start(broker.port, "sensors/#");
-    let b = run(
-        &kafka,
-        "g-deliver",
-        "readings",
-        config(broker.port, MqttVersion::V5, 1),
-        "a",
-    );
-    assert_eq!(sub.wait_for(2000, Duration::from_secs(60)), 2000);
-    let stats = b.stop();
-    assert_eq!(stats.consumed, 2000);
-    assert_eq!(
-        kafka.committed("g-deliver", "readings", 4).unwrap(),
-        vec![Some(500); 4]
-    );
-    let arrivals: Vec<_> = sub
-        .messages()
-        .into_iter()
-        .map(|m| (m.topic, m.payload))
-        .collect();
-    check(&expected, &arrivals, false).unwrap();
-}
-
-fn acl_broker(dir: &std::path::Path) -> Mosquitto {
-    std::fs::create_dir_all(dir).unwrap();
-    let acl = dir.join("acl");
-    std::fs::write(&acl, "topic read sensors/#\ntopic write sensors/ok/#\n").unwrap();
-    let _ = std::process::Command::new("chmod")
-        .arg("-R")
-        .arg("a+rX")
-        .arg(dir)
-        .status();
-    Mosquitto::start(MosquittoOptions {
-        extra: vec![format!("acl_file {}", acl.display())],
-        ..MosquittoOptions::default()
-    })
-    .unwrap()
-}
-
-#[test]
-fn acl_denied_publish_follows_the_error_policy() {
-    let kafka = MockKafka::start().unwrap();
-    let dir = std::env::temp_dir().join(format!("mqtt-sink-acl-{}", std::process::id()));
-    let broker = acl_broker(&dir);
-    for (i, policy) in [
-        ErrorPolicy::Skip,
-        ErrorPolicy::DeadLetter,
-        ErrorPolicy::Fail,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let topic = format!("acl-{i}");
-        kafka.create_topic(&topic, 1).unwrap();
-        kafka.create_topic(&format!("{topic}-dlq"), 1).unwrap();
-        let recs: Vec<_> = ["ok/1", "ok/2", "denied", "ok/3"]
-            .iter()
-            .map(|k| (0, k.to_string(), format!("{policy}-{k}")))
-            .collect();
-        kafka.produce(&topic, &recs).unwrap();
-        let sub = SyncSubscriber::start(broker.port, "sensors/#");
-        let mut mqtt = config(broker.port, MqttVersion::V5, 1);
-        mqtt.error_policy = policy;
-        if policy == ErrorPolicy::DeadLetter {
-            mqtt.dead_letter_topic = Some(format!("{topic}-dlq"));
-        }
-        let group = format!("g-acl-{i}");
-        let b = run(&kafka, &group, &topic, mqtt, "acl");
-        assert_eq!(sub.wait_for(3, Duration::from_secs(30)), 3, "{policy}");
-        // Let a few checkpoints pass (the fail policy rewinds and retries meanwhile).
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let want = if policy == ErrorPolicy::Fail {
-            Some(2)
-        } else {
-            Some(4)
-        };
-        while kafka.committed(&group, &topic, 1).unwrap()[0] != want
-            && std::time::Instant::now() < deadline
-        {
-            sub.wait_for(usize::MAX, Duration::from_millis(200));
-        }
-        let stats = b.stop();
-        let committed = kafka.committed(&group, &topic, 1).unwrap()[0];
-        assert_eq!(
-            committed, want,
-            "{policy}: committed {committed:?} ({stats:?})"
-        );
-        if policy == ErrorPolicy::Fail {
-            assert!(stats.rewinds >= 1, "{stats:?}");
-        }
-        if policy == ErrorPolicy::DeadLetter {
-            let dlq = kafka
-                .read_all(&format!("{topic}-dlq"), 1, Duration::from_secs(20))
-                .unwrap();
-            assert_eq!(
-                dlq,
-                vec![("denied".to_string(), "dead-letter-denied".to_string())]
-            );
-        }
-        let got: Vec<_> = sub.messages().into_iter().map(|m| m.topic).collect();
-        assert!(!got.contains(&"sensors/denied".to_string()));
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-#[test]
-fn two_bridges_share_a_group_and_hand_over_on_stop() {
-    // KIP-848, classic eager (range) and classic incremental (cooperative-sticky).
-    let protocols = [
-        ("consumer", fast_group_properties()),
-        ("eager", classic_group_properties("range")),
-        (
-            "cooperative",
-            classic_group_properties("cooperative-sticky"),
-        ),
-    ];
-    for (name, props) in protocols {
-        two_bridges(name, props);
+impl BridgeRuntime for Blocking {
+    type Running = Running;
+    fn start(kafka: KafkaConfig, mqtt: Config, suffix: &str) -> Running {
+        let bridge = Bridge::builder(kafka, mqtt)
+            .client_id_suffix(suffix)
+            .start()
+            .unwrap_or_else(|e| panic!("bridge: {e}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread =
+            std::thread::spawn(move || bridge.run(&s).unwrap_or_else(|e| panic!("bridge: {e}")));
+        Running { stop, thread }
     }
 }
 
-fn two_bridges(name: &str, props: std::collections::BTreeMap<String, String>) {
-    let kafka = MockKafka::start().unwrap();
-    kafka.create_topic("shared", 4).unwrap();
-    let broker = Mosquitto::start(MosquittoOptions::default()).unwrap();
-    let sub = SyncSubscriber::start(broker.port, "sensors/#");
-    let group = format!("g-two-{name}");
-    let (first, mut expected) = records(1000, 4, "one");
-    kafka.produce("shared", &first).unwrap();
-    let mqtt = || config(broker.port, MqttVersion::V311, 1);
-    let a = run_with(&kafka, &group, "shared", mqtt(), "a", props.clone());
-    assert_eq!(sub.wait_for(1000, Duration::from_secs(60)), 1000, "{name}");
-    let b = run_with(&kafka, &group, "shared", mqtt(), "b", props);
-    let (second, exp2) = records(1000, 4, "two");
-    kafka.produce("shared", &second).unwrap();
-    expected.extend(exp2);
-    // Stopping A hands its partitions to B after A committed them.
-    let stats_a = a.stop();
-    let (third, exp3) = records(1000, 4, "three");
-    kafka.produce("shared", &third).unwrap();
-    expected.extend(exp3);
-    let all = expected.len();
-    let want: Vec<Bytes> = expected.iter().map(|e| e.payload.clone()).collect();
-    assert_eq!(
-        sub.wait_for_all(&want, Duration::from_secs(90)),
-        all,
-        "{name}"
-    );
-    // B commits everything at its next checkpoint (a rebalance may delay it).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while kafka.committed(&group, "shared", 4).unwrap() != vec![Some(750); 4]
-        && std::time::Instant::now() < deadline
-    {
-        sub.wait_for(usize::MAX, Duration::from_millis(250));
-    }
-    let stats_b = b.stop();
-    assert_eq!(
-        kafka.committed(&group, "shared", 4).unwrap(),
-        vec![Some(750); 4],
-        "{name}: A {stats_a:?} B {stats_b:?}"
-    );
-    assert!(stats_b.consumed > 0, "{name}: B took part: {stats_b:?}");
-    assert!(stats_a.consumed + stats_b.consumed >= all as u64, "{name}");
-    let arrivals: Vec<_> = sub
-        .messages()
-        .into_iter()
-        .map(|m| (m.topic, m.payload))
-        .collect();
-    check(&expected, &arrivals, true).unwrap_or_else(|e| panic!("{name}: {e}"));
-}
+mqtt_sink_testkit::bridge_suite!(Blocking);

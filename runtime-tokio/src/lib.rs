@@ -4,9 +4,11 @@
 //! thin driver of [`mqtt_sink_core::Sink`]: one task moves socket bytes, records and time in
 //! and out of the core; every MQTT decision (packets, timeouts, resends) stays in the core.
 //!
-//! The Kafka `Bridge` (an rdkafka consumer in a group, checkpoints, rebalances) is still to
-//! come (the runtimes issue); today this crate is the library sink.
+//! [`Bridge`] consumes Kafka (a `StreamConsumer` in a consumer group) into an `MqttSink`,
+//! checkpointing (flush, then commit) on the core's schedule and on every revoke. It needs a
+//! multi-thread runtime (rebalance callbacks flush synchronously).
 
+pub mod bridge;
 mod transport;
 
 /// TLS client configuration (shared with the blocking runtime).
@@ -17,21 +19,25 @@ use std::time::Instant as StdInstant;
 
 use mqtt_sink_core::{
     CommitOffsets, ConfigErrors, ConnectFailure, Connected, Event, PushError, Record, RecordMapper,
-    Sink,
+    Sink, TopicPartition,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+pub use bridge::{Bridge, BridgeBuilder, BridgeError};
 pub use mqtt_sink_core as core;
 pub use mqtt_sink_core::Config;
+pub use mqtt_sink_core::{BridgeStats, KafkaConfig};
 
 use transport::{open, Stream};
 
 type SuccessFn = Box<dyn Fn(&Connected) + Send + Sync>;
 type FailureFn = Box<dyn Fn(&ConnectFailure) + Send + Sync>;
 type EventFn = Box<dyn Fn(&Event) + Send + Sync>;
+type DeadLetterFn =
+    Box<dyn Fn(&Record, &mqtt_sink_core::RejectReason) -> Result<(), String> + Send + Sync>;
 
 /// Errors of [`MqttSink`] operations.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +86,7 @@ pub struct MqttSinkBuilder {
     on_success: Option<SuccessFn>,
     on_failure: Option<FailureFn>,
     on_event: Option<EventFn>,
+    dead_letter: Option<DeadLetterFn>,
 }
 
 impl fmt::Debug for MqttSinkBuilder {
@@ -125,6 +132,18 @@ impl MqttSinkBuilder {
         self
     }
 
+    /// Produces dead letters (error policy `dead-letter`): called on the sink's task with
+    /// each rejected record; return `Ok` only once Kafka confirmed the produce. Without it,
+    /// dead-lettering fails the record (as the `fail` policy does).
+    #[must_use]
+    pub fn dead_letter(
+        mut self,
+        f: impl Fn(&Record, &mqtt_sink_core::RejectReason) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.dead_letter = Some(Box::new(f));
+        self
+    }
+
     /// Validates the config, then starts the sink's task on the current tokio runtime. It
     /// connects at once and reconnects with the core's backoff.
     pub fn start(self) -> Result<MqttSink, ConfigErrors> {
@@ -156,26 +175,124 @@ impl MqttSinkBuilder {
             on_success: self.on_success,
             on_failure: self.on_failure,
             on_event: self.on_event,
+            dead_letter: self.dead_letter,
+            room_waiters: Vec::new(),
             flush_waiters: Vec::new(),
             flush_queued: Vec::new(),
             close_waiter: None,
         };
         let task = tokio::spawn(driver.run());
-        Ok(MqttSink { tx, task })
+        Ok(MqttSink {
+            client: SinkClient { tx },
+            task,
+        })
     }
 }
 
 enum Cmd {
     Send(Record, oneshot::Sender<Result<(), SinkError>>),
+    TrySend(Record, oneshot::Sender<Result<(), TrySendError>>),
+    Room(oneshot::Sender<()>),
+    Assign(Vec<(TopicPartition, Option<i64>)>, oneshot::Sender<()>),
+    Revoke(Vec<TopicPartition>, oneshot::Sender<()>),
+    Committed(CommitOffsets),
+    Rewind(oneshot::Sender<CommitOffsets>),
     Flush(oneshot::Sender<Result<CommitOffsets, SinkError>>),
     Close(oneshot::Sender<()>),
+}
+
+/// `try_send` could not take the record.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum TrySendError {
+    /// The buffer is full: here is the record back; await [`SinkClient::room`] and retry.
+    Full(Record),
+    /// Refused for good (closed sink, offset out of order).
+    Refused(SinkError),
+}
+
+/// A cloneable handle to a running sink.
+#[derive(Debug, Clone)]
+pub struct SinkClient {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl SinkClient {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, SinkError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| SinkError::Closed)?;
+        rx.await.map_err(|_| SinkError::Closed)
+    }
+
+    /// Hands a record to the sink. Waits while the sink's buffer is full: this is the
+    /// backpressure. Records sent while the broker is unreachable are queued (bounded) and
+    /// published after it returns.
+    pub async fn send(&self, record: Record) -> Result<(), SinkError> {
+        self.call(|tx| Cmd::Send(record, tx)).await?
+    }
+
+    /// Like [`send`](Self::send) but returns the record at once when the buffer is full.
+    pub async fn try_send(&self, record: Record) -> Result<(), TrySendError> {
+        match self.call(|tx| Cmd::TrySend(record, tx)).await {
+            Ok(r) => r,
+            Err(e) => Err(TrySendError::Refused(e)),
+        }
+    }
+
+    /// Resolves when the buffer has room (cancellation-safe).
+    pub async fn room(&self) -> Result<(), SinkError> {
+        self.call(Cmd::Room).await
+    }
+
+    /// Waits until every record sent before this call is acknowledged (or handled by the
+    /// error policy), at most `flush_timeout`; returns the positions to commit.
+    pub async fn flush(&self) -> Result<CommitOffsets, SinkError> {
+        self.call(Cmd::Flush).await?
+    }
+
+    /// Kafka assigned these partitions (with their committed positions, if known).
+    pub async fn assign(
+        &self,
+        partitions: Vec<(TopicPartition, Option<i64>)>,
+    ) -> Result<(), SinkError> {
+        self.call(|tx| Cmd::Assign(partitions, tx)).await
+    }
+
+    /// Kafka revoked these partitions (flush and commit them first).
+    pub async fn revoke(&self, partitions: Vec<TopicPartition>) -> Result<(), SinkError> {
+        self.call(|tx| Cmd::Revoke(partitions, tx)).await
+    }
+
+    /// Kafka confirmed a commit of these positions.
+    pub async fn committed(&self, offsets: CommitOffsets) -> Result<(), SinkError> {
+        self.tx
+            .send(Cmd::Committed(offsets))
+            .await
+            .map_err(|_| SinkError::Closed)
+    }
+
+    /// After a failed flush: forgets what was not committed and returns the positions to
+    /// seek the consumer to.
+    pub async fn rewind(&self) -> Result<CommitOffsets, SinkError> {
+        self.call(Cmd::Rewind).await
+    }
 }
 
 /// A running sink: send records, flush, close.
 #[derive(Debug)]
 pub struct MqttSink {
-    tx: mpsc::Sender<Cmd>,
+    client: SinkClient,
     task: JoinHandle<()>,
+}
+
+impl std::ops::Deref for MqttSink {
+    type Target = SinkClient;
+    fn deref(&self) -> &SinkClient {
+        &self.client
+    }
 }
 
 impl MqttSink {
@@ -187,36 +304,19 @@ impl MqttSink {
             on_success: None,
             on_failure: None,
             on_event: None,
+            dead_letter: None,
         }
     }
 
-    /// Hands a record to the sink. Waits while the sink's buffer is full: this is the
-    /// backpressure. Records sent while the broker is unreachable are queued (bounded) and
-    /// published after it returns.
-    pub async fn send(&self, record: Record) -> Result<(), SinkError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Send(record, tx))
-            .await
-            .map_err(|_| SinkError::Closed)?;
-        rx.await.map_err(|_| SinkError::Closed)?
-    }
-
-    /// Waits until every record sent before this call is acknowledged (or handled by the
-    /// error policy), at most `flush_timeout`; returns the positions to commit.
-    pub async fn flush(&self) -> Result<CommitOffsets, SinkError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Flush(tx))
-            .await
-            .map_err(|_| SinkError::Closed)?;
-        rx.await.map_err(|_| SinkError::Closed)?
+    /// A cloneable handle (for a rebalance callback, say).
+    pub fn client(&self) -> SinkClient {
+        self.client.clone()
     }
 
     /// Sends DISCONNECT and stops the task. Flush first: unacknowledged records are dropped.
     pub async fn close(self) -> Result<(), SinkError> {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Cmd::Close(tx)).await.is_ok() {
+        if self.client.tx.send(Cmd::Close(tx)).await.is_ok() {
             let _ = rx.await;
         }
         self.task.await.map_err(|_| SinkError::Closed)
@@ -232,6 +332,8 @@ struct Driver {
     on_success: Option<SuccessFn>,
     on_failure: Option<FailureFn>,
     on_event: Option<EventFn>,
+    dead_letter: Option<DeadLetterFn>,
+    room_waiters: Vec<oneshot::Sender<()>>,
     flush_waiters: Vec<oneshot::Sender<Result<CommitOffsets, SinkError>>>,
     flush_queued: Vec<oneshot::Sender<Result<CommitOffsets, SinkError>>>,
     close_waiter: Option<oneshot::Sender<()>>,
@@ -303,6 +405,11 @@ impl Driver {
                 }
                 if !any {
                     break;
+                }
+            }
+            if !self.room_waiters.is_empty() && !self.sink.is_full() {
+                for w in self.room_waiters.drain(..) {
+                    let _ = w.send(());
                 }
             }
             if close_after_write {
@@ -395,6 +502,31 @@ impl Driver {
                             Err(PushError::Full(r)) => blocked = Some((r, reply)),
                             Err(e) => { let _ = reply.send(Err(SinkError::Push(e.to_string()))); }
                         },
+                        Some(Cmd::TrySend(r, reply)) => {
+                            let result = match self.sink.push_record(now, r) {
+                                Ok(()) => Ok(()),
+                                Err(PushError::Full(r)) => Err(TrySendError::Full(r)),
+                                Err(e) => Err(TrySendError::Refused(SinkError::Push(e.to_string()))),
+                            };
+                            let _ = reply.send(result);
+                        }
+                        Some(Cmd::Room(reply)) => self.room_waiters.push(reply),
+                        Some(Cmd::Assign(parts, reply)) => {
+                            for (tp, committed) in parts {
+                                self.sink.assign(tp, committed);
+                            }
+                            let _ = reply.send(());
+                        }
+                        Some(Cmd::Revoke(parts, reply)) => {
+                            for tp in &parts {
+                                self.sink.revoke(tp);
+                            }
+                            let _ = reply.send(());
+                        }
+                        Some(Cmd::Committed(offsets)) => self.sink.handle_committed(&offsets),
+                        Some(Cmd::Rewind(reply)) => {
+                            let _ = reply.send(self.sink.rewind());
+                        }
                         Some(Cmd::Flush(reply)) => {
                             if self.sink.is_flushing() {
                                 self.flush_queued.push(reply);
@@ -458,12 +590,18 @@ impl Driver {
                     now,
                 );
             }
-            Event::DeadLetter { record, .. } => {
-                // The library sink has no Kafka producer; the Bridge does.
-                self.sink.handle_dead_letter_failed(
-                    &record.coords(),
-                    "MqttSink has no dead-letter producer; use the Kafka Bridge for error_policy = \"dead-letter\"",
-                );
+            Event::DeadLetter { record, reason } => {
+                let coords = record.coords();
+                match &self.dead_letter {
+                    Some(produce) => match produce(record, reason) {
+                        Ok(()) => self.sink.handle_dead_lettered(&coords),
+                        Err(e) => self.sink.handle_dead_letter_failed(&coords, e),
+                    },
+                    None => self.sink.handle_dead_letter_failed(
+                        &coords,
+                        "no dead-letter producer: use the Kafka Bridge (or MqttSinkBuilder::dead_letter) with error_policy = \"dead-letter\"",
+                    ),
+                }
             }
             _ => {}
         }

@@ -3,6 +3,7 @@
 //!
 //! Everything here is sans-IO and seeded: a test is a pure function of its seed.
 
+pub mod bridge_suite;
 pub mod broker;
 pub mod certs;
 pub mod checker;
