@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 
 use mqtt_sink_blocking::Bridge;
 use mqtt_sink_core::{BridgeStats, Config, KafkaConfig};
-use mqtt_sink_testkit::bridge_suite::{BridgeRuntime, RunningBridge};
+use mqtt_sink_testkit::bridge_suite::{BridgeRuntime, RunningBridge, Transform};
 
 struct Running {
     stop: Arc<AtomicBool>,
@@ -24,11 +24,17 @@ struct Blocking;
 
 impl BridgeRuntime for Blocking {
     type Running = Running;
-    fn start(kafka: KafkaConfig, mqtt: Config, suffix: &str) -> Running {
-        let bridge = Bridge::builder(kafka, mqtt)
-            .client_id_suffix(suffix)
-            .start()
-            .unwrap_or_else(|e| panic!("bridge: {e}"));
+    fn start_with(
+        kafka: KafkaConfig,
+        mqtt: Config,
+        suffix: &str,
+        transform: Option<Transform>,
+    ) -> Running {
+        let mut b = Bridge::builder(kafka, mqtt).client_id_suffix(suffix);
+        if let Some(t) = transform {
+            b = b.transform(t);
+        }
+        let bridge = b.start().unwrap_or_else(|e| panic!("bridge: {e}"));
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread =

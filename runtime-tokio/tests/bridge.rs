@@ -1,7 +1,7 @@
 //! The shared bridge suite (testkit) for the tokio `Bridge` (StreamConsumer).
 
 use mqtt_sink_core::{BridgeStats, Config, KafkaConfig};
-use mqtt_sink_testkit::bridge_suite::{BridgeRuntime, RunningBridge};
+use mqtt_sink_testkit::bridge_suite::{BridgeRuntime, RunningBridge, Transform};
 use mqtt_sink_tokio::Bridge;
 
 struct Running {
@@ -21,7 +21,12 @@ struct Tokio;
 
 impl BridgeRuntime for Tokio {
     type Running = Running;
-    fn start(kafka: KafkaConfig, mqtt: Config, suffix: &str) -> Running {
+    fn start_with(
+        kafka: KafkaConfig,
+        mqtt: Config,
+        suffix: &str,
+        transform: Option<Transform>,
+    ) -> Running {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -29,10 +34,11 @@ impl BridgeRuntime for Tokio {
             .expect("tokio runtime");
         let bridge = {
             let _guard = rt.enter();
-            Bridge::builder(kafka, mqtt)
-                .client_id_suffix(suffix)
-                .start()
-                .unwrap_or_else(|e| panic!("bridge: {e}"))
+            let mut b = Bridge::builder(kafka, mqtt).client_id_suffix(suffix);
+            if let Some(t) = transform {
+                b = b.transform(t);
+            }
+            b.start().unwrap_or_else(|e| panic!("bridge: {e}"))
         };
         let (stop, rx) = tokio::sync::oneshot::channel();
         let task = rt.spawn(async move {

@@ -26,8 +26,21 @@ pub trait BridgeRuntime {
     /// Its running bridge.
     type Running: RunningBridge;
     /// Starts a bridge with this MQTT client-id suffix.
-    fn start(kafka: KafkaConfig, mqtt: Config, suffix: &str) -> Self::Running;
+    fn start(kafka: KafkaConfig, mqtt: Config, suffix: &str) -> Self::Running {
+        Self::start_with(kafka, mqtt, suffix, None)
+    }
+    /// Starts a bridge with a per-record transform.
+    fn start_with(
+        kafka: KafkaConfig,
+        mqtt: Config,
+        suffix: &str,
+        transform: Option<Transform>,
+    ) -> Self::Running;
 }
+
+/// A per-record transform for [`BridgeRuntime::start_with`].
+pub type Transform =
+    Box<dyn FnMut(mqtt_sink_core::Record) -> Option<mqtt_sink_core::Record> + Send>;
 
 fn run<R: BridgeRuntime>(
     kafka: &MockKafka,
@@ -258,6 +271,69 @@ fn two_bridges<R: BridgeRuntime>(name: &str, props: BTreeMap<String, String>) {
     check(&expected, &arrivals, true).unwrap_or_else(|e| panic!("{name}: {e}"));
 }
 
+/// A sink whose buffer holds 10 records stays full: the bridge pauses and resumes its
+/// partitions throughout, and a transform drops every tenth record (whose offsets still
+/// pass). Everything kept arrives; the end offsets are committed.
+pub fn full_sink_pauses_and_transform_filters<R: BridgeRuntime>() {
+    let kafka = MockKafka::start().expect("test fixture");
+    kafka.create_topic("pressure", 4).expect("test fixture");
+    let (recs, expected) = records(400, 4, "p");
+    kafka.produce("pressure", &recs).expect("test fixture");
+    let broker = Mosquitto::start(MosquittoOptions::default()).expect("test fixture");
+    let sub = SyncSubscriber::start(broker.port, "sensors/#");
+    let mut mqtt = config(broker.port, MqttVersion::V5, 1);
+    mqtt.max_buffered_records = 10;
+    mqtt.max_inflight = 5;
+    let mut kc = KafkaConfig::new(
+        kafka.bootstrap(),
+        "g-pressure",
+        vec!["pressure".to_string()],
+    );
+    kc.properties = fast_group_properties();
+    kc.commit_interval = Duration::from_millis(500);
+    let drop_every_tenth: Transform = Box::new(|r| {
+        let n: usize = std::str::from_utf8(r.value.as_deref().unwrap_or_default())
+            .ok()
+            .and_then(|v| v.strip_prefix("p-"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        (n % 10 != 0).then_some(r)
+    });
+    let b = R::start_with(kc, mqtt, "pressure", Some(drop_every_tenth));
+    let kept: Vec<Expected> = expected
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % 10 != 0)
+        .map(|(_, e)| e)
+        .collect();
+    let want: Vec<Bytes> = kept.iter().map(|e| e.payload.clone()).collect();
+    assert_eq!(sub.wait_for_all(&want, Duration::from_secs(90)), kept.len());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while kafka
+        .committed("g-pressure", "pressure", 4)
+        .expect("test fixture")
+        != vec![Some(100); 4]
+        && std::time::Instant::now() < deadline
+    {
+        sub.wait_for(usize::MAX, Duration::from_millis(250));
+    }
+    let stats = b.stop();
+    assert_eq!(
+        kafka
+            .committed("g-pressure", "pressure", 4)
+            .expect("test fixture"),
+        vec![Some(100); 4],
+        "{stats:?}"
+    );
+    assert_eq!(stats.filtered, 40, "{stats:?}");
+    let arrivals: Vec<_> = sub
+        .messages()
+        .into_iter()
+        .map(|m| (m.topic, m.payload))
+        .collect();
+    check(&kept, &arrivals, false).unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Expands to one `#[test]` per bridge case for the runtime type `$rt`.
 #[macro_export]
 macro_rules! bridge_suite {
@@ -269,6 +345,10 @@ macro_rules! bridge_suite {
         #[test]
         fn acl_denied_publish_follows_the_error_policy() {
             $crate::bridge_suite::acl_denied_publish_follows_the_error_policy::<$rt>();
+        }
+        #[test]
+        fn full_sink_pauses_and_transform_filters() {
+            $crate::bridge_suite::full_sink_pauses_and_transform_filters::<$rt>();
         }
         #[test]
         fn two_bridges_share_a_group_and_hand_over_on_stop() {
