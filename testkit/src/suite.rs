@@ -379,6 +379,18 @@ pub fn tls_server_auth_and_mutual_tls<R: Runtime>() {
         );
         assert!(text.contains("TLS"), "{text}");
         sink.close().expect("close");
+        // The explicitly named insecure option (tests only): any certificate is accepted.
+        let mut insecure = tls_cfg(&pki.wrong_ca, mutual);
+        insecure.tls_ca_file = None;
+        insecure.tls_insecure_skip_verify = true;
+        let (sink, _e) = start::<R>(insecure, None);
+        sink.send(record("readings", 1, 0, "tls", "insecure"))
+            .expect("send");
+        assert_eq!(
+            sink.flush().expect("flush with verification off"),
+            vec![(TopicPartition::new("readings", 1), 1)]
+        );
+        sink.close().expect("close");
         if mutual {
             // No client certificate: the broker refuses the handshake.
             let (sink, events) = start::<R>(tls_cfg(&pki.ca, false), None);
