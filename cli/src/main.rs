@@ -1,11 +1,245 @@
-//! The `mqtt-sink` daemon.
+//! `mqtt-sink`: the Kafka-to-MQTT daemon.
 //!
-//! **Placeholder.** The daemon (`run`, `check`, `demo`) is built by the daemon issue; for now
-//! the binary only validates a TOML config so that the workspace has its final shape.
+//! ```text
+//! mqtt-sink run   --config sink.toml [--runtime tokio|blocking]
+//! mqtt-sink check --config sink.toml
+//! ```
+//!
+//! Exit codes: 0 stopped cleanly; 1 failed while running (Kafka or MQTT setup); 2 bad
+//! command line or configuration (nothing was connected); 3 `check` found a problem;
+//! 130 a second SIGINT/SIGTERM cut a graceful stop short.
 
-fn main() {
-    eprintln!(
-        "mqtt-sink: the daemon is not built yet (see README.md); only the library core exists"
+mod config;
+mod http;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mqtt_sink_core::{Event, LostReason};
+
+use config::DaemonConfig;
+use http::Metrics;
+
+#[derive(Parser, Debug)]
+#[command(name = "mqtt-sink", version, about = "Kafka to MQTT, no record lost")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Consume Kafka and publish to MQTT until SIGINT/SIGTERM.
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The driver: tokio (default) or plain threads.
+        #[arg(long, value_enum, default_value_t = Runtime::Tokio)]
+        runtime: Runtime,
+    },
+    /// Validate the config only (connection checks come with the daemon issue).
+    Check {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Runtime {
+    Tokio,
+    Blocking,
+}
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+const EXIT_SECOND_SIGNAL: i32 = 130;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    match cli.command {
+        Command::Check { config } => match config::load(&config, &env) {
+            Ok(cfg) => {
+                println_out(&format!(
+                    "config ok: Kafka {} group {} topics {:?} -> MQTT {}:{} (v{}, QoS {}, TLS {})",
+                    cfg.kafka.brokers,
+                    cfg.kafka.group_id,
+                    cfg.kafka.topics,
+                    cfg.mqtt.server,
+                    cfg.mqtt.port,
+                    cfg.mqtt.version,
+                    cfg.mqtt.qos,
+                    if cfg.mqtt.tls_enabled { "on" } else { "off" }
+                ));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config, runtime } => {
+            let cfg = match config::load(&config, &env) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_logging(&cfg);
+            run(cfg, runtime)
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn println_out(s: &str) {
+    println!("{s}");
+}
+
+fn init_logging(cfg: &DaemonConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Logs a core event (per-record acknowledgements only at debug level).
+fn log_event(e: &Event) {
+    match e {
+        Event::RecordAcknowledged(_) => tracing::trace!("{e}"),
+        Event::OpenTransport | Event::CloseTransport => tracing::debug!("{e}"),
+        Event::Connected(_) | Event::FlushCompleted { .. } | Event::Closed => tracing::info!("{e}"),
+        Event::ConnectionLost(LostReason::AckTimeout { .. }) => tracing::warn!("{e}"),
+        Event::ConnectFailed(_)
+        | Event::ConnectionLost(_)
+        | Event::RecordRejected { .. }
+        | Event::DeadLetter { .. }
+        | Event::FlushFailed { .. }
+        | Event::FlushTimedOut { .. } => tracing::warn!("{e}"),
+        _ => tracing::info!("{e}"),
+    }
+}
+
+/// SIGINT/SIGTERM set `stop`; a second one exits at once with 130.
+fn install_signals(stop: &Arc<AtomicBool>) -> Result<(), String> {
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, EXIT_SECOND_SIGNAL, stop.clone())
+            .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
+            .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    }
+    Ok(())
+}
+
+fn run(cfg: DaemonConfig, runtime: Runtime) -> ExitCode {
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Err(e) = install_signals(&stop) {
+        tracing::error!("{e}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    tracing::info!(
+        runtime = ?runtime,
+        kafka = %cfg.kafka.brokers,
+        group = %cfg.kafka.group_id,
+        topics = ?cfg.kafka.topics,
+        mqtt = %format!("{}:{}", cfg.mqtt.server, cfg.mqtt.port),
+        "mqtt-sink starting"
     );
-    std::process::exit(2);
+    let metrics = Arc::new(Metrics::default());
+    if !cfg.http.listen.is_empty() {
+        if let Err(e) = http::serve(&cfg.http.listen, metrics.clone()) {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        tracing::info!("metrics on http://{}/metrics", cfg.http.listen);
+    }
+    let result = match runtime {
+        Runtime::Blocking => run_blocking(cfg, &stop, metrics),
+        Runtime::Tokio => run_tokio(cfg, stop.clone(), metrics),
+    };
+    match result {
+        Ok(stats) => {
+            tracing::info!(
+                consumed = stats.consumed,
+                commits = stats.commits,
+                rewinds = stats.rewinds,
+                committed = ?stats.committed,
+                "mqtt-sink stopped"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn observer(metrics: Arc<Metrics>) -> impl Fn(&Event) + Send + Sync + 'static {
+    move |e| {
+        metrics.observe(e);
+        log_event(e);
+    }
+}
+
+fn run_blocking(
+    cfg: DaemonConfig,
+    stop: &AtomicBool,
+    metrics: Arc<Metrics>,
+) -> Result<mqtt_sink_core::BridgeStats, String> {
+    let obs = observer(metrics.clone());
+    let bridge = mqtt_sink_blocking::Bridge::builder(cfg.kafka, cfg.mqtt)
+        .sink(move |s| s.on_event(obs))
+        .start()
+        .map_err(|e| e.to_string())?;
+    metrics.attach(bridge.stats_handle());
+    bridge.run(stop).map_err(|e| e.to_string())
+}
+
+fn run_tokio(
+    cfg: DaemonConfig,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> Result<mqtt_sink_core::BridgeStats, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
+    rt.block_on(async move {
+        let obs = observer(metrics.clone());
+        let bridge = mqtt_sink_tokio::Bridge::builder(cfg.kafka, cfg.mqtt)
+            .sink(move |s| s.on_event(obs))
+            .start()
+            .map_err(|e| e.to_string())?;
+        metrics.attach(bridge.stats_handle());
+        let stopped = async move {
+            // The signal handler sets the flag; check it a few times a second.
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        };
+        bridge.run(stopped).await.map_err(|e| e.to_string())
+    })
 }

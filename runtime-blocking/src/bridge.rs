@@ -106,6 +106,22 @@ impl ConsumerContext for Ctx {
     }
 }
 
+/// Reads a running bridge's stats.
+#[derive(Debug, Clone)]
+pub struct StatsHandle(Arc<Mutex<BridgeFlow>>);
+
+impl StatsHandle {
+    /// A handle on a flow (for other runtimes' bridges).
+    pub fn new(flow: Arc<Mutex<BridgeFlow>>) -> Self {
+        Self(flow)
+    }
+
+    /// The stats now.
+    pub fn snapshot(&self) -> BridgeStats {
+        self.0.lock().map(|f| f.stats.clone()).unwrap_or_default()
+    }
+}
+
 /// Builds a [`Bridge`].
 pub struct BridgeBuilder {
     kafka: KafkaConfig,
@@ -239,6 +255,11 @@ impl Bridge {
             transform: None,
             client_id_suffix: None,
         }
+    }
+
+    /// A handle that reads the bridge's stats while it runs (for metrics).
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle::new(self.flow.clone())
     }
 
     fn flow(&self) -> std::sync::MutexGuard<'_, BridgeFlow> {

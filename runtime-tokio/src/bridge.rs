@@ -21,6 +21,7 @@ use rdkafka::{ClientContext, Offset};
 
 use crate::{MqttSink, MqttSinkBuilder, SinkClient, SinkError, TrySendError};
 
+pub use mqtt_sink_blocking::bridge::StatsHandle;
 pub use mqtt_sink_blocking::BridgeError;
 
 type TransformFn = Box<dyn FnMut(Record) -> Option<Record> + Send>;
@@ -232,6 +233,11 @@ impl Bridge {
             transform: None,
             client_id_suffix: None,
         }
+    }
+
+    /// A handle that reads the bridge's stats while it runs (for metrics).
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle::new(self.flow.clone())
     }
 
     fn flow(&self) -> std::sync::MutexGuard<'_, BridgeFlow> {

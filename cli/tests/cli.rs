@@ -1,0 +1,342 @@
+//! The `mqtt-sink` binary, driven as users drive it.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mqtt_sink_testkit::kafka::MockKafka;
+use mqtt_sink_testkit::mosquitto::{free_port, Mosquitto, MosquittoOptions};
+use mqtt_sink_testkit::subscriber::SyncSubscriber;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mqtt-sink"))
+}
+
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "mqtt-sink-cli-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write(d: &Path, name: &str, text: &str) -> PathBuf {
+    let p = d.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const GOOD: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+group_id = "g"
+topics = ["readings"]
+
+[mqtt]
+client_id = "sink"
+server = "127.0.0.1"
+port = 1883
+topic_root = "sensors"
+tls_enabled = false
+username = "user"
+password = "s3cret-value"
+"#;
+
+fn run_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = bin();
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let d = dir();
+    let cfg = write(&d, "good.toml", GOOD);
+    let o = run_with(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("config ok") && !out.contains("s3cret"),
+        "{out}"
+    );
+}
+
+#[test]
+fn each_kind_of_mistake_names_the_key_and_exits_2() {
+    let d = dir();
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unknown key",
+            GOOD.replace("topic_root", "topic_roots"),
+            "topic_roots",
+        ),
+        (
+            "bad value",
+            GOOD.replace("port = 1883", "port = 1883\nqos = 3"),
+            "mqtt.qos = 3: must be 0, 1 or 2",
+        ),
+        (
+            "bad type",
+            GOOD.replace("port = 1883", "port = \"ten\""),
+            "port",
+        ),
+        (
+            "missing section",
+            GOOD.replace("[kafka]", "[kafkaa]"),
+            "kafka",
+        ),
+        (
+            "bad duration",
+            GOOD.replace(
+                "tls_enabled = false",
+                "tls_enabled = false\nflush_timeout = \"ten\"",
+            ),
+            "flush_timeout",
+        ),
+        (
+            "version",
+            GOOD.replace(
+                "tls_enabled = false",
+                "tls_enabled = false\nversion = \"4.2\"",
+            ),
+            "\"3.1\", \"3.1.1\" or \"5\"",
+        ),
+        (
+            "auto commit",
+            GOOD.replace(
+                "topics = [\"readings\"]",
+                "topics = [\"readings\"]\n[kafka.properties]\n\"enable.auto.commit\" = true",
+            ),
+            "kafka.properties.enable.auto.commit",
+        ),
+        (
+            "syntax",
+            GOOD.replace("group_id = \"g\"", "group_id = \"g"),
+            "config line",
+        ),
+        (
+            "empty topics",
+            GOOD.replace("topics = [\"readings\"]", "topics = []"),
+            "kafka.topics",
+        ),
+    ];
+    for (what, text, needle) in cases {
+        let cfg = write(&d, "bad.toml", &text);
+        for cmd in ["check", "run"] {
+            let o = run_with(&[cmd, "--config", cfg.to_str().unwrap()], &[]);
+            assert_eq!(o.status.code(), Some(2), "{what} ({cmd}): {}", stderr(&o));
+            let e = stderr(&o);
+            assert!(
+                e.contains(needle),
+                "{what} ({cmd}): expected {needle:?} in:\n{e}"
+            );
+            assert!(!e.contains("s3cret"), "{what}: the password leaked:\n{e}");
+        }
+    }
+    let o = run_with(&["check", "--config", "/nonexistent/sink.toml"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("/nonexistent/sink.toml"));
+    let o = run_with(&["run"], &[]);
+    assert_eq!(o.status.code(), Some(2), "usage error");
+}
+
+#[test]
+fn environment_overrides_and_secret_files() {
+    let d = dir();
+    let cfg = write(&d, "good.toml", GOOD);
+    let o = run_with(
+        &["check", "--config", cfg.to_str().unwrap()],
+        &[
+            ("MQTT_SINK_MQTT_QOS", "3"),
+            ("MQTT_SINK_MQTT_PASSWORD", "env-secret"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("mqtt.qos = 3"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("env-secret"));
+    let o = run_with(
+        &["check", "--config", cfg.to_str().unwrap()],
+        &[("MQTT_SINK_MQTT_PORT", "8883")],
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(":8883"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run_with(
+        &["check", "--config", cfg.to_str().unwrap()],
+        &[("MQTT_SINK_NOPE_X", "1")],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("MQTT_SINK_NOPE_X"), "{}", stderr(&o));
+    // password_file: read, and a missing file is named.
+    let with_file = GOOD.replace("password = \"s3cret-value\"", "password_file = \"pw.txt\"");
+    let cfg = write(&d, "file.toml", &with_file);
+    let o = run_with(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("mqtt.password_file") && stderr(&o).contains("pw.txt"),
+        "{}",
+        stderr(&o)
+    );
+    write(&d, "pw.txt", "from-file\n");
+    let o = run_with(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    let code = r.split_whitespace().nth(1)?.parse().ok()?;
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((code, body))
+}
+
+fn metric(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn run_delivers_serves_metrics_and_stops_cleanly_on_sigterm() {
+    for runtime in ["tokio", "blocking"] {
+        let kafka = MockKafka::start().unwrap();
+        kafka.create_topic("readings", 2).unwrap();
+        let n = 500;
+        let recs: Vec<_> = (0..n)
+            .map(|i| (i % 2, format!("k{}", i % 2), format!("{runtime}-{i}")))
+            .collect();
+        kafka.produce("readings", &recs).unwrap();
+        let broker = Mosquitto::start(MosquittoOptions::default()).unwrap();
+        let sub = SyncSubscriber::start(broker.port, "sensors/#");
+        let http = format!("127.0.0.1:{}", free_port());
+        let d = dir();
+        let cfg = write(
+            &d,
+            "run.toml",
+            &format!(
+                r#"
+[kafka]
+brokers = "{}"
+group_id = "cli-{runtime}"
+topics = ["readings"]
+commit_interval = "500ms"
+[kafka.properties]
+"group.protocol" = "consumer"
+"auto.offset.reset" = "earliest"
+
+[mqtt]
+client_id = "cli-sink"
+server = "127.0.0.1"
+port = {}
+topic_root = "sensors"
+tls_enabled = false
+version = "5"
+
+[http]
+listen = "{http}"
+
+[log]
+format = "json"
+"#,
+                kafka.bootstrap(),
+                broker.port
+            ),
+        );
+        let log = std::fs::File::create(d.join("stderr.log")).unwrap();
+        let mut child = bin()
+            .args([
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--runtime",
+                runtime,
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let want: Vec<Bytes> = recs
+            .iter()
+            .map(|(_, _, v)| Bytes::from(v.clone()))
+            .collect();
+        let got = sub.wait_for_all(&want, Duration::from_secs(60));
+        let logs = || std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default();
+        assert_eq!(got, n as usize, "{runtime}: {}", logs());
+        // /metrics parses and agrees with the subscriber; the sink is ready.
+        // The subscriber may see a message before its PUBACK reaches the sink: wait (bounded)
+        // for the counter to catch up.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (code, body) = loop {
+            let r = http_get(&http, "/metrics").expect("metrics endpoint");
+            if metric(&r.1, "mqtt_sink_records_acknowledged_total") == Some(n as u64)
+                || Instant::now() > deadline
+            {
+                break r;
+            }
+            sub.wait_for(usize::MAX, Duration::from_millis(100));
+        };
+        assert_eq!(code, 200);
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let mut parts = line.rsplitn(2, ' ');
+            let value = parts.next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "not Prometheus text: {line}");
+        }
+        assert_eq!(
+            metric(&body, "mqtt_sink_records_acknowledged_total"),
+            Some(n as u64),
+            "{body}"
+        );
+        assert_eq!(
+            metric(&body, "mqtt_sink_records_consumed_total"),
+            Some(n as u64),
+            "{body}"
+        );
+        assert_eq!(http_get(&http, "/healthz").map(|r| r.0), Some(200));
+        assert_eq!(http_get(&http, "/readyz").map(|r| r.0), Some(200));
+        // SIGTERM: flush, commit, DISCONNECT, exit 0 within the flush timeout.
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{runtime}: no exit within 15 s after SIGTERM"
+            );
+            sub.wait_for(usize::MAX, Duration::from_millis(100));
+        };
+        assert_eq!(status.code(), Some(0), "{runtime}: {}", logs());
+        assert_eq!(
+            kafka
+                .committed(&format!("cli-{runtime}"), "readings", 2)
+                .unwrap(),
+            vec![Some(250), Some(250)]
+        );
+        let l = logs();
+        assert!(
+            l.contains("mqtt-sink stopped") && l.contains("\"level\""),
+            "json logs: {l}"
+        );
+    }
+}
