@@ -340,3 +340,28 @@ format = "json"
         );
     }
 }
+
+#[test]
+fn every_example_config_is_valid() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        n += 1;
+        // Secret files are deployment-specific: supply the password through the environment.
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("password_file = \"/run/secrets/mqtt-password\"", "");
+        let d = dir();
+        let cfg = write(&d, "example.toml", &text);
+        let o = run_with(
+            &["check", "--config", cfg.to_str().unwrap()],
+            &[("MQTT_SINK_MQTT_PASSWORD", "x")],
+        );
+        assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
+    }
+    assert_eq!(n, 5, "five example configs");
+}
