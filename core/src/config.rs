@@ -227,6 +227,38 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
+/// Which Kafka headers become MQTT 5 user properties.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum HeaderSelection {
+    /// None.
+    #[default]
+    None,
+    /// Every header (a header with a non-UTF-8 value is skipped).
+    All,
+    /// Only these names.
+    Only(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for HeaderSelection {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            List(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "none" => Ok(Self::None),
+            Raw::Word(w) if w == "all" => Ok(Self::All),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "{w:?} is not allowed: use \"none\", \"all\" or a list of header names"
+            ))),
+            Raw::List(l) => Ok(Self::Only(l)),
+        }
+    }
+}
+
 /// The largest packet MQTT can express: a 268,435,455-byte remaining length plus a
 /// 5-byte fixed header.
 pub const MAX_MQTT_PACKET: u32 = 268_435_460;
@@ -248,6 +280,24 @@ pub struct Config {
     pub port: u16,
     /// Root of the published topics: a record goes to `{topic_root}/{key}`.
     pub topic_root: String,
+    /// A topic template instead of `{topic_root}/{key}`, e.g.
+    /// `"plant/{topic}/{header:site}/{key}"`. Placeholders: `{key}`, `{topic}` (Kafka topic),
+    /// `{partition}`, `{header:NAME}`, `{json:FIELD}` (a field of a JSON value; dots for
+    /// nesting, e.g. `{json:device.id}`). It must start with static text.
+    #[serde(default)]
+    pub topic_template: Option<String>,
+    /// Escape `/`, `+` and `#` in placeholder values (as `%2F`, `%2B`, `%23`) instead of
+    /// letting a `/` in a key add topic levels (the Quix behaviour). Default: false.
+    #[serde(default)]
+    pub escape_placeholders: bool,
+    /// MQTT 5: Kafka headers as user properties: `"none"` (default), `"all"`, or a list of
+    /// header names.
+    #[serde(default)]
+    pub headers_as_user_properties: HeaderSelection,
+    /// MQTT 5: add `kafka.topic`, `kafka.partition`, `kafka.offset` user properties, so that
+    /// subscribers can drop duplicates. Default: false.
+    #[serde(default)]
+    pub coordinates_as_user_properties: bool,
     /// User name for the broker.
     #[serde(default)]
     pub username: Option<String>,
@@ -399,6 +449,10 @@ impl Config {
             server: server.into(),
             port,
             topic_root: topic_root.into(),
+            topic_template: None,
+            escape_placeholders: false,
+            headers_as_user_properties: HeaderSelection::None,
+            coordinates_as_user_properties: false,
             username: None,
             password: None,
             version: MqttVersion::default(),
@@ -484,6 +538,23 @@ impl Config {
                 "topic_root",
                 format!("{:?}", self.topic_root),
                 &e.to_string(),
+            );
+        }
+        if let Some(t) = &self.topic_template {
+            if let Err(rule) = crate::template::Template::parse(t) {
+                bad("topic_template", format!("{t:?}"), &rule);
+            }
+        }
+        let v5_only = self.headers_as_user_properties != HeaderSelection::None
+            || self.coordinates_as_user_properties;
+        if v5_only && self.version != MqttVersion::V5 {
+            bad(
+                "headers_as_user_properties / coordinates_as_user_properties",
+                "(set)".into(),
+                &format!(
+                    "user properties need version = \"5\" (version is \"{}\")",
+                    self.version
+                ),
             );
         }
         if let Some(u) = &self.username {

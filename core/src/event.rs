@@ -310,6 +310,8 @@ pub enum RejectReason {
     DeadLetterFailed(String),
     /// The PUBLISH could not be encoded.
     Unencodable(String),
+    /// The topic template cannot render for this record.
+    Template(String),
 }
 
 impl fmt::Display for RejectReason {
@@ -344,6 +346,7 @@ impl fmt::Display for RejectReason {
             Self::Broker { code } => write!(f, "the broker rejected it: {}", reason_text(*code)),
             Self::DeadLetterFailed(e) => write!(f, "the dead-letter produce failed: {e}"),
             Self::Unencodable(e) => write!(f, "the PUBLISH cannot be encoded: {e}"),
+            Self::Template(e) => write!(f, "the topic template cannot render: {e}"),
         }
     }
 }

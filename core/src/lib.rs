@@ -83,6 +83,7 @@ mod mapper;
 mod record;
 mod session;
 mod sink;
+mod template;
 mod timer;
 pub mod topic;
 mod wire;
@@ -90,8 +91,8 @@ mod wire;
 pub use bridge::{BridgeFlow, BridgeStats, FlowAction, FlushOutcome, KafkaConfig};
 pub use checkpoint::Checkpoints;
 pub use config::{
-    Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion, PublishProperties, Secret,
-    MAX_MQTT_PACKET,
+    Config, ConfigError, ConfigErrors, ErrorPolicy, HeaderSelection, MqttVersion,
+    PublishProperties, Secret, MAX_MQTT_PACKET,
 };
 pub use event::{
     connack_text, reason_text, CommitOffsets, ConnectFailure, Connected, Event, FlushInProgress,

@@ -5,9 +5,10 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::config::{Config, PublishProperties};
+use crate::config::{Config, HeaderSelection, PublishProperties};
 use crate::event::RejectReason;
 use crate::record::Record;
+use crate::template::Template;
 
 type KeyFn = dyn Fn(&Record) -> Result<String, String> + Send + Sync;
 type ValueFn = dyn Fn(&Record) -> Result<Bytes, String> + Send + Sync;
@@ -77,6 +78,10 @@ debug_by_variant!(Properties { None, Static(_), PerRecord(_) });
 /// [`RecordMapper::from_config`] and replace parts with the builder methods.
 pub struct RecordMapper {
     pub(crate) topic_root: String,
+    template: Template,
+    escape: bool,
+    headers: HeaderSelection,
+    coordinates: bool,
     pub(crate) key: KeySerializer,
     pub(crate) value: ValueSerializer,
     pub(crate) retain: Retain,
@@ -99,8 +104,17 @@ impl RecordMapper {
     /// The defaults of the Quix sink, with `topic_root`, `retain` and `properties` from
     /// the config.
     pub fn from_config(cfg: &Config) -> Self {
+        let template = cfg
+            .topic_template
+            .as_deref()
+            .and_then(|t| Template::parse(t).ok())
+            .unwrap_or_else(|| Template::root_and_key(&cfg.topic_root));
         Self {
             topic_root: cfg.topic_root.clone(),
+            template,
+            escape: cfg.escape_placeholders,
+            headers: cfg.headers_as_user_properties.clone(),
+            coordinates: cfg.coordinates_as_user_properties,
             key: KeySerializer::Utf8,
             value: ValueSerializer::Json,
             retain: Retain::Static(cfg.retain),
@@ -157,24 +171,25 @@ impl RecordMapper {
 
     pub(crate) fn has_properties(&self) -> bool {
         !matches!(self.properties, Properties::None)
+            || self.headers != HeaderSelection::None
+            || self.coordinates
     }
 
-    /// The MQTT topic of a record.
+    /// The MQTT topic of a record: the template (default `{topic_root}/{key}`) rendered.
     pub(crate) fn topic(&self, r: &Record) -> Result<String, RejectReason> {
-        let suffix = match &self.key {
+        self.template.render(r, |r| self.key_text(r), self.escape)
+    }
+
+    fn key_text(&self, r: &Record) -> Result<String, RejectReason> {
+        match &self.key {
             KeySerializer::Utf8 => {
                 let key = r.key.as_ref().ok_or(RejectReason::MissingKey)?;
-                std::str::from_utf8(key)
+                Ok(std::str::from_utf8(key)
                     .map_err(|_| RejectReason::KeyNotUtf8)?
-                    .to_string()
+                    .to_string())
             }
-            KeySerializer::Custom(f) => f(r).map_err(RejectReason::KeySerializer)?,
-        };
-        let mut topic = String::with_capacity(self.topic_root.len() + 1 + suffix.len());
-        topic.push_str(&self.topic_root);
-        topic.push('/');
-        topic.push_str(&suffix);
-        Ok(topic)
+            KeySerializer::Custom(f) => f(r).map_err(RejectReason::KeySerializer),
+        }
     }
 
     /// The payload of a record.
@@ -196,16 +211,48 @@ impl RecordMapper {
         }
     }
 
-    /// Calls `with` with the properties of a record (borrowed when static).
+    /// Calls `with` with the properties of a record (borrowed when static and nothing is
+    /// added per record).
     pub(crate) fn with_properties<T>(
         &self,
         r: &Record,
         with: impl FnOnce(Option<&PublishProperties>) -> T,
     ) -> T {
-        match &self.properties {
-            Properties::None => with(None),
-            Properties::Static(p) => with(Some(p)),
-            Properties::PerRecord(f) => with(f(r).as_ref()),
+        let extra = self.headers != HeaderSelection::None || self.coordinates;
+        match (&self.properties, extra) {
+            (Properties::None, false) => with(None),
+            (Properties::Static(p), false) => with(Some(p)),
+            (base, _) => {
+                let mut p = match base {
+                    Properties::None => None,
+                    Properties::Static(p) => Some(p.clone()),
+                    Properties::PerRecord(f) => f(r),
+                };
+                if extra {
+                    let p = p.get_or_insert_with(PublishProperties::default);
+                    for h in &r.headers {
+                        let wanted = match &self.headers {
+                            HeaderSelection::All => true,
+                            HeaderSelection::Only(names) => names.contains(&h.key),
+                            _ => false,
+                        };
+                        if let Some(v) = h.value.as_deref().filter(|_| wanted) {
+                            if let Ok(v) = std::str::from_utf8(v) {
+                                p.user_properties.push((h.key.clone(), v.to_string()));
+                            }
+                        }
+                    }
+                    if self.coordinates {
+                        p.user_properties
+                            .push(("kafka.topic".into(), r.tp.topic.to_string()));
+                        p.user_properties
+                            .push(("kafka.partition".into(), r.tp.partition.to_string()));
+                        p.user_properties
+                            .push(("kafka.offset".into(), r.offset.to_string()));
+                    }
+                }
+                with(p.as_ref())
+            }
         }
     }
 }

@@ -564,6 +564,93 @@ pub fn killed_broker_restarts_without_loss<R: Runtime>() {
     }
 }
 
+/// Topic templates (headers, JSON fields, escaping) and Kafka headers and coordinates as MQTT
+/// 5 user properties, as a real v5 subscriber sees them; a record the template cannot render
+/// follows the error policy (here `skip`) and is never published.
+pub fn templates_and_user_properties_reach_a_v5_subscriber<R: Runtime>() {
+    let b = broker(MosquittoOptions::default());
+    let sub = SyncSubscriber::start(b.port, "plant/#");
+    let mut cfg = config(b.port, MqttVersion::V5, 1);
+    cfg.topic_template = Some("plant/{header:site}/{json:device.kind}/{key}".into());
+    cfg.escape_placeholders = true;
+    cfg.headers_as_user_properties = mqtt_sink_core::HeaderSelection::Only(vec!["site".into()]);
+    cfg.coordinates_as_user_properties = true;
+    cfg.error_policy = mqtt_sink_core::ErrorPolicy::Skip;
+    let (sink, events) = start::<R>(cfg, None);
+    let mk = |offset: i64, key: &str, site: Option<&str>, value: &str| {
+        let mut r = Record::new(
+            TopicPartition::new("readings", 2),
+            offset,
+            Some(key.to_string()),
+            Some(value.to_string()),
+        );
+        if let Some(site) = site {
+            r.headers.push(mqtt_sink_core::Header {
+                key: "site".into(),
+                value: Some(Bytes::from(site.to_string())),
+            });
+        }
+        r.headers.push(mqtt_sink_core::Header {
+            key: "trace".into(),
+            value: Some(Bytes::from("t-1")),
+        });
+        r
+    };
+    sink.send(mk(
+        0,
+        "dev/1",
+        Some("north"),
+        r#"{"device":{"kind":"pump"}}"#,
+    ))
+    .expect("send");
+    sink.send(mk(1, "dev2", None, r#"{"device":{"kind":"pump"}}"#))
+        .expect("send"); // no site header
+    sink.send(mk(2, "dev3", Some("south"), "not json"))
+        .expect("send");
+    sink.send(mk(
+        3,
+        "dev4",
+        Some("south"),
+        r#"{"device":{"kind":"valve"}}"#,
+    ))
+    .expect("send");
+    assert_eq!(
+        sink.flush().expect("flush"),
+        vec![(TopicPartition::new("readings", 2), 4)]
+    );
+    assert_eq!(sub.wait_for(2, Duration::from_secs(10)), 2);
+    sink.close().expect("close");
+    let mut got = sub.messages();
+    got.sort_by(|a, b| a.topic.cmp(&b.topic));
+    assert_eq!(got[0].topic, "plant/north/pump/dev%2F1");
+    assert_eq!(got[1].topic, "plant/south/valve/dev4");
+    assert_eq!(
+        got[0].user_properties,
+        vec![
+            ("site".to_string(), "north".to_string()),
+            ("kafka.topic".to_string(), "readings".to_string()),
+            ("kafka.partition".to_string(), "2".to_string()),
+            ("kafka.offset".to_string(), "0".to_string()),
+        ]
+    );
+    let rejected: Vec<String> = events
+        .try_iter()
+        .filter(|e| matches!(e, Event::RecordRejected { .. }))
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert!(
+        rejected[0].contains("readings/2@1") && rejected[0].contains("header \"site\" is missing"),
+        "{}",
+        rejected[0]
+    );
+    assert!(
+        rejected[1].contains("readings/2@2") && rejected[1].contains("not JSON"),
+        "{}",
+        rejected[1]
+    );
+}
+
 fn wait_for_failure(events: &mpsc::Receiver<Event>) -> ConnectFailure {
     loop {
         match events.recv_timeout(Duration::from_secs(10)) {
@@ -610,6 +697,10 @@ macro_rules! real_broker_suite {
         #[test]
         fn killed_broker_restarts_without_loss() {
             $crate::suite::killed_broker_restarts_without_loss::<$rt>();
+        }
+        #[test]
+        fn templates_and_user_properties_reach_a_v5_subscriber() {
+            $crate::suite::templates_and_user_properties_reach_a_v5_subscriber::<$rt>();
         }
         #[test]
         fn oversized_record_is_rejected_once() {
