@@ -11,6 +11,7 @@
 
 mod config;
 mod http;
+mod probe;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,11 +42,15 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Runtime::Tokio)]
         runtime: Runtime,
     },
-    /// Validate the config only (connection checks come with the daemon issue).
+    /// Validate the config, then connect to Kafka (topic metadata) and to the MQTT broker
+    /// (CONNACK, negotiated limits) without consuming.
     Check {
         /// The TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Validate only; connect to nothing.
+        #[arg(long)]
+        offline: bool,
     },
 }
 
@@ -57,6 +62,7 @@ enum Runtime {
 
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
+const EXIT_CHECK: u8 = 3;
 const EXIT_SECOND_SIGNAL: i32 = 130;
 
 fn main() -> ExitCode {
@@ -73,7 +79,7 @@ fn main() -> ExitCode {
     };
     let env: Vec<(String, String)> = std::env::vars().collect();
     match cli.command {
-        Command::Check { config } => match config::load(&config, &env) {
+        Command::Check { config, offline } => match config::load(&config, &env) {
             Ok(cfg) => {
                 println_out(&format!(
                     "config ok: Kafka {} group {} topics {:?} -> MQTT {}:{} (v{}, QoS {}, TLS {})",
@@ -86,7 +92,18 @@ fn main() -> ExitCode {
                     cfg.mqtt.qos,
                     if cfg.mqtt.tls_enabled { "on" } else { "off" }
                 ));
-                ExitCode::SUCCESS
+                if offline {
+                    return ExitCode::SUCCESS;
+                }
+                let (lines, ok) = probe::probe(&cfg);
+                for l in lines {
+                    println_out(&l);
+                }
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_CHECK)
+                }
             }
             Err(e) => {
                 eprint!("{e}");

@@ -64,7 +64,10 @@ fn stderr(o: &Output) -> String {
 fn check_accepts_a_good_config() {
     let d = dir();
     let cfg = write(&d, "good.toml", GOOD);
-    let o = run_with(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    let o = run_with(
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -145,7 +148,10 @@ fn each_kind_of_mistake_names_the_key_and_exits_2() {
             assert!(!e.contains("s3cret"), "{what}: the password leaked:\n{e}");
         }
     }
-    let o = run_with(&["check", "--config", "/nonexistent/sink.toml"], &[]);
+    let o = run_with(
+        &["check", "--offline", "--config", "/nonexistent/sink.toml"],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("/nonexistent/sink.toml"));
     let o = run_with(&["run"], &[]);
@@ -157,7 +163,7 @@ fn environment_overrides_and_secret_files() {
     let d = dir();
     let cfg = write(&d, "good.toml", GOOD);
     let o = run_with(
-        &["check", "--config", cfg.to_str().unwrap()],
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
         &[
             ("MQTT_SINK_MQTT_QOS", "3"),
             ("MQTT_SINK_MQTT_PASSWORD", "env-secret"),
@@ -167,7 +173,7 @@ fn environment_overrides_and_secret_files() {
     assert!(stderr(&o).contains("mqtt.qos = 3"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("env-secret"));
     let o = run_with(
-        &["check", "--config", cfg.to_str().unwrap()],
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
         &[("MQTT_SINK_MQTT_PORT", "8883")],
     );
     assert!(
@@ -176,7 +182,7 @@ fn environment_overrides_and_secret_files() {
         stderr(&o)
     );
     let o = run_with(
-        &["check", "--config", cfg.to_str().unwrap()],
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
         &[("MQTT_SINK_NOPE_X", "1")],
     );
     assert_eq!(o.status.code(), Some(2));
@@ -184,7 +190,10 @@ fn environment_overrides_and_secret_files() {
     // password_file: read, and a missing file is named.
     let with_file = GOOD.replace("password = \"s3cret-value\"", "password_file = \"pw.txt\"");
     let cfg = write(&d, "file.toml", &with_file);
-    let o = run_with(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    let o = run_with(
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("mqtt.password_file") && stderr(&o).contains("pw.txt"),
@@ -192,7 +201,10 @@ fn environment_overrides_and_secret_files() {
         stderr(&o)
     );
     write(&d, "pw.txt", "from-file\n");
-    let o = run_with(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    let o = run_with(
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -361,8 +373,50 @@ fn every_example_config_is_valid() {
         };
         let d = dir();
         let cfg = write(&d, "example.toml", &text);
-        let o = run_with(&["check", "--config", cfg.to_str().unwrap()], env);
+        let o = run_with(
+            &["check", "--offline", "--config", cfg.to_str().unwrap()],
+            env,
+        );
         assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
     }
     assert_eq!(n, 5, "five example configs");
+}
+
+#[test]
+fn check_connects_to_both_sides_and_reports() {
+    let kafka = MockKafka::start().unwrap();
+    kafka.create_topic("readings", 3).unwrap();
+    let broker = Mosquitto::start(MosquittoOptions::default()).unwrap();
+    let d = dir();
+    let text = GOOD
+        .replace("127.0.0.1:9092", &kafka.bootstrap())
+        .replace(
+            "port = 1883",
+            &format!("port = {}\nversion = \"5\"", broker.port),
+        )
+        .replace("username = \"user\"\npassword = \"s3cret-value\"\n", "");
+    let cfg = write(&d, "live.toml", &text);
+    let o = run_with(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(out.contains("topic readings has 3 partition(s)"), "{out}");
+    assert!(out.contains("CONNACK accepted (MQTT 5"), "{out}");
+    // The MQTT side down: exit 3, naming server and port.
+    let dead = free_port();
+    let text = text.replace(
+        &format!("port = {}", broker.port),
+        &format!("port = {dead}"),
+    );
+    let cfg = write(&d, "dead.toml", &(text + "\n"));
+    let cfg_text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("topic_root", "connect_timeout = \"2s\"\ntopic_root");
+    let cfg = write(&d, "dead.toml", &cfg_text);
+    let o = run_with(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(3), "{out}");
+    assert!(
+        out.contains(&format!("MQTT 127.0.0.1:{dead}: FAILED")),
+        "{out}"
+    );
 }
