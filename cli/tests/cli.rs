@@ -420,3 +420,15 @@ fn check_connects_to_both_sides_and_reports() {
         "{out}"
     );
 }
+
+#[test]
+fn demo_runs_to_completion() {
+    let o = run_with(&["demo", "--records", "2000"], &[]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("summary: 2000 consumed, 2000 acknowledged by the broker, 2000 received"),
+        "{out}"
+    );
+    assert!(out.contains("demo-readings/0@500"), "{out}");
+}
