@@ -14,7 +14,7 @@ use mqtt_sink_blocking::bridge::StatsHandle;
 use mqtt_sink_core::{Event, RejectReason};
 
 /// Counters fed by the sink's events.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Metrics {
     acknowledged: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
@@ -25,7 +25,10 @@ pub(crate) struct Metrics {
     flushes: Mutex<BTreeMap<&'static str, u64>>,
     connected: AtomicBool,
     stats: Mutex<Option<StatsHandle>>,
+    sink: Mutex<Option<SinkStatsFn>>,
 }
+
+type SinkStatsFn = Box<dyn Fn() -> Option<mqtt_sink_core::Stats> + Send + Sync>;
 
 fn reason_label(r: &RejectReason) -> &'static str {
     match r {
@@ -78,10 +81,17 @@ impl Metrics {
         }
     }
 
-    /// Reads the bridge's stats from now on.
-    pub(crate) fn attach(&self, stats: StatsHandle) {
+    /// Reads the bridge's and the sink's stats from now on.
+    pub(crate) fn attach(
+        &self,
+        stats: StatsHandle,
+        sink: impl Fn() -> Option<mqtt_sink_core::Stats> + Send + Sync + 'static,
+    ) {
         if let Ok(mut s) = self.stats.lock() {
             *s = Some(stats);
+        }
+        if let Ok(mut s) = self.sink.lock() {
+            *s = Some(Box::new(sink));
         }
     }
 
@@ -175,6 +185,30 @@ impl Metrics {
                 "mqtt_sink_committed_offset{{topic=\"{}\",partition=\"{}\"}} {off}",
                 tp.topic, tp.partition
             );
+        }
+        let _ = writeln!(o, "# HELP mqtt_sink_consumer_lag Records behind the high watermark at the last checkpoint.\n# TYPE mqtt_sink_consumer_lag gauge");
+        for (tp, lag) in &stats.lag {
+            let _ = writeln!(
+                o,
+                "mqtt_sink_consumer_lag{{topic=\"{}\",partition=\"{}\"}} {lag}",
+                tp.topic, tp.partition
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP mqtt_sink_last_flush_seconds Duration of the last checkpoint flush.\n# TYPE mqtt_sink_last_flush_seconds gauge\nmqtt_sink_last_flush_seconds {}",
+            stats.last_flush_ms as f64 / 1000.0
+        );
+        let sink = self
+            .sink
+            .lock()
+            .ok()
+            .and_then(|f| f.as_ref().and_then(|f| f()));
+        if let Some(st) = sink {
+            let _ = writeln!(o, "# HELP mqtt_sink_inflight QoS 1/2 publishes awaiting acknowledgement.\n# TYPE mqtt_sink_inflight gauge\nmqtt_sink_inflight {}", st.inflight);
+            let _ = writeln!(o, "# HELP mqtt_sink_buffered_records Records held by the sink (queued or in flight).\n# TYPE mqtt_sink_buffered_records gauge\nmqtt_sink_buffered_records {}", st.buffered_records);
+            let _ = writeln!(o, "# HELP mqtt_sink_buffered_bytes Bytes held by the sink.\n# TYPE mqtt_sink_buffered_bytes gauge\nmqtt_sink_buffered_bytes {}", st.buffered_bytes);
+            let _ = writeln!(o, "# HELP mqtt_sink_records_published_total Records handed to the broker connection.\n# TYPE mqtt_sink_records_published_total counter\nmqtt_sink_records_published_total {}", st.pushed);
         }
         let _ = writeln!(
             o,

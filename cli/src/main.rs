@@ -270,7 +270,8 @@ fn run_blocking(
         .sink(move |s| s.on_event(obs))
         .start()
         .map_err(|e| e.to_string())?;
-    metrics.attach(bridge.stats_handle());
+    let client = bridge.sink_client();
+    metrics.attach(bridge.stats_handle(), move || client.stats().ok());
     bridge.run(stop).map_err(|e| e.to_string())
 }
 
@@ -290,7 +291,8 @@ fn run_tokio(
             .sink(move |s| s.on_event(obs))
             .start()
             .map_err(|e| e.to_string())?;
-        metrics.attach(bridge.stats_handle());
+        let client = bridge.sink_client();
+        metrics.attach(bridge.stats_handle(), move || client.stats_blocking().ok());
         let stopped = async move {
             // The signal handler sets the flag; check it a few times a second.
             while !stop.load(Ordering::Relaxed) {

@@ -93,6 +93,11 @@ pub struct BridgeStats {
     pub last_kafka_error: Option<String>,
     /// The highest positions committed, per partition.
     pub committed: CommitOffsets,
+    /// Consumer lag per partition at the last checkpoint: the high watermark minus the
+    /// committed position.
+    pub lag: Vec<(TopicPartition, i64)>,
+    /// How long the last checkpoint's flush took, in milliseconds.
+    pub last_flush_ms: u64,
 }
 
 /// The bridge's policy state.
@@ -103,6 +108,7 @@ pub struct BridgeFlow {
     /// librdkafka, so this set, not the client, is the truth.
     paused: BTreeSet<TopicPartition>,
     holding: bool,
+    flush_started: Option<Instant>,
     /// What the bridge did.
     pub stats: BridgeStats,
 }
@@ -114,6 +120,7 @@ impl BridgeFlow {
             checkpoints: Checkpoints::new(interval, every, now),
             paused: BTreeSet::new(),
             holding: false,
+            flush_started: None,
             stats: BridgeStats::default(),
         }
     }
@@ -173,8 +180,21 @@ impl BridgeFlow {
         Some(FlowAction::Resume(paused))
     }
 
+    /// A checkpoint's flush begins now (for the flush-time metric).
+    pub fn checkpoint_started(&mut self, now: Instant) {
+        self.flush_started = Some(now);
+    }
+
+    /// The consumer lag measured after a checkpoint.
+    pub fn set_lag(&mut self, lag: Vec<(TopicPartition, i64)>) {
+        self.stats.lag = lag;
+    }
+
     /// A checkpoint's flush ended: commit what is safe; if it failed, rewind and back off.
     pub fn checkpoint_done(&mut self, now: Instant, outcome: FlushOutcome) -> Vec<FlowAction> {
+        if let Some(t) = self.flush_started.take() {
+            self.stats.last_flush_ms = now.saturating_duration_since(t).as_millis() as u64;
+        }
         let mut actions = Vec::new();
         if !outcome.offsets.is_empty() {
             actions.push(FlowAction::Commit(outcome.offsets));

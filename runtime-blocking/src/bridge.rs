@@ -257,6 +257,11 @@ impl Bridge {
         }
     }
 
+    /// A handle to the bridge's MQTT sink (for its stats).
+    pub fn sink_client(&self) -> SinkClient {
+        self.sink.client()
+    }
+
     /// A handle that reads the bridge's stats while it runs (for metrics).
     pub fn stats_handle(&self) -> StatsHandle {
         StatsHandle::new(self.flow.clone())
@@ -298,9 +303,12 @@ impl Bridge {
     }
 
     fn checkpoint(&mut self, held: &mut VecDeque<Record>) {
+        self.flow().checkpoint_started(Instant::now());
         let done = outcome(self.sink.flush());
         let actions = self.flow().checkpoint_done(Instant::now(), done);
         self.execute(actions, held);
+        let lag = kafka::lag(&self.consumer, &self.flow().stats.committed);
+        self.flow().set_lag(lag);
     }
 
     /// Offers the held records, oldest first, until the sink is full.

@@ -148,3 +148,20 @@ pub fn default_client_id_suffix() -> String {
         .map_or(0, |d| d.subsec_nanos());
     format!("{}-{nanos:08x}", std::process::id())
 }
+
+/// Consumer lag per committed partition: the high watermark (one small request per
+/// partition, bounded by 1 s) minus the committed position.
+pub fn lag<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    committed: &CommitOffsets,
+) -> Vec<(TopicPartition, i64)> {
+    committed
+        .iter()
+        .filter_map(|(tp, pos)| {
+            let (_, high) = consumer
+                .fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(1))
+                .ok()?;
+            (high >= 0).then(|| (tp.clone(), (high - pos).max(0)))
+        })
+        .collect()
+}

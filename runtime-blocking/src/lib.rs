@@ -210,6 +210,7 @@ enum Msg {
     Revoke(Vec<TopicPartition>, SyncSender<()>),
     Committed(CommitOffsets),
     Rewind(SyncSender<CommitOffsets>),
+    Stats(SyncSender<mqtt_sink_core::Stats>),
     Flush(SyncSender<Result<CommitOffsets, SinkError>>),
     Close(SyncSender<()>),
     Opened(u64, TcpStream),
@@ -283,6 +284,11 @@ impl SinkClient {
     /// seek the consumer to.
     pub fn rewind(&self) -> Result<CommitOffsets, SinkError> {
         self.call(Msg::Rewind)
+    }
+
+    /// The core's counters and gauges (buffered, in flight, window, ...).
+    pub fn stats(&self) -> Result<mqtt_sink_core::Stats, SinkError> {
+        self.call(Msg::Stats)
     }
 }
 
@@ -449,6 +455,9 @@ impl Driver {
             Msg::Committed(offsets) => self.sink.handle_committed(&offsets),
             Msg::Rewind(reply) => {
                 let _ = reply.send(self.sink.rewind());
+            }
+            Msg::Stats(reply) => {
+                let _ = reply.send(self.sink.stats());
             }
             Msg::Flush(reply) => {
                 if self.sink.is_flushing() || !self.blocked.is_empty() {

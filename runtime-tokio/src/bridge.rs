@@ -235,6 +235,11 @@ impl Bridge {
         }
     }
 
+    /// A handle to the bridge's MQTT sink (for its stats).
+    pub fn sink_client(&self) -> SinkClient {
+        self.sink.client()
+    }
+
     /// A handle that reads the bridge's stats while it runs (for metrics).
     pub fn stats_handle(&self) -> StatsHandle {
         StatsHandle::new(self.flow.clone())
@@ -276,9 +281,13 @@ impl Bridge {
     }
 
     async fn checkpoint(&mut self, held: &mut VecDeque<Record>) {
+        self.flow().checkpoint_started(Instant::now());
         let done = outcome(self.sink.flush().await);
         let actions = self.flow().checkpoint_done(Instant::now(), done);
         self.execute(actions, held).await;
+        let committed = self.flow().stats.committed.clone();
+        let lag = tokio::task::block_in_place(|| kafka::lag(&self.consumer, &committed));
+        self.flow().set_lag(lag);
     }
 
     /// Offers the held records, oldest first, until the sink is full.

@@ -197,6 +197,7 @@ enum Cmd {
     Revoke(Vec<TopicPartition>, oneshot::Sender<()>),
     Committed(CommitOffsets),
     Rewind(oneshot::Sender<CommitOffsets>),
+    Stats(oneshot::Sender<mqtt_sink_core::Stats>),
     Flush(oneshot::Sender<Result<CommitOffsets, SinkError>>),
     Close(oneshot::Sender<()>),
 }
@@ -278,6 +279,16 @@ impl SinkClient {
     /// seek the consumer to.
     pub async fn rewind(&self) -> Result<CommitOffsets, SinkError> {
         self.call(Cmd::Rewind).await
+    }
+
+    /// The core's counters and gauges. Callable from any thread outside the runtime
+    /// (it blocks), e.g. a metrics endpoint.
+    pub fn stats_blocking(&self) -> Result<mqtt_sink_core::Stats, SinkError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Cmd::Stats(tx))
+            .map_err(|_| SinkError::Closed)?;
+        rx.blocking_recv().map_err(|_| SinkError::Closed)
     }
 }
 
@@ -526,6 +537,9 @@ impl Driver {
                         Some(Cmd::Committed(offsets)) => self.sink.handle_committed(&offsets),
                         Some(Cmd::Rewind(reply)) => {
                             let _ = reply.send(self.sink.rewind());
+                        }
+                        Some(Cmd::Stats(reply)) => {
+                            let _ = reply.send(self.sink.stats());
                         }
                         Some(Cmd::Flush(reply)) => {
                             if self.sink.is_flushing() {
