@@ -28,22 +28,33 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free port on 127.0.0.1: {e}"))
 }
 
-/// Starts rumqttd on 127.0.0.1 (MQTT 3.1.1 and 5 listeners) and a local subscriber to
-/// `demo/#`; returns (v4 port, v5 port, received counter).
-fn start_broker() -> Result<(u16, u16, Arc<AtomicU64>), String> {
-    let (p4, p5) = (free_port()?, free_port()?);
-    let settings = |name: &str, port: u16| {
-        format!(
-            "[{name}.1]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nnext_connection_delay_ms = 1\n\
-             [{name}.1.connections]\nconnection_timeout_ms = 60000\nmax_payload_size = 65536\n\
-             max_inflight_count = 1000\ndynamic_filters = true\n"
-        )
+/// Starts rumqttd on a free 127.0.0.1 port (MQTT 3.1.1 or 5 listener) with a local
+/// subscriber to `demo/#`; returns (port, received counter). A port taken between choosing
+/// and binding it is retried with another.
+fn start_broker(version: MqttVersion) -> Result<(u16, Arc<AtomicU64>), String> {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let port = free_port()?;
+        match try_broker(version, port) {
+            Ok(received) => return Ok((port, received)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn try_broker(version: MqttVersion, port: u16) -> Result<Arc<AtomicU64>, String> {
+    let name = if version == MqttVersion::V5 {
+        "v5"
+    } else {
+        "v4"
     };
     let text = format!(
         "id = 0\n[router]\nid = 0\nmax_connections = 100\nmax_outgoing_packet_count = 1000\n\
-         max_segment_size = 104857600\nmax_segment_count = 10\n{}{}",
-        settings("v4", p4),
-        settings("v5", p5)
+         max_segment_size = 104857600\nmax_segment_count = 10\n\
+         [{name}.1]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nnext_connection_delay_ms = 1\n\
+         [{name}.1.connections]\nconnection_timeout_ms = 60000\nmax_payload_size = 65536\n\
+         max_inflight_count = 1000\ndynamic_filters = true\n"
     );
     let config: rumqttd::Config =
         toml::from_str(&text).map_err(|e| format!("broker config: {e}"))?;
@@ -57,6 +68,19 @@ fn start_broker() -> Result<(u16, u16, Arc<AtomicU64>), String> {
             let _ = broker.start();
         })
         .map_err(|e| e.to_string())?;
+    // Ready when it accepts a connection (bounded: 3 s).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the in-process MQTT broker did not listen on 127.0.0.1:{port}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20)); // readiness poll of a background thread
+    }
     link_tx
         .subscribe("demo/#")
         .map_err(|e| format!("subscribe: {e}"))?;
@@ -65,14 +89,24 @@ fn start_broker() -> Result<(u16, u16, Arc<AtomicU64>), String> {
     std::thread::Builder::new()
         .name("demo-subscriber".into())
         .spawn(move || {
+            // When the router unschedules a slow link it waits for Ready (rumqttd's network
+            // links do the same): without it, delivery stalls under load.
             while let Ok(n) = link_rx.recv() {
-                if let Some(rumqttd::Notification::Forward(_)) = n {
-                    r.fetch_add(1, Ordering::Relaxed);
+                match n {
+                    Some(rumqttd::Notification::Forward(_)) => {
+                        r.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(rumqttd::Notification::Unschedule) => {
+                        if link_rx.ready().is_err() {
+                            return;
+                        }
+                    }
+                    _ => {}
                 }
             }
         })
         .map_err(|e| e.to_string())?;
-    Ok((p4, p5, received))
+    Ok(received)
 }
 
 /// Produces `n` sensor readings: 20 sensors, each on one partition (key = sensor id).
@@ -123,8 +157,7 @@ pub(crate) fn run(n: u64, version: MqttVersion) -> Result<bool, String> {
     say(&format!(
         "  Kafka {bootstrap}: topic {TOPIC} ({PARTITIONS} partitions) holds {n} records"
     ));
-    let (p4, p5, received) = start_broker()?;
-    let port = if version == MqttVersion::V5 { p5 } else { p4 };
+    let (port, received) = start_broker(version)?;
     say(&format!(
         "  MQTT broker on 127.0.0.1:{port}; records go to demo/{{key}}, e.g. demo/sensor-07"
     ));

@@ -26,6 +26,7 @@ pub(crate) struct Metrics {
     connected: AtomicBool,
     stats: Mutex<Option<StatsHandle>>,
     sink: Mutex<Option<SinkStatsFn>>,
+    watermarks: Mutex<Option<rdkafka::consumer::BaseConsumer>>,
 }
 
 type SinkStatsFn = Box<dyn Fn() -> Option<mqtt_sink_core::Stats> + Send + Sync>;
@@ -78,6 +79,25 @@ impl Metrics {
             Event::FlushFailed { .. } => bump(&self.flushes, "failed"),
             Event::FlushTimedOut { .. } => bump(&self.flushes, "timed_out"),
             _ => {}
+        }
+    }
+
+    /// A Kafka client (no group) used at scrape time to read high watermarks for the lag.
+    pub(crate) fn attach_watermarks(&self, kafka: &mqtt_sink_core::KafkaConfig) {
+        let mut cc = rdkafka::config::ClientConfig::new();
+        for (k, v) in &kafka.properties {
+            if !k.starts_with("group.")
+                && !k.starts_with("partition.assignment")
+                && !k.contains("session")
+                && !k.contains("heartbeat")
+                && !k.contains("offset")
+            {
+                cc.set(k, v);
+            }
+        }
+        cc.set("bootstrap.servers", &kafka.brokers);
+        if let (Ok(c), Ok(mut w)) = (cc.create(), self.watermarks.lock()) {
+            *w = Some(c);
         }
     }
 
@@ -186,8 +206,17 @@ impl Metrics {
                 tp.topic, tp.partition
             );
         }
-        let _ = writeln!(o, "# HELP mqtt_sink_consumer_lag Records behind the high watermark at the last checkpoint.\n# TYPE mqtt_sink_consumer_lag gauge");
-        for (tp, lag) in &stats.lag {
+        let _ = writeln!(o, "# HELP mqtt_sink_consumer_lag Records between the committed position and the high watermark.\n# TYPE mqtt_sink_consumer_lag gauge");
+        let lag = self
+            .watermarks
+            .lock()
+            .ok()
+            .and_then(|w| {
+                w.as_ref()
+                    .map(|c| mqtt_sink_blocking::kafka::lag(c, &stats.committed))
+            })
+            .unwrap_or_default();
+        for (tp, lag) in &lag {
             let _ = writeln!(
                 o,
                 "mqtt_sink_consumer_lag{{topic=\"{}\",partition=\"{}\"}} {lag}",

@@ -224,6 +224,7 @@ fn run(cfg: DaemonConfig, runtime: Runtime) -> ExitCode {
         "mqtt-sink starting"
     );
     let metrics = Arc::new(Metrics::default());
+    metrics.attach_watermarks(&cfg.kafka);
     if !cfg.http.listen.is_empty() {
         if let Err(e) = http::serve(&cfg.http.listen, metrics.clone()) {
             tracing::error!("{e}");

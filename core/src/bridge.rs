@@ -93,9 +93,6 @@ pub struct BridgeStats {
     pub last_kafka_error: Option<String>,
     /// The highest positions committed, per partition.
     pub committed: CommitOffsets,
-    /// Consumer lag per partition at the last checkpoint: the high watermark minus the
-    /// committed position.
-    pub lag: Vec<(TopicPartition, i64)>,
     /// How long the last checkpoint's flush took, in milliseconds.
     pub last_flush_ms: u64,
 }
@@ -183,11 +180,6 @@ impl BridgeFlow {
     /// A checkpoint's flush begins now (for the flush-time metric).
     pub fn checkpoint_started(&mut self, now: Instant) {
         self.flush_started = Some(now);
-    }
-
-    /// The consumer lag measured after a checkpoint.
-    pub fn set_lag(&mut self, lag: Vec<(TopicPartition, i64)>) {
-        self.stats.lag = lag;
     }
 
     /// A checkpoint's flush ended: commit what is safe; if it failed, rewind and back off.

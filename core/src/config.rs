@@ -294,6 +294,10 @@ pub struct Config {
     /// header names.
     #[serde(default)]
     pub headers_as_user_properties: HeaderSelection,
+    /// MQTT 5: use topic aliases when the broker allows them (Topic Alias Maximum > 0), so
+    /// that a topic's name crosses the wire once per connection. Default: true.
+    #[serde(default = "default_true")]
+    pub topic_aliases: bool,
     /// MQTT 5: add `kafka.topic`, `kafka.partition`, `kafka.offset` user properties, so that
     /// subscribers can drop duplicates. Default: false.
     #[serde(default)]
@@ -453,6 +457,7 @@ impl Config {
             escape_placeholders: false,
             headers_as_user_properties: HeaderSelection::None,
             coordinates_as_user_properties: false,
+            topic_aliases: true,
             username: None,
             password: None,
             version: MqttVersion::default(),

@@ -287,6 +287,13 @@ impl Sink {
         }) as u16;
         self.broker_max_packet = props.maximum_packet_size;
         self.retain_available = props.retain_available.unwrap_or(true);
+        // Aliases belong to one connection.
+        self.aliases.clear();
+        self.alias_max = if self.cfg.topic_aliases && self.cfg.version == MqttVersion::V5 {
+            props.topic_alias_maximum.unwrap_or(0)
+        } else {
+            0
+        };
         if let Some(id) = &props.assigned_client_id {
             // Reconnects must use the same id to resume the session.
             self.client_id = id.clone();
@@ -537,14 +544,14 @@ impl Sink {
                 continue;
             }
             if self.qos == QoS::AtMostOnce {
-                buf.extend_from_slice(&msg.packet.bytes);
+                self.write_publish(&msg.packet, buf);
                 self.free(&msg);
                 self.acknowledged(msg.coords, msg.id);
                 continue;
             }
             let pkid = self.alloc_pkid();
             wire::set_pkid(&mut msg.packet, pkid);
-            buf.extend_from_slice(&msg.packet.bytes);
+            self.write_publish(&msg.packet, buf);
             let seq = self.next_seq;
             self.next_seq += 1;
             self.by_pkid.insert(pkid, seq);
@@ -557,6 +564,25 @@ impl Sink {
                     sent_at: now,
                 },
             );
+        }
+    }
+
+    /// Writes a first transmission of a PUBLISH, with a topic alias when the broker allows
+    /// (MQTT 5). Resends after a reconnect go out plain: aliases belong to one connection.
+    fn write_publish(&mut self, p: &EncodedPublish, buf: &mut Vec<u8>) {
+        if self.alias_max == 0 {
+            buf.extend_from_slice(&p.bytes);
+            return;
+        }
+        let topic = wire::publish_topic(p);
+        if let Some(&alias) = self.aliases.get(topic) {
+            wire::write_aliased(p, alias, false, buf);
+        } else if self.aliases.len() < usize::from(self.alias_max) {
+            let alias = self.aliases.len() as u16 + 1;
+            self.aliases.insert(topic.to_vec(), alias);
+            wire::write_aliased(p, alias, true, buf);
+        } else {
+            buf.extend_from_slice(&p.bytes);
         }
     }
 

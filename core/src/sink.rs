@@ -58,6 +58,10 @@ pub struct Sink {
     pub(crate) window: u16,
     pub(crate) broker_max_packet: Option<u32>,
     pub(crate) retain_available: bool,
+    /// MQTT 5 topic aliases of this connection: how many the broker allows, and the
+    /// topics that have one.
+    pub(crate) alias_max: u16,
+    pub(crate) aliases: BTreeMap<Vec<u8>, u16>,
     pub(crate) keepalive_secs: u16,
     pub(crate) ping_outstanding: bool,
     pub(crate) connected_once: bool,
@@ -148,6 +152,8 @@ impl Sink {
             window,
             broker_max_packet: None,
             retain_available: true,
+            alias_max: 0,
+            aliases: BTreeMap::new(),
             keepalive_secs: cfg.keepalive.as_secs() as u16,
             ping_outstanding: false,
             connected_once: false,

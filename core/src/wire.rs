@@ -292,6 +292,55 @@ pub(crate) fn set_pkid(p: &mut EncodedPublish, pkid: u16) {
     }
 }
 
+/// The topic of an encoded PUBLISH.
+pub(crate) fn publish_topic(p: &EncodedPublish) -> &[u8] {
+    let (hdr, _) = match frame(&p.bytes) {
+        Ok(Some(f)) => f,
+        _ => return &[],
+    };
+    let len = u16::from_be_bytes([p.bytes[hdr], p.bytes[hdr + 1]]) as usize;
+    &p.bytes[hdr + 2..hdr + 2 + len]
+}
+
+/// Writes an encoded MQTT 5 PUBLISH with a Topic Alias property: with the topic (to set
+/// up the alias) or with an empty topic (to use it). The stored packet is not changed, so
+/// a resend on a new connection goes out plain.
+pub(crate) fn write_aliased(p: &EncodedPublish, alias: u16, with_topic: bool, out: &mut Vec<u8>) {
+    let b = &p.bytes;
+    let Ok(Some((hdr, _))) = frame(b) else {
+        out.extend_from_slice(b);
+        return;
+    };
+    let tlen = u16::from_be_bytes([b[hdr], b[hdr + 1]]) as usize;
+    let topic = &b[hdr + 2..hdr + 2 + tlen];
+    let mut at = hdr + 2 + tlen;
+    let pkid = if p.pkid_at.is_some() {
+        at += 2;
+        &b[at - 2..at]
+    } else {
+        &[][..]
+    };
+    // The properties length varint, then the properties, then the payload.
+    let Ok(Some((vlen, plen))) = frame(&b[at - 1..]).map(|f| f.map(|(h, r)| (h - 1, r))) else {
+        out.extend_from_slice(b);
+        return;
+    };
+    let props = &b[at + vlen..at + vlen + plen];
+    let payload = &b[at + vlen + plen..];
+    let topic = if with_topic { topic } else { &[][..] };
+    let new_plen = plen + 3;
+    let remaining = 2 + topic.len() + pkid.len() + varint_len(new_plen) + new_plen + payload.len();
+    out.push(b[0]);
+    put_varint(out, remaining);
+    put_str(out, topic);
+    out.extend_from_slice(pkid);
+    put_varint(out, new_plen);
+    out.push(0x23);
+    out.extend_from_slice(&alias.to_be_bytes());
+    out.extend_from_slice(props);
+    out.extend_from_slice(payload);
+}
+
 /// Sets or clears the DUP flag of an encoded PUBLISH.
 pub(crate) fn set_dup(p: &mut EncodedPublish, dup: bool) {
     if dup {
@@ -608,6 +657,45 @@ mod tests {
                 let at = p.pkid_at.unwrap();
                 assert_eq!(&p.bytes[at..at + 2], &[0xBE, 0xEF]);
                 assert_eq!(p.bytes[0], 0x3B);
+            }
+        }
+    }
+
+    #[test]
+    fn aliased_publish_round_trips_through_mqttbytes() {
+        let props = PublishProperties {
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
+        for (qos, with_topic) in [
+            (QoS::AtLeastOnce, true),
+            (QoS::AtLeastOnce, false),
+            (QoS::AtMostOnce, true),
+        ] {
+            let mut p = encode_publish(PublishParts {
+                version: MqttVersion::V5,
+                topic: "a/b",
+                qos,
+                retain: false,
+                properties: Some(&props),
+                payload: Bytes::from_static(b"hello"),
+            })
+            .unwrap();
+            set_pkid(&mut p, 9);
+            assert_eq!(publish_topic(&p), b"a/b");
+            let mut out = Vec::new();
+            write_aliased(&p, 3, with_topic, &mut out);
+            let mut buf = BytesMut::from(&out[..]);
+            match v5::read(&mut buf, 1 << 20).unwrap() {
+                v5::Packet::Publish(pb) => {
+                    assert_eq!(pb.topic, if with_topic { "a/b" } else { "" });
+                    let pr = pb.properties.unwrap();
+                    assert_eq!(pr.topic_alias, Some(3));
+                    assert_eq!(pr.content_type.as_deref(), Some("text/plain"));
+                    assert_eq!(&pb.payload[..], b"hello");
+                    assert_eq!(pb.pkid, if qos == QoS::AtMostOnce { 0 } else { 9 });
+                }
+                other => panic!("{other:?}"),
             }
         }
     }

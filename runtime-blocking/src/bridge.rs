@@ -307,8 +307,6 @@ impl Bridge {
         let done = outcome(self.sink.flush());
         let actions = self.flow().checkpoint_done(Instant::now(), done);
         self.execute(actions, held);
-        let lag = kafka::lag(&self.consumer, &self.flow().stats.committed);
-        self.flow().set_lag(lag);
     }
 
     /// Offers the held records, oldest first, until the sink is full.

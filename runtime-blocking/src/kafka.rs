@@ -150,7 +150,8 @@ pub fn default_client_id_suffix() -> String {
 }
 
 /// Consumer lag per committed partition: the high watermark (one small request per
-/// partition, bounded by 1 s) minus the committed position.
+/// partition, bounded by 1 s) minus the committed position. Call it off the consume loop
+/// (a metrics scrape), with a client of its own.
 pub fn lag<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
     committed: &CommitOffsets,

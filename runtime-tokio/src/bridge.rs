@@ -285,9 +285,6 @@ impl Bridge {
         let done = outcome(self.sink.flush().await);
         let actions = self.flow().checkpoint_done(Instant::now(), done);
         self.execute(actions, held).await;
-        let committed = self.flow().stats.committed.clone();
-        let lag = tokio::task::block_in_place(|| kafka::lag(&self.consumer, &committed));
-        self.flow().set_lag(lag);
     }
 
     /// Offers the held records, oldest first, until the sink is full.

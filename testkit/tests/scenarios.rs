@@ -962,3 +962,42 @@ fn lost_acks_are_recovered_by_reconnect_and_resend() {
         check(&expected(&recs), &delivered(&h), true).unwrap();
     }
 }
+
+#[test]
+fn v5_topic_aliases_within_the_broker_maximum() {
+    let knobs = BrokerKnobs {
+        topic_alias_maximum: Some(2),
+        ..BrokerKnobs::default()
+    };
+    let mut h = harness(MqttVersion::V5, 1, knobs);
+    connected(&mut h);
+    // Three topics, two aliases: the third topic always goes out plain.
+    let recs: Vec<Record> = (0..12)
+        .map(|i| record("readings", 0, i, &format!("k{}", i % 3), &format!("v{i}")))
+        .collect();
+    for r in recs.clone() {
+        h.push(r).unwrap();
+    }
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    check(&expected(&recs), &delivered(&h), false).unwrap();
+    let aliased = h
+        .broker
+        .received()
+        .iter()
+        .filter(|r| r.properties.topic_alias.is_some())
+        .count();
+    assert_eq!(aliased, 8, "k0 and k1 use aliases, k2 does not");
+    assert!(h
+        .broker
+        .received()
+        .iter()
+        .all(|r| r.properties.topic_alias.unwrap_or(0) <= 2));
+    assert_no_violations(&h);
+    // After a reconnect the aliases start over (the broker forgot them).
+    h.cut();
+    connected(&mut h);
+    h.push(record("readings", 0, 12, "k1", "after")).unwrap();
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    assert_eq!(h.broker.delivered().last().unwrap().topic, "sensors/k1");
+    assert_no_violations(&h);
+}
