@@ -96,11 +96,7 @@ fn try_broker(version: MqttVersion, port: u16) -> Result<Arc<AtomicU64>, String>
                     Some(rumqttd::Notification::Forward(_)) => {
                         r.fetch_add(1, Ordering::Relaxed);
                     }
-                    Some(rumqttd::Notification::Unschedule) => {
-                        if link_rx.ready().is_err() {
-                            return;
-                        }
-                    }
+                    Some(rumqttd::Notification::Unschedule) if link_rx.ready().is_err() => return,
                     _ => {}
                 }
             }
