@@ -30,9 +30,19 @@ struct FileConfig {
     kafka: KafkaSection,
     mqtt: toml::Table,
     #[serde(default)]
+    policy: Option<PolicySection>,
+    #[serde(default)]
     http: HttpConfig,
     #[serde(default)]
     log: LogConfig,
+}
+
+/// `[policy]`: what to do with records that cannot be delivered (also accepted in `[mqtt]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicySection {
+    error_policy: Option<String>,
+    dead_letter_topic: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,8 +162,21 @@ pub(crate) fn parse(
         .map_err(|e: toml::de::Error| LoadError(vec![format!("config: {}", e.message())]))?;
     let mut problems = Vec::new();
 
-    // [mqtt]: the library's Config, plus `password_file`.
+    // [mqtt]: the library's Config, plus `password_file`; [policy] folds into it.
     let mut mqtt_table = file.mqtt;
+    if let Some(p) = file.policy {
+        for (k, v) in [
+            ("error_policy", p.error_policy),
+            ("dead_letter_topic", p.dead_letter_topic),
+        ] {
+            if let Some(v) = v {
+                if mqtt_table.contains_key(k) {
+                    problems.push(format!("policy.{k}: also set as mqtt.{k}; keep one"));
+                }
+                mqtt_table.insert(k.into(), toml::Value::String(v));
+            }
+        }
+    }
     if let Some(v) = mqtt_table.remove("password_file") {
         match v.as_str() {
             Some(p) => {

@@ -115,8 +115,15 @@ impl Metrics {
         }
     }
 
+    /// Connected to the MQTT broker and assigned partitions by Kafka.
     fn ready(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+        let assigned = self
+            .stats
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|h| h.snapshot().assigned))
+            .unwrap_or(0);
+        self.connected.load(Ordering::Relaxed) && assigned > 0
     }
 
     /// The Prometheus text exposition.
@@ -241,8 +248,9 @@ impl Metrics {
         }
         let _ = writeln!(
             o,
-            "# HELP mqtt_sink_mqtt_connected 1 while connected to the MQTT broker.\n# TYPE mqtt_sink_mqtt_connected gauge\nmqtt_sink_mqtt_connected {}",
-            u8::from(self.ready())
+            "# HELP mqtt_sink_mqtt_connected 1 while connected to the MQTT broker.\n# TYPE mqtt_sink_mqtt_connected gauge\nmqtt_sink_mqtt_connected {}\n# HELP mqtt_sink_assigned_partitions Kafka partitions assigned to this instance.\n# TYPE mqtt_sink_assigned_partitions gauge\nmqtt_sink_assigned_partitions {}",
+            u8::from(self.connected.load(Ordering::Relaxed)),
+            stats.assigned
         );
         o
     }
@@ -273,7 +281,11 @@ pub(crate) fn serve(listen: &str, metrics: Arc<Metrics>) -> Result<(), String> {
                     "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
                     "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
                     "/readyz" if metrics.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
-                    "/readyz" => ("503 Service Unavailable", "text/plain", "not connected to the MQTT broker\n".to_string()),
+                    "/readyz" => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        "not ready: waiting for the MQTT broker (CONNACK) or a Kafka assignment\n".to_string(),
+                    ),
                     _ => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
                 };
                 let mut w = &conn;

@@ -432,3 +432,30 @@ fn demo_runs_to_completion() {
     );
     assert!(out.contains("demo-readings/0@500"), "{out}");
 }
+
+#[test]
+fn policy_section_sets_the_error_policy() {
+    let d = dir();
+    let text = format!("{GOOD}\n[policy]\nerror_policy = \"dead-letter\"\n");
+    let cfg = write(&d, "policy.toml", &text);
+    let o = run_with(
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "dead-letter needs a topic");
+    assert!(
+        stderr(&o).contains("mqtt.dead_letter_topic"),
+        "{}",
+        stderr(&o)
+    );
+    let cfg = write(
+        &d,
+        "policy.toml",
+        &format!("{text}dead_letter_topic = \"dlq\"\n"),
+    );
+    let o = run_with(
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}

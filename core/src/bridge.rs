@@ -95,6 +95,8 @@ pub struct BridgeStats {
     pub committed: CommitOffsets,
     /// How long the last checkpoint's flush took, in milliseconds.
     pub last_flush_ms: u64,
+    /// Partitions Kafka has assigned to this instance.
+    pub assigned: usize,
 }
 
 /// The bridge's policy state.
@@ -231,6 +233,7 @@ impl BridgeFlow {
         for tp in revoked {
             self.paused.remove(tp);
         }
+        self.stats.assigned = self.stats.assigned.saturating_sub(revoked.len());
         let mine: CommitOffsets = flushed
             .offsets
             .into_iter()
@@ -242,6 +245,7 @@ impl BridgeFlow {
     /// Partitions were assigned: pause them if the sink is full, otherwise resume them (a
     /// partition paused before a revoke comes back paused in librdkafka).
     pub fn assigned(&mut self, assigned: &[TopicPartition]) -> FlowAction {
+        self.stats.assigned += assigned.len();
         if self.holding {
             self.paused.extend(assigned.iter().cloned());
             FlowAction::Pause(assigned.to_vec())
