@@ -10,6 +10,7 @@ pub mod checker;
 pub mod kafka;
 pub mod model;
 pub mod mosquitto;
+pub mod proxy;
 pub mod rng;
 pub mod sim;
 pub mod subscriber;
