@@ -71,6 +71,29 @@ pub struct FlushOutcome {
     pub offsets: CommitOffsets,
 }
 
+impl FlushOutcome {
+    /// How a runtime's flush call ended, as the flow needs it.
+    pub fn from_flush(r: Result<CommitOffsets, crate::event::SinkError>) -> Self {
+        use crate::event::SinkError;
+        match r {
+            Ok(offsets) => Self {
+                complete: true,
+                offsets,
+            },
+            Err(
+                SinkError::FlushTimedOut { offsets, .. } | SinkError::FlushFailed { offsets, .. },
+            ) => Self {
+                complete: false,
+                offsets,
+            },
+            Err(_) => Self {
+                complete: false,
+                offsets: Vec::new(),
+            },
+        }
+    }
+}
+
 /// What a bridge did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]

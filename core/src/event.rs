@@ -477,3 +477,52 @@ impl fmt::Display for FlushInProgress {
 }
 
 impl std::error::Error for FlushInProgress {}
+
+/// Errors of a runtime's `MqttSink` operations (the same for every runtime).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The flush timed out: this many records were not acknowledged in time.
+    FlushTimedOut {
+        /// Records not acknowledged.
+        unacked: usize,
+        /// Positions that are safe to commit nevertheless.
+        offsets: CommitOffsets,
+    },
+    /// The flush failed on a rejected record (error policy `fail`): the message names it.
+    FlushFailed {
+        /// What failed, naming the record by topic/partition@offset.
+        message: String,
+        /// Positions that are safe to commit nevertheless.
+        offsets: CommitOffsets,
+    },
+    /// The record was refused (closed sink, offset out of order).
+    Push(String),
+    /// The sink's task or thread has stopped.
+    Closed,
+}
+
+impl fmt::Display for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::FlushTimedOut { unacked, .. } => write!(
+                f,
+                "flush timed out: {unacked} record(s) not acknowledged by the broker within flush_timeout"
+            ),
+            Self::FlushFailed { message, .. } => write!(f, "flush failed: {message}"),
+            Self::Push(e) => write!(f, "{e}"),
+            Self::Closed => f.write_str("the sink is closed"),
+        }
+    }
+}
+
+impl std::error::Error for SinkError {}
+
+/// A runtime's `try_send` could not take the record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrySendError {
+    /// The buffer is full: here is the record back; retry once acknowledgements free room.
+    Full(Record),
+    /// Refused for good (closed sink, offset out of order).
+    Refused(SinkError),
+}

@@ -96,7 +96,7 @@ pub use config::{
 };
 pub use event::{
     connack_text, reason_text, CommitOffsets, ConnectFailure, Connected, Event, FlushInProgress,
-    LostReason, ProtocolError, PushError, RejectReason,
+    LostReason, ProtocolError, PushError, RejectReason, SinkError, TrySendError,
 };
 pub use mapper::{KeySerializer, Properties, RecordMapper, Retain, ValueSerializer};
 pub use record::{Header, Record, RecordCoords, TopicPartition};

@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Offset};
 
 use crate::kafka::{self, partitions, tpl};
-use crate::{MqttSink, MqttSinkBuilder, SinkClient, SinkError, TrySendError};
+use crate::{MqttSink, MqttSinkBuilder, SinkClient, TrySendError};
 
 type TransformFn = Box<dyn FnMut(Record) -> Option<Record> + Send>;
 
@@ -41,26 +41,6 @@ impl fmt::Display for BridgeError {
 
 impl std::error::Error for BridgeError {}
 
-/// How a flush ended, for the flow.
-pub(crate) fn outcome(r: Result<mqtt_sink_core::CommitOffsets, SinkError>) -> FlushOutcome {
-    match r {
-        Ok(offsets) => FlushOutcome {
-            complete: true,
-            offsets,
-        },
-        Err(SinkError::FlushTimedOut { offsets, .. } | SinkError::FlushFailed { offsets, .. }) => {
-            FlushOutcome {
-                complete: false,
-                offsets,
-            }
-        }
-        Err(_) => FlushOutcome {
-            complete: false,
-            offsets: Vec::new(),
-        },
-    }
-}
-
 struct Ctx {
     sink: SinkClient,
     flow: Arc<Mutex<BridgeFlow>>,
@@ -73,7 +53,7 @@ impl ConsumerContext for Ctx {
         if let Rebalance::Revoke(list) = rebalance {
             // Flush and commit before the partitions go to another instance.
             let revoked = partitions(list);
-            let flushed = outcome(self.sink.flush());
+            let flushed = FlushOutcome::from_flush(self.sink.flush());
             let Ok(mut flow) = self.flow.lock() else {
                 return;
             };
@@ -304,7 +284,7 @@ impl Bridge {
 
     fn checkpoint(&mut self, held: &mut VecDeque<Record>) {
         self.flow().checkpoint_started(Instant::now());
-        let done = outcome(self.sink.flush());
+        let done = FlushOutcome::from_flush(self.sink.flush());
         let actions = self.flow().checkpoint_done(Instant::now(), done);
         self.execute(actions, held);
     }

@@ -31,6 +31,7 @@ use mqtt_sink_core::{
 
 pub use mqtt_sink_core as core;
 pub use mqtt_sink_core::Config;
+pub use mqtt_sink_core::{SinkError, TrySendError};
 
 type SuccessFn = Box<dyn Fn(&Connected) + Send + Sync>;
 type FailureFn = Box<dyn Fn(&ConnectFailure) + Send + Sync>;
@@ -40,46 +41,6 @@ type DeadLetterFn = Box<dyn Fn(&Record, &RejectReason) -> Result<(), String> + S
 /// A write that cannot make progress for this long counts as a lost connection, so that a
 /// stalled peer never blocks the driver thread (and its timers) for longer.
 const WRITE_STALL: Duration = Duration::from_secs(1);
-
-/// Errors of [`MqttSink`] operations.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum SinkError {
-    /// The flush timed out: this many records were not acknowledged in time.
-    FlushTimedOut {
-        /// Records not acknowledged.
-        unacked: usize,
-        /// Positions that are safe to commit nevertheless.
-        offsets: CommitOffsets,
-    },
-    /// The flush failed on a rejected record (error policy `fail`): the message names it.
-    FlushFailed {
-        /// What failed, naming the record by topic/partition@offset.
-        message: String,
-        /// Positions that are safe to commit nevertheless.
-        offsets: CommitOffsets,
-    },
-    /// The record was refused (closed sink, offset out of order).
-    Push(String),
-    /// The sink's thread has stopped.
-    Closed,
-}
-
-impl fmt::Display for SinkError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::FlushTimedOut { unacked, .. } => write!(
-                f,
-                "flush timed out: {unacked} record(s) not acknowledged by the broker within flush_timeout"
-            ),
-            Self::FlushFailed { message, .. } => write!(f, "flush failed: {message}"),
-            Self::Push(e) => write!(f, "{e}"),
-            Self::Closed => f.write_str("the sink is closed"),
-        }
-    }
-}
-
-impl std::error::Error for SinkError {}
 
 /// Builds an [`MqttSink`]: config, record mapper and the seed's callbacks.
 pub struct MqttSinkBuilder {
@@ -217,16 +178,6 @@ enum Msg {
     OpenFailed(u64, String),
     Bytes(u64, Vec<u8>),
     ReadClosed(u64, String),
-}
-
-/// `try_send` could not take the record.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum TrySendError {
-    /// The buffer is full: here is the record back; try again after acknowledgements.
-    Full(Record),
-    /// Refused for good (closed sink, offset out of order).
-    Refused(SinkError),
 }
 
 /// A cloneable handle to a running sink. All methods block the calling thread.

@@ -13,37 +13,18 @@ use std::time::{Duration, Instant};
 
 use mqtt_sink_blocking::kafka::{self, partitions, tpl};
 use mqtt_sink_core::{
-    BridgeFlow, BridgeStats, CommitOffsets, Config, ErrorPolicy, FlowAction, FlushOutcome,
-    KafkaConfig, Record, RecordMapper,
+    BridgeFlow, BridgeStats, Config, ErrorPolicy, FlowAction, FlushOutcome, KafkaConfig, Record,
+    RecordMapper,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::{ClientContext, Offset};
 
-use crate::{MqttSink, MqttSinkBuilder, SinkClient, SinkError, TrySendError};
+use crate::{MqttSink, MqttSinkBuilder, SinkClient, TrySendError};
 
 pub use mqtt_sink_blocking::bridge::StatsHandle;
 pub use mqtt_sink_blocking::BridgeError;
 
 type TransformFn = Box<dyn FnMut(Record) -> Option<Record> + Send>;
-
-fn outcome(r: Result<CommitOffsets, SinkError>) -> FlushOutcome {
-    match r {
-        Ok(offsets) => FlushOutcome {
-            complete: true,
-            offsets,
-        },
-        Err(SinkError::FlushTimedOut { offsets, .. } | SinkError::FlushFailed { offsets, .. }) => {
-            FlushOutcome {
-                complete: false,
-                offsets,
-            }
-        }
-        Err(_) => FlushOutcome {
-            complete: false,
-            offsets: Vec::new(),
-        },
-    }
-}
 
 /// Runs `f` to completion from synchronous code inside the runtime (rebalance callbacks).
 fn block_on<F: Future>(f: F) -> F::Output {
@@ -62,7 +43,7 @@ impl ConsumerContext for Ctx {
         if let Rebalance::Revoke(list) = rebalance {
             // Flush and commit before the partitions go to another instance.
             let revoked = partitions(list);
-            let flushed = outcome(block_on(self.sink.flush()));
+            let flushed = FlushOutcome::from_flush(block_on(self.sink.flush()));
             let Ok(mut flow) = self.flow.lock() else {
                 return;
             };
@@ -282,7 +263,7 @@ impl Bridge {
 
     async fn checkpoint(&mut self, held: &mut VecDeque<Record>) {
         self.flow().checkpoint_started(Instant::now());
-        let done = outcome(self.sink.flush().await);
+        let done = FlushOutcome::from_flush(self.sink.flush().await);
         let actions = self.flow().checkpoint_done(Instant::now(), done);
         self.execute(actions, held).await;
     }

@@ -30,6 +30,7 @@ pub use bridge::{Bridge, BridgeBuilder, BridgeError};
 pub use mqtt_sink_core as core;
 pub use mqtt_sink_core::Config;
 pub use mqtt_sink_core::{BridgeStats, KafkaConfig};
+pub use mqtt_sink_core::{SinkError, TrySendError};
 
 use transport::{open, Stream};
 
@@ -38,46 +39,6 @@ type FailureFn = Box<dyn Fn(&ConnectFailure) + Send + Sync>;
 type EventFn = Box<dyn Fn(&Event) + Send + Sync>;
 type DeadLetterFn =
     Box<dyn Fn(&Record, &mqtt_sink_core::RejectReason) -> Result<(), String> + Send + Sync>;
-
-/// Errors of [`MqttSink`] operations.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum SinkError {
-    /// The flush timed out: this many records were not acknowledged in time.
-    FlushTimedOut {
-        /// Records not acknowledged.
-        unacked: usize,
-        /// Positions that are safe to commit nevertheless.
-        offsets: CommitOffsets,
-    },
-    /// The flush failed on a rejected record (error policy `fail`): the message names it.
-    FlushFailed {
-        /// What failed, naming the record by topic/partition@offset.
-        message: String,
-        /// Positions that are safe to commit nevertheless.
-        offsets: CommitOffsets,
-    },
-    /// The record was refused (closed sink, offset out of order).
-    Push(String),
-    /// The sink's task has stopped.
-    Closed,
-}
-
-impl fmt::Display for SinkError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::FlushTimedOut { unacked, .. } => write!(
-                f,
-                "flush timed out: {unacked} record(s) not acknowledged by the broker within flush_timeout"
-            ),
-            Self::FlushFailed { message, .. } => write!(f, "flush failed: {message}"),
-            Self::Push(e) => write!(f, "{e}"),
-            Self::Closed => f.write_str("the sink is closed"),
-        }
-    }
-}
-
-impl std::error::Error for SinkError {}
 
 /// Builds an [`MqttSink`]: config, record mapper and the seed's callbacks.
 pub struct MqttSinkBuilder {
@@ -200,16 +161,6 @@ enum Cmd {
     Stats(oneshot::Sender<mqtt_sink_core::Stats>),
     Flush(oneshot::Sender<Result<CommitOffsets, SinkError>>),
     Close(oneshot::Sender<()>),
-}
-
-/// `try_send` could not take the record.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum TrySendError {
-    /// The buffer is full: here is the record back; await [`SinkClient::room`] and retry.
-    Full(Record),
-    /// Refused for good (closed sink, offset out of order).
-    Refused(SinkError),
 }
 
 /// A cloneable handle to a running sink.
