@@ -29,7 +29,7 @@ pub enum Event {
     ConnectFailed(ConnectFailure),
     /// An established connection was lost; the core reconnects after its backoff.
     ConnectionLost(LostReason),
-    /// The broker acknowledged a record (QoS 1 PUBACK, QoS 2 PUBREC, or QoS 0 written).
+    /// The broker acknowledged a record (QoS 1 PUBACK, QoS 2 PUBCOMP, or QoS 0 written).
     RecordAcknowledged(RecordCoords),
     /// A record cannot be delivered; `policy` says what happens to its offset.
     RecordRejected {

@@ -66,6 +66,9 @@
 //!   `skip` / `dead-letter` policy).
 //! - "Connected" is reported only after a successful CONNACK.
 //! - An MQTT 5 PUBACK/PUBREC reason code >= 0x80 rejects the record; 0x10 is success.
+//! - A QoS 2 record counts as delivered at PUBCOMP, not PUBREC: if the broker loses the
+//!   session in between (a broker killed between snapshots loses the message with it), the
+//!   record is published again. A duplicate is possible then; a loss is not.
 //! - A record too large for the configured or the broker's limit is rejected once, before
 //!   sending, never resent.
 //! - Memory is bounded: `push_record` refuses records beyond the configured buffer.

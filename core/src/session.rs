@@ -203,19 +203,21 @@ impl Sink {
                 } else {
                     wire::encode_pubrel(pkid, &mut self.control);
                     let e = self.inflight.get_mut(&seq).expect("indexed entry");
-                    if !e.released {
-                        e.released = true;
-                        // The broker owns the message from PUBREC on (MQTT 4.3.3).
-                        let (coords, id) = (e.msg.coords.clone(), e.msg.id);
-                        self.acknowledged(coords, id);
-                    }
+                    // MQTT says the broker owns the message from PUBREC on (4.3.3), but a
+                    // broker that loses its state (Mosquitto killed between snapshots) loses
+                    // it too, and Mosquitto forwards QoS 2 messages only at PUBREL. The
+                    // record counts as delivered at PUBCOMP, when the flow is complete.
+                    e.released = true;
                 }
             }
             Incoming::PubComp { pkid, .. } => {
                 if let Some(seq) = self.by_pkid.get(&pkid).copied() {
                     if self.inflight.get(&seq).is_some_and(|e| e.released) {
+                        // Any reason: PUBCOMP ends the flow. 0x92 (packet identifier not
+                        // found) after a resumed session means the broker completed it
+                        // before and the first PUBCOMP was lost.
                         let e = self.take_inflight(seq);
-                        self.free(&e.msg);
+                        self.finish(e.msg, 0);
                     } else {
                         return Err(format!("PUBCOMP before PUBREC for packet id {pkid}"));
                     }
@@ -319,7 +321,8 @@ impl Sink {
 
     /// After CONNACK: with the session resumed, resend every in-flight publish in order
     /// (PUBLISH with DUP and the same id, or PUBREL if released); without it, publish them
-    /// again as new publishes ahead of the queue.
+    /// again as new publishes ahead of the queue, released ones included (the broker that
+    /// sent PUBREC may have lost them: a duplicate is possible, a loss is not).
     fn resume(&mut self, resumed: bool) {
         self.resend.clear();
         if resumed {
@@ -333,9 +336,8 @@ impl Sink {
                 .ledger
                 .pending_id(&e.msg.coords.tp, e.msg.coords.offset)
                 == Some(e.msg.id);
-            if e.released || !tracked {
-                // Released: the broker owned it before the session ended (acknowledged at
-                // PUBREC). Untracked: revoked or rewound, consumed again anyway.
+            if !tracked {
+                // Revoked or rewound: consumed again anyway.
                 self.free(&e.msg);
             } else {
                 let mut msg = e.msg;

@@ -243,6 +243,7 @@ pub struct SimBroker {
     connects: Vec<ConnectInfo>,
     received: Vec<Received>,
     delivered: Vec<Delivered>,
+    pubrels: usize,
     violations: Vec<String>,
 }
 
@@ -365,6 +366,7 @@ impl SimBroker {
             connects: Vec::new(),
             received: Vec::new(),
             delivered: Vec::new(),
+            pubrels: 0,
             violations: Vec::new(),
         }
     }
@@ -486,6 +488,12 @@ impl SimBroker {
     #[must_use]
     pub fn connects(&self) -> &[ConnectInfo] {
         &self.connects
+    }
+
+    /// PUBREL packets read (resends included).
+    #[must_use]
+    pub fn pubrels(&self) -> usize {
+        self.pubrels
     }
 
     /// Every PUBLISH packet read, in order, including duplicates and rejected ones.
@@ -800,6 +808,7 @@ impl SimBroker {
     }
 
     fn on_pubrel(&mut self, now: Instant, codec: Codec, pkid: u16) {
+        self.pubrels += 1;
         let Some(conn) = self.conn.as_mut() else {
             return;
         };

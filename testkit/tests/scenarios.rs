@@ -478,30 +478,62 @@ fn lost_session_case(version: MqttVersion, qos: u8) {
     assert_eq!(payloads, want);
 }
 
-#[test]
-fn qos2_resume_sends_pubrel_not_publish_and_delivers_once() {
+/// A QoS 2 publish whose PUBREC arrived and whose PUBREL was sent, cut before PUBCOMP.
+fn released_then_cut(keep_sessions: bool) -> Harness {
     let mut cfg = test_config(MqttVersion::V5, 2);
     cfg.clean_session = false;
-    let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 9);
+    let knobs = BrokerKnobs {
+        keep_sessions,
+        ack_delay: Duration::from_millis(200),
+        ..BrokerKnobs::default()
+    };
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 9);
     connected(&mut h);
     h.cut();
     connected(&mut h);
     h.push(record("readings", 0, 0, "a", "once")).unwrap();
-    // Let PUBLISH reach the broker and PUBREC come back, then cut before PUBCOMP returns.
-    assert!(h.run_until(Duration::from_secs(1), |h| h
-        .count_events(|e| matches!(e, Event::RecordAcknowledged(_)))
-        == 1));
+    // PUBLISH reaches the broker, PUBREC comes back, PUBREL reaches the broker; PUBCOMP is
+    // still 200 ms away when the link is cut.
+    assert!(h.run_until(Duration::from_secs(2), |h| h.broker.pubrels() == 1));
+    assert_eq!(
+        h.count_events(|e| matches!(e, Event::RecordAcknowledged(_))),
+        0,
+        "a QoS 2 record counts as delivered at PUBCOMP, not at PUBREC"
+    );
     h.cut();
     connected(&mut h);
-    h.run_for(Duration::from_secs(1));
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    assert_eq!(
+        h.count_events(|e| matches!(e, Event::RecordAcknowledged(_))),
+        1
+    );
+    assert_eq!(h.sink.stats().inflight, 0, "PUBCOMP completed the flow");
+    assert_no_violations(&h);
+    h
+}
+
+#[test]
+fn qos2_resume_sends_pubrel_not_publish_and_delivers_once() {
+    let h = released_then_cut(true);
     assert_eq!(
         h.broker.received().len(),
         1,
         "no PUBLISH resent after PUBREC"
     );
+    assert_eq!(h.broker.pubrels(), 2, "PUBREL resent");
     assert_eq!(h.broker.delivered().len(), 1);
-    assert_eq!(h.sink.stats().inflight, 0, "PUBCOMP completed the flow");
-    assert_no_violations(&h);
+}
+
+/// A broker that lost the session after PUBREC may have lost the message with it (as
+/// Mosquitto does when killed between snapshots): the sink publishes it again. A duplicate
+/// is possible; a loss is not.
+#[test]
+fn qos2_released_publish_is_republished_when_the_session_is_lost() {
+    let h = released_then_cut(false);
+    let rx = h.broker.received();
+    assert_eq!(rx.len(), 2, "published again as a new publish");
+    assert!(!rx[1].dup);
+    assert_eq!(rx[0].payload, rx[1].payload);
 }
 
 #[test]
