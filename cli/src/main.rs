@@ -186,8 +186,11 @@ fn init_logging(cfg: &DaemonConfig) {
 fn log_event(e: &Event) {
     match e {
         Event::RecordAcknowledged(_) => tracing::trace!("{e}"),
-        Event::OpenTransport | Event::CloseTransport => tracing::debug!("{e}"),
-        Event::Connected(_) | Event::FlushCompleted { .. } | Event::Closed => tracing::info!("{e}"),
+        // A flush completes every commit interval: the commits show in the metrics.
+        Event::OpenTransport | Event::CloseTransport | Event::FlushCompleted { .. } => {
+            tracing::debug!("{e}")
+        }
+        Event::Connected(_) | Event::Closed => tracing::info!("{e}"),
         Event::ConnectionLost(LostReason::AckTimeout { .. }) => tracing::warn!("{e}"),
         Event::ConnectFailed(_)
         | Event::ConnectionLost(_)

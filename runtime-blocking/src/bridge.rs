@@ -53,12 +53,17 @@ impl ConsumerContext for Ctx {
         if let Rebalance::Revoke(list) = rebalance {
             // Flush and commit before the partitions go to another instance.
             let revoked = partitions(list);
+            tracing::info!("partitions revoked: {}; flushing", kafka::names(&revoked));
             let flushed = FlushOutcome::from_flush(self.sink.flush());
             let Ok(mut flow) = self.flow.lock() else {
                 return;
             };
             if let Some(FlowAction::Commit(offsets)) = flow.revoking(&revoked, flushed) {
                 let result = kafka::commit(consumer, &offsets);
+                match &result {
+                    Ok(()) => tracing::info!("committed on revoke: {offsets:?}"),
+                    Err(e) => tracing::warn!("commit on revoke failed: {e}"),
+                }
                 if result.is_ok() {
                     let _ = self.sink.committed(offsets.clone());
                 }
@@ -71,6 +76,7 @@ impl ConsumerContext for Ctx {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             let parts = partitions(list);
+            tracing::info!("partitions assigned: {}", kafka::names(&parts));
             let _ = self
                 .sink
                 .assign(parts.iter().map(|tp| (tp.clone(), None)).collect());

@@ -44,6 +44,15 @@ pub fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
         .collect()
 }
 
+/// Partitions for a log line: `t/0, t/1`.
+pub fn names(parts: &[TopicPartition]) -> String {
+    parts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A list of partitions.
 pub fn tpl(parts: &[TopicPartition]) -> TopicPartitionList {
     let mut t = TopicPartitionList::new();

@@ -41,6 +41,20 @@ pub fn check(
     arrivals: &[(String, Bytes)],
     faults: bool,
 ) -> Result<Report, String> {
+    check_with(expected, arrivals, faults, 0)
+}
+
+/// [`check`], except that a record may arrive ahead of at most `reorder_window` earlier
+/// records of its topic that had not arrived yet. QoS 2 through Mosquitto needs this after
+/// a fault: it forwards a message at PUBREL, so a publish that was in flight but not yet
+/// released when the sink died is forwarded, on replay, after later ones that had been
+/// released (at most the in-flight window).
+pub fn check_with(
+    expected: &[Expected],
+    arrivals: &[(String, Bytes)],
+    faults: bool,
+    reorder_window: usize,
+) -> Result<Report, String> {
     // Per topic: the expected payloads in order, and each payload's index.
     let mut order: BTreeMap<&str, BTreeMap<&Bytes, usize>> = BTreeMap::new();
     for e in expected {
@@ -53,7 +67,8 @@ pub fn check(
             ));
         }
     }
-    let mut seen: BTreeMap<&str, usize> = BTreeMap::new(); // next never-seen index
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new(); // lowest never-seen index
+    let mut ahead: BTreeMap<&str, std::collections::BTreeSet<usize>> = BTreeMap::new();
     let mut last: BTreeMap<&str, usize> = BTreeMap::new();
     let mut count: BTreeMap<(&str, &Bytes), usize> = BTreeMap::new();
     let mut report = Report::default();
@@ -65,15 +80,26 @@ pub fn check(
         };
         let idx = *idx;
         let next_new = seen.entry(topic.as_str()).or_insert(0);
-        if idx > *next_new {
+        let early = ahead.entry(topic.as_str()).or_default();
+        if idx > *next_new + reorder_window {
             return Err(format!(
                 "arrival #{i}: record #{idx} of topic {topic} arrived before record #{} \
-                 of that topic had ever arrived (out of order)",
-                *next_new
+                 of that topic had ever arrived (out of order{})",
+                *next_new,
+                if reorder_window > 0 {
+                    format!(", beyond the reorder window of {reorder_window}")
+                } else {
+                    String::new()
+                }
             ));
         }
         if idx == *next_new {
             *next_new += 1;
+            while early.remove(&*next_new) {
+                *next_new += 1;
+            }
+        } else if idx > *next_new {
+            early.insert(idx);
         }
         let prev = last.insert(topic.as_str(), idx);
         if prev.is_some_and(|p| idx <= p) {
@@ -138,6 +164,22 @@ mod tests {
         let r = check(&exp, &ok, true).expect("valid with faults");
         assert_eq!((r.arrived, r.duplicates, r.replays), (4, 2, 1));
         assert!(check(&exp, &ok, false).is_err(), "duplicates need a fault");
+    }
+
+    #[test]
+    fn a_reorder_window_admits_bounded_reordering_only() {
+        let exp = [e("x", "1"), e("x", "2"), e("x", "3"), e("x", "4")];
+        let swapped = [a("x", "2"), a("x", "1"), a("x", "3"), a("x", "4")];
+        assert!(check(&exp, &swapped, true).is_err());
+        let r = check_with(&exp, &swapped, true, 1).expect("within the window");
+        assert_eq!(r.arrived, 4);
+        let far = [a("x", "3"), a("x", "1"), a("x", "2"), a("x", "4")];
+        assert!(check_with(&exp, &far, true, 1).is_err(), "two ahead");
+        assert!(check_with(&exp, &far, true, 2).is_ok());
+        assert!(
+            check_with(&exp, &[a("x", "2"), a("x", "3")], true, 3).is_err(),
+            "loss"
+        );
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //!
 //! Everything here is sans-IO and seeded: a test is a pure function of its seed.
 
+pub mod backend;
 pub mod bridge_suite;
 pub mod broker;
 pub mod certs;
 pub mod checker;
+pub mod faults;
 pub mod kafka;
 pub mod model;
 pub mod mosquitto;

@@ -32,6 +32,12 @@ pub struct ChaosProxy {
 impl ChaosProxy {
     /// Starts forwarding to `127.0.0.1:upstream`.
     pub fn start(upstream: u16, seed: u64) -> Result<Self, String> {
+        Self::start_to("127.0.0.1", upstream, seed)
+    }
+
+    /// Starts forwarding to `host:upstream`.
+    pub fn start_to(host: &str, upstream: u16, seed: u64) -> Result<Self, String> {
+        let upstream = format!("{host}:{upstream}");
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("proxy bind: {e}"))?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -44,7 +50,7 @@ impl ChaosProxy {
                     Ok((client, _)) => {
                         n += 1;
                         let _ = client.set_nonblocking(false);
-                        connect(client, upstream, st.clone(), seed ^ n);
+                        connect(client, &upstream, st.clone(), seed ^ n);
                     }
                     // Poll the flag between accepts (the listener is non-blocking).
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -96,8 +102,8 @@ impl Drop for ChaosProxy {
     }
 }
 
-fn connect(client: TcpStream, upstream: u16, st: Arc<State>, seed: u64) {
-    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+fn connect(client: TcpStream, upstream: &str, st: Arc<State>, seed: u64) {
+    let Ok(server) = TcpStream::connect(upstream) else {
         let _ = client.shutdown(Shutdown::Both);
         return;
     };

@@ -31,16 +31,24 @@ pub struct Subscriber {
     notify: Arc<Notify>,
     client: AsyncClient,
     task: tokio::task::JoinHandle<()>,
+    subacks: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Subscriber {
     /// Connects, subscribes at QoS 2 and returns once the SUBACK arrived (at most 10 s).
     pub async fn start(port: u16, filter: &str) -> Result<Self, String> {
+        Self::start_at("127.0.0.1", port, filter).await
+    }
+
+    /// [`Subscriber::start`] on `host:port`. After a reconnect to a broker that has no
+    /// session for it (a restarted broker), it subscribes again; [`Subscriber::subacks`]
+    /// counts the SUBACKs.
+    pub async fn start_at(host: &str, port: u16, filter: &str) -> Result<Self, String> {
         // Unique per subscriber: two clients with one id evict each other.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("checker-{}-{port}-{n}", std::process::id());
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        let mut opts = MqttOptions::new(id, host, port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(Some(64 << 20));
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
@@ -51,11 +59,29 @@ impl Subscriber {
         let messages = Arc::new(Mutex::new(Vec::new()));
         let notify = Arc::new(Notify::new());
         let subscribed = Arc::new(Notify::new());
-        let (m, n, s) = (messages.clone(), notify.clone(), subscribed.clone());
+        let subacks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (m, n, s, count) = (
+            messages.clone(),
+            notify.clone(),
+            subscribed.clone(),
+            subacks.clone(),
+        );
+        let (again, filter_again) = (client.clone(), filter.to_string());
         let task = tokio::spawn(async move {
+            let mut connacks = 0u64;
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => s.notify_one(),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        s.notify_one();
+                        n.notify_waiters();
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                        connacks += 1;
+                        if connacks > 1 && !c.session_present {
+                            let _ = again.try_subscribe(filter_again.clone(), QoS::ExactlyOnce);
+                        }
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let props = p.properties.unwrap_or_default();
                         let msg = Message {
@@ -81,7 +107,24 @@ impl Subscriber {
             notify,
             client,
             task,
+            subacks,
         })
+    }
+
+    /// SUBACKs received (1 after start; one more per subscription after a reconnect).
+    pub fn subacks(&self) -> usize {
+        self.subacks.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` SUBACKs arrived, at most `timeout`; returns the count.
+    pub async fn wait_for_subacks(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            if self.subacks() >= n || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.subacks();
+            }
+        }
     }
 
     /// Everything received so far.
@@ -139,13 +182,18 @@ pub struct SyncSubscriber {
 impl SyncSubscriber {
     /// Connects and subscribes (panics with the reason if it cannot: a test fixture).
     pub fn start(port: u16, filter: &str) -> Self {
+        Self::start_at("127.0.0.1", port, filter)
+    }
+
+    /// [`SyncSubscriber::start`] on `host:port` (see [`Subscriber::start_at`]).
+    pub fn start_at(host: &str, port: u16, filter: &str) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("tokio runtime");
         let inner = rt
-            .block_on(Subscriber::start(port, filter))
+            .block_on(Subscriber::start_at(host, port, filter))
             .unwrap_or_else(|e| panic!("subscriber: {e}"));
         Self {
             rt,
@@ -171,6 +219,14 @@ impl SyncSubscriber {
 }
 
 impl SyncSubscriber {
+    /// Waits until at least `n` SUBACKs arrived (see [`Subscriber::wait_for_subacks`]).
+    pub fn wait_for_subacks(&self, n: usize, timeout: Duration) -> usize {
+        match &self.inner {
+            Some(s) => self.rt.block_on(s.wait_for_subacks(n, timeout)),
+            None => 0,
+        }
+    }
+
     /// Waits until every payload in `want` arrived (at least once), at most `timeout`;
     /// returns how many of them arrived.
     pub fn wait_for_all(&self, want: &[Bytes], timeout: Duration) -> usize {
