@@ -594,6 +594,15 @@ impl KafkaCluster {
         }
     }
 
+    /// Whether the broker is Tansu (process, or a container image named `…tansu…`).
+    pub fn is_tansu(&self) -> bool {
+        match &self.kind {
+            KafkaKind::Tansu(_) => true,
+            KafkaKind::Container { image, .. } => image.contains("tansu"),
+            _ => false,
+        }
+    }
+
     /// Whether [`KafkaCluster::kill_and_restart`] can be done (Tansu process, container).
     pub fn can_restart(&self) -> bool {
         matches!(self.kind, KafkaKind::Tansu(_) | KafkaKind::Container { .. })

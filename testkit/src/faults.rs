@@ -422,6 +422,8 @@ level = "info"
 
     /// Waits (at most `timeout`) until every produced record arrived at `sub`.
     pub fn wait_all_arrived(&self, sub: &SyncSubscriber, timeout: Duration) -> Result<(), String> {
+        // Long runs get a millisecond per record on top.
+        let timeout = timeout + Duration::from_millis(self.produced.len() as u64);
         let want: Vec<Bytes> = self
             .produced
             .iter()
@@ -441,6 +443,7 @@ level = "info"
 
     /// Waits (at most `timeout`) until the group's committed offsets equal the end offsets.
     pub fn wait_committed_end(&self, timeout: Duration) -> Result<(), String> {
+        let timeout = timeout + Duration::from_millis(self.produced.len() as u64 / 4);
         let end: Vec<Option<i64>> = self.next_offset.iter().map(|&o| Some(o)).collect();
         let deadline = Instant::now() + timeout;
         loop {
@@ -654,11 +657,15 @@ pub fn link_faults(bin: &Path, runtime: &str, qos: u8) {
     let Some(mut s) = scenario(bin, runtime, qos, partitions_for(n)) else {
         return;
     };
-    s.produce(n).unwrap_or_else(|e| panic!("{e}"));
+    // Most first (cuts and the blackhole), the last fifth (at most 4,000: each dropped ack
+    // costs an ack timeout) once acks are dropped.
+    let first = n - (n / 5).min(4_000);
+    s.produce(first).unwrap_or_else(|e| panic!("{e}"));
     let sub = s.subscriber();
     let proxy =
         ChaosProxy::start_to(&s.mqtt.host, s.mqtt.port, 11).unwrap_or_else(|e| panic!("{e}"));
-    proxy.set_latency(Duration::from_millis(1));
+    // Latency keeps the window's round trips slow enough for the cuts to land mid-run.
+    proxy.set_latency(Duration::from_millis(5));
     let cfg = s.config("sink", Some(proxy.port), None);
     let mut sink = s.start_sink(&cfg);
     let step = n / 10;
@@ -682,14 +689,16 @@ pub fn link_faults(bin: &Path, runtime: &str, qos: u8) {
     );
     proxy.set_blackhole(false);
     proxy.cut_all();
-    if sub.wait_for(step * 6, Duration::from_secs(120)) < step * 6 {
-        fail("the sink did not recover after the blackhole", &[&sink]);
+    if let Err(e) = s.wait_all_arrived(&sub, Duration::from_secs(120)) {
+        fail(&format!("after the blackhole: {e}"), &[&sink]);
     }
+    // The tail with 5% of acknowledgements dropped.
     proxy.set_latency(Duration::ZERO);
     proxy.drop_acks(5);
     s.acks_lost = true;
     s.mark("dropped acks", &sub)
         .unwrap_or_else(|e| panic!("{e}"));
+    s.produce(n - first).unwrap_or_else(|e| panic!("{e}"));
     if let Err(e) = s.wait_all_arrived(&sub, Duration::from_secs(300)) {
         fail(&e, &[&sink]);
     }
@@ -700,6 +709,10 @@ pub fn link_faults(bin: &Path, runtime: &str, qos: u8) {
     stop_cleanly(&mut sink);
     // Each dropped ack costs one reconnect, which resends at most the window.
     let dropped = proxy.dropped_acks() as usize;
+    assert!(
+        dropped > 0,
+        "no acknowledgement was dropped: the phase did not run"
+    );
     let report = s
         .verify(&sub, dropped * MAX_INFLIGHT)
         .unwrap_or_else(|e| fail(&e, &[&sink]));
@@ -713,6 +726,17 @@ pub fn group_of_three_one_killed_one_added(bin: &Path, runtime: &str, qos: u8) {
     let Some(mut s) = scenario(bin, runtime, qos, partitions_for(n).max(8)) else {
         return;
     };
+    if s.kafka.is_tansu() {
+        // Seen here: after a member's session times out, Tansu 0.6 rebalances only some of
+        // the survivors, so the dead member's partitions stay assigned to it and are never
+        // consumed (the live members' logs show no revoke). A coordinator defect, not the
+        // sink's; the scenario runs on MockCluster and apache/kafka.
+        eprintln!(
+            "SKIPPED: {}: Tansu 0.6's group coordinator does not reassign a killed member's partitions",
+            s.kafka.describe()
+        );
+        return;
+    }
     let third = n / 3;
     s.produce(third).unwrap_or_else(|e| panic!("{e}"));
     let sub = s.subscriber();

@@ -151,16 +151,20 @@ impl Subscriber {
     /// returns how many of them arrived.
     pub async fn wait_for_all(&self, want: &[Bytes], timeout: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + timeout;
+        // Incremental: each wake looks only at the messages that arrived since the last.
+        let mut missing: std::collections::BTreeSet<&Bytes> = want.iter().collect();
+        let mut read = 0;
         loop {
             let notified = self.notify.notified();
-            let seen = {
+            {
                 let msgs = self.messages.lock().expect("lock");
-                let got: std::collections::BTreeSet<&Bytes> =
-                    msgs.iter().map(|m| &m.payload).collect();
-                want.iter().filter(|p| got.contains(p)).count()
-            };
-            if seen == want.len() || tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return seen;
+                for m in &msgs[read..] {
+                    missing.remove(&m.payload);
+                }
+                read = msgs.len();
+            }
+            if missing.is_empty() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return want.len() - missing.len();
             }
         }
     }
