@@ -67,6 +67,9 @@ pub enum FlowAction {
 pub struct FlushOutcome {
     /// Every record was acknowledged or handled.
     pub complete: bool,
+    /// Incomplete only because the deadline passed: the unacknowledged records are still in
+    /// the sink and will be published (nothing was refused).
+    pub timed_out: bool,
     /// Positions safe to commit (all of them when complete).
     pub offsets: CommitOffsets,
 }
@@ -78,16 +81,22 @@ impl FlushOutcome {
         match r {
             Ok(offsets) => Self {
                 complete: true,
+                timed_out: false,
                 offsets,
             },
-            Err(
-                SinkError::FlushTimedOut { offsets, .. } | SinkError::FlushFailed { offsets, .. },
-            ) => Self {
+            Err(SinkError::FlushTimedOut { offsets, .. }) => Self {
                 complete: false,
+                timed_out: true,
+                offsets,
+            },
+            Err(SinkError::FlushFailed { offsets, .. }) => Self {
+                complete: false,
+                timed_out: false,
                 offsets,
             },
             Err(_) => Self {
                 complete: false,
+                timed_out: false,
                 offsets: Vec::new(),
             },
         }
@@ -207,7 +216,11 @@ impl BridgeFlow {
         self.flush_started = Some(now);
     }
 
-    /// A checkpoint's flush ended: commit what is safe; if it failed, rewind and back off.
+    /// A checkpoint's flush ended: commit what is safe. If it timed out, that is all: the
+    /// unacknowledged records stay in the sink and go out as the broker allows (rewinding
+    /// would publish them twice, and a broker merely slower than the buffer drains in a
+    /// flush timeout would see every record twice). If the sink refused records (the
+    /// `fail` policy) or closed, rewind to the committed positions and back off.
     pub fn checkpoint_done(&mut self, now: Instant, outcome: FlushOutcome) -> Vec<FlowAction> {
         if let Some(t) = self.flush_started.take() {
             self.stats.last_flush_ms = now.saturating_duration_since(t).as_millis() as u64;
@@ -216,7 +229,7 @@ impl BridgeFlow {
         if !outcome.offsets.is_empty() {
             actions.push(FlowAction::Commit(outcome.offsets));
         }
-        if outcome.complete {
+        if outcome.complete || outcome.timed_out {
             self.checkpoints.completed(now);
         } else {
             self.stats.rewinds += 1;
@@ -313,6 +326,24 @@ mod tests {
     }
 
     #[test]
+    fn timed_out_checkpoint_commits_what_is_safe_and_keeps_the_rest() {
+        let now = Instant::now();
+        let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
+        let safe = vec![(tp(0), 7)];
+        let actions = f.checkpoint_done(
+            now,
+            FlushOutcome {
+                complete: false,
+                timed_out: true,
+                offsets: safe.clone(),
+            },
+        );
+        assert_eq!(actions, vec![FlowAction::Commit(safe)]);
+        assert!(f.may_consume(now));
+        assert_eq!(f.stats.rewinds, 0);
+    }
+
+    #[test]
     fn failed_checkpoint_commits_what_is_safe_then_rewinds_and_backs_off() {
         let now = Instant::now();
         let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
@@ -322,6 +353,7 @@ mod tests {
             now,
             FlushOutcome {
                 complete: false,
+                timed_out: false,
                 offsets: safe.clone(),
             },
         );
@@ -343,6 +375,7 @@ mod tests {
         let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
         let flushed = FlushOutcome {
             complete: true,
+            timed_out: false,
             offsets: vec![(tp(0), 3), (tp(1), 4)],
         };
         assert_eq!(

@@ -565,6 +565,28 @@ fn partitions_for(n: usize) -> i32 {
     (n / 50_000).clamp(4, 25) as i32
 }
 
+/// No fault: every record arrives exactly once, in order, and the end offsets are
+/// committed (the baseline the fault scenarios are measured against).
+pub fn clean_run_has_no_duplicates(bin: &Path, runtime: &str, qos: u8) {
+    let n = record_count(20_000);
+    let Some(mut s) = scenario(bin, runtime, qos, partitions_for(n)) else {
+        return;
+    };
+    s.produce(n).unwrap_or_else(|e| panic!("{e}"));
+    let sub = s.subscriber();
+    let cfg = s.config("sink", None, None);
+    let mut sink = s.start_sink(&cfg);
+    if let Err(e) = s.wait_all_arrived(&sub, Duration::from_secs(120)) {
+        fail(&e, &[&sink]);
+    }
+    if let Err(e) = s.wait_committed_end(Duration::from_secs(60)) {
+        fail(&e, &[&sink]);
+    }
+    stop_cleanly(&mut sink);
+    let report = s.verify(&sub, 0).unwrap_or_else(|e| fail(&e, &[&sink]));
+    assert_eq!((report.duplicates, report.replays), (0, 0));
+}
+
 /// The sink is killed with SIGKILL mid-run and started again.
 pub fn sink_killed_and_restarted(bin: &Path, runtime: &str, qos: u8) {
     let n = record_count(20_000);
@@ -851,6 +873,14 @@ macro_rules! faults_suite {
     ($bin:expr) => {
         fn bin() -> ::std::path::PathBuf {
             ::std::path::PathBuf::from($bin)
+        }
+        #[test]
+        fn clean_run_blocking_qos1() {
+            $crate::faults::clean_run_has_no_duplicates(&bin(), "blocking", 1);
+        }
+        #[test]
+        fn clean_run_tokio_qos2() {
+            $crate::faults::clean_run_has_no_duplicates(&bin(), "tokio", 2);
         }
         #[test]
         fn sink_sigkill_restart_blocking_qos1() {
