@@ -276,6 +276,21 @@ impl Bridge {
 
     /// Offers the held records, oldest first, until the sink is full.
     async fn offer(&mut self, held: &mut VecDeque<Record>) -> Result<(), BridgeError> {
+        // One round trip for everything that fits; the record that did not (if any) goes
+        // through `try_send` below, which says whether the sink is full or refused it.
+        if held.len() > 1 {
+            let before = held.len();
+            let rest = self
+                .sink
+                .try_send_batch(std::mem::take(held))
+                .await
+                .map_err(|e| BridgeError::Sink(e.to_string()))?;
+            *held = rest;
+            if held.len() < before {
+                let a = self.flow().pushed();
+                self.execute(a.into_iter().collect(), held).await;
+            }
+        }
         while let Some(r) = held.pop_front() {
             match self.sink.try_send(r).await {
                 Ok(()) => {
@@ -347,6 +362,25 @@ impl Bridge {
                     };
                     self.flow().consumed(record.is_some());
                     held.extend(record);
+                    // Take what else Kafka has ready (bounded), to hand the sink a batch.
+                    for _ in 0..1024 {
+                        let Ok(m) =
+                            tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await
+                        else {
+                            break;
+                        };
+                        match m.map(|m| kafka::to_record(&mut self.topics, &m)) {
+                            Err(e) => self.flow().kafka_error(e.to_string()),
+                            Ok(record) => {
+                                let record = match self.transform.as_mut() {
+                                    Some(t) => t(record),
+                                    None => Some(record),
+                                };
+                                self.flow().consumed(record.is_some());
+                                held.extend(record);
+                            }
+                        }
+                    }
                     self.offer(&mut held).await?;
                 }
             }

@@ -14,6 +14,7 @@ mod transport;
 /// TLS client configuration (shared with the blocking runtime).
 pub use mqtt_sink_blocking::tls;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::Instant as StdInstant;
 
@@ -153,6 +154,7 @@ impl MqttSinkBuilder {
 enum Cmd {
     Send(Record, oneshot::Sender<Result<(), SinkError>>),
     TrySend(Record, oneshot::Sender<Result<(), TrySendError>>),
+    TrySendBatch(VecDeque<Record>, oneshot::Sender<VecDeque<Record>>),
     Room(oneshot::Sender<()>),
     Assign(Vec<(TopicPartition, Option<i64>)>, oneshot::Sender<()>),
     Revoke(Vec<TopicPartition>, oneshot::Sender<()>),
@@ -192,6 +194,16 @@ impl SinkClient {
             Ok(r) => r,
             Err(e) => Err(TrySendError::Refused(e)),
         }
+    }
+
+    /// Takes records in order until the buffer is full or one is refused, in one round
+    /// trip; returns those not taken (the first of them is the one that did not fit or
+    /// was refused: [`try_send`](Self::try_send) it to learn which).
+    pub async fn try_send_batch(
+        &self,
+        records: VecDeque<Record>,
+    ) -> Result<VecDeque<Record>, SinkError> {
+        self.call(|tx| Cmd::TrySendBatch(records, tx)).await
     }
 
     /// Resolves when the buffer has room (cancellation-safe).
@@ -471,6 +483,19 @@ impl Driver {
                                 Err(e) => Err(TrySendError::Refused(SinkError::Push(e.to_string()))),
                             };
                             let _ = reply.send(result);
+                        }
+                        Some(Cmd::TrySendBatch(mut records, reply)) => {
+                            while let Some(r) = records.pop_front() {
+                                match self.sink.push_record(now, r) {
+                                    Ok(()) => {}
+                                    Err(e) => {
+                                        // Back in front; `try_send` tells the caller why.
+                                        records.push_front(e.into_record());
+                                        break;
+                                    }
+                                }
+                            }
+                            let _ = reply.send(records);
                         }
                         Some(Cmd::Room(reply)) => self.room_waiters.push(reply),
                         Some(Cmd::Assign(parts, reply)) => {
