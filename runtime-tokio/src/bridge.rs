@@ -17,6 +17,7 @@ use mqtt_sink_core::{
     RecordMapper,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Offset};
 
 use crate::{MqttSink, MqttSinkBuilder, SinkClient, TrySendError};
@@ -275,6 +276,21 @@ impl Bridge {
     }
 
     /// Offers the held records, oldest first, until the sink is full.
+    /// A consumed record (or a consumer error): through the transform into `held`.
+    fn take(&mut self, msg: Result<Record, KafkaError>, held: &mut VecDeque<Record>) {
+        match msg {
+            Err(e) => self.flow().kafka_error(e.to_string()),
+            Ok(record) => {
+                let record = match self.transform.as_mut() {
+                    Some(t) => t(record),
+                    None => Some(record),
+                };
+                self.flow().consumed(record.is_some());
+                held.extend(record);
+            }
+        }
+    }
+
     async fn offer(&mut self, held: &mut VecDeque<Record>) -> Result<(), BridgeError> {
         // One round trip for everything that fits; the record that did not (if any) goes
         // through `try_send` below, which says whether the sink is full or refused it.
@@ -353,36 +369,19 @@ impl Bridge {
                 _ = tokio::time::sleep_until(until) => continue,
                 _ = &mut stop => break,
             };
-            match msg {
-                Err(e) => self.flow().kafka_error(e.to_string()),
-                Ok(record) => {
-                    let record = match self.transform.as_mut() {
-                        Some(t) => t(record),
-                        None => Some(record),
+            let took = msg.is_ok();
+            self.take(msg, &mut held);
+            if took {
+                // Take what else Kafka has ready (bounded), to hand the sink a batch.
+                for _ in 0..1024 {
+                    let Ok(m) = tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await
+                    else {
+                        break;
                     };
-                    self.flow().consumed(record.is_some());
-                    held.extend(record);
-                    // Take what else Kafka has ready (bounded), to hand the sink a batch.
-                    for _ in 0..1024 {
-                        let Ok(m) =
-                            tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await
-                        else {
-                            break;
-                        };
-                        match m.map(|m| kafka::to_record(&mut self.topics, &m)) {
-                            Err(e) => self.flow().kafka_error(e.to_string()),
-                            Ok(record) => {
-                                let record = match self.transform.as_mut() {
-                                    Some(t) => t(record),
-                                    None => Some(record),
-                                };
-                                self.flow().consumed(record.is_some());
-                                held.extend(record);
-                            }
-                        }
-                    }
-                    self.offer(&mut held).await?;
+                    let m = m.map(|m| kafka::to_record(&mut self.topics, &m));
+                    self.take(m, &mut held);
                 }
+                self.offer(&mut held).await?;
             }
         }
         // Graceful stop: what was taken is flushed and committed, then DISCONNECT.

@@ -26,13 +26,14 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::producer::{BaseProducer, DefaultProducerContext};
 use testcontainers::core::{ContainerPort, WaitFor};
 use testcontainers::runners::SyncRunner;
 use testcontainers::{Container, GenericImage, ImageExt};
 
-use crate::kafka::{classic_group_properties, fast_group_properties};
+use crate::kafka::{
+    classic_group_properties, committed_offsets, fast_group_properties, produce_all,
+};
 use crate::mosquitto::{free_port, Mosquitto, MosquittoOptions};
 
 /// Why a backend cannot run on this machine (the test skips and prints this).
@@ -257,17 +258,20 @@ impl MqttBroker {
             MqttKind::Process(m) => m.restart(),
             MqttKind::External => Err("an external broker cannot be restarted".into()),
             MqttKind::Container { container, image } => {
-                // Docker sends SIGKILL at once with a zero timeout.
-                container
-                    .stop_with_timeout(Some(0))
-                    .map_err(|e| format!("stop {image}: {e}"))?;
-                container
-                    .start()
-                    .map_err(|e| format!("start {image}: {e}"))?;
+                kill_and_start(container, image)?;
                 wait_for_tcp(&self.host, self.port, Duration::from_secs(30))
             }
         }
     }
+}
+
+/// Kills a container hard (Docker sends SIGKILL at once with a zero timeout) and starts it
+/// again with its filesystem and published ports.
+fn kill_and_start(container: &Container<GenericImage>, image: &str) -> Result<(), String> {
+    container
+        .stop_with_timeout(Some(0))
+        .map_err(|e| format!("stop {image}: {e}"))?;
+    container.start().map_err(|e| format!("start {image}: {e}"))
 }
 
 fn wait_for_tcp(host: &str, port: u16, timeout: Duration) -> Result<(), String> {
@@ -613,12 +617,7 @@ impl KafkaCluster {
         match &mut self.kind {
             KafkaKind::Tansu(t) => t.restart(),
             KafkaKind::Container { container, image } => {
-                container
-                    .stop_with_timeout(Some(0))
-                    .map_err(|e| format!("stop {image}: {e}"))?;
-                container
-                    .start()
-                    .map_err(|e| format!("start {image}: {e}"))?;
+                kill_and_start(container, image)?;
                 wait_for_metadata(&self.bootstrap, Duration::from_secs(60))
             }
             _ => Err(format!("{} cannot be restarted", self.describe())),
@@ -673,30 +672,7 @@ impl KafkaCluster {
 
     /// Produces keyed records to explicit partitions and waits for every ack.
     pub fn produce(&self, topic: &str, records: &[(i32, String, String)]) -> Result<(), String> {
-        for (p, k, v) in records {
-            let mut rec = BaseRecord::to(topic)
-                .partition(*p)
-                .key(k.as_str())
-                .payload(v.as_str());
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                match self.producer.send(rec) {
-                    Ok(()) => break,
-                    Err((e, r))
-                        if e.rdkafka_error_code()
-                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
-                            && Instant::now() < deadline =>
-                    {
-                        self.producer.poll(Duration::from_millis(10));
-                        rec = r;
-                    }
-                    Err((e, _)) => return Err(format!("produce to {topic}: {e}")),
-                }
-            }
-        }
-        self.producer
-            .flush(Duration::from_secs(120))
-            .map_err(|e| format!("produce flush: {e}"))
+        produce_all(&self.producer, topic, records)
     }
 
     /// The group's committed positions for `topic`'s partitions (None: nothing committed).
@@ -706,24 +682,7 @@ impl KafkaCluster {
         topic: &str,
         partitions: i32,
     ) -> Result<Vec<Option<i64>>, String> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", group)
-            .create()
-            .map_err(|e| format!("consumer: {e}"))?;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition(topic, p);
-        }
-        let got = consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .map_err(|e| format!("committed offsets of {group}: {e}"))?;
-        Ok((0..partitions)
-            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            })
-            .collect())
+        committed_offsets(&self.bootstrap, group, topic, partitions)
     }
 
     /// The log end offsets of `topic`'s partitions.

@@ -542,6 +542,22 @@ fn fail(what: &str, sinks: &[&SinkProcess]) -> ! {
     panic!("{what}\n{}", logs(sinks))
 }
 
+/// Waits (at most the given seconds) for every record to arrive, then for the committed
+/// offsets to reach the end offsets; fails with the sinks' logs.
+fn settle(
+    s: &Scenario,
+    sub: &SyncSubscriber,
+    (arrive, commit): (u64, u64),
+    sinks: &[&SinkProcess],
+) {
+    if let Err(e) = s.wait_all_arrived(sub, Duration::from_secs(arrive)) {
+        fail(&e, sinks);
+    }
+    if let Err(e) = s.wait_committed_end(Duration::from_secs(commit)) {
+        fail(&e, sinks);
+    }
+}
+
 fn stop_cleanly(sink: &mut SinkProcess) {
     match sink.terminate(Duration::from_secs(30)) {
         Ok(Some(0)) => {}
@@ -576,12 +592,7 @@ pub fn clean_run_has_no_duplicates(bin: &Path, runtime: &str, qos: u8) {
     let sub = s.subscriber();
     let cfg = s.config("sink", None, None);
     let mut sink = s.start_sink(&cfg);
-    if let Err(e) = s.wait_all_arrived(&sub, Duration::from_secs(120)) {
-        fail(&e, &[&sink]);
-    }
-    if let Err(e) = s.wait_committed_end(Duration::from_secs(60)) {
-        fail(&e, &[&sink]);
-    }
+    settle(&s, &sub, (120, 60), &[&sink]);
     stop_cleanly(&mut sink);
     let report = s.verify(&sub, 0).unwrap_or_else(|e| fail(&e, &[&sink]));
     assert_eq!((report.duplicates, report.replays), (0, 0));
@@ -607,12 +618,7 @@ pub fn sink_killed_and_restarted(bin: &Path, runtime: &str, qos: u8) {
         eprintln!("note: every record was delivered before the kill");
     }
     let mut second = s.start_sink(&cfg);
-    if let Err(e) = s.wait_all_arrived(&sub, Duration::from_secs(300)) {
-        fail(&e, &[&first, &second]);
-    }
-    if let Err(e) = s.wait_committed_end(Duration::from_secs(60)) {
-        fail(&e, &[&second]);
-    }
+    settle(&s, &sub, (300, 60), &[&first, &second]);
     stop_cleanly(&mut second);
     s.verify(&sub, 0)
         .unwrap_or_else(|e| fail(&e, &[&first, &second]));
@@ -658,12 +664,7 @@ pub fn mqtt_broker_killed_and_restarted(bin: &Path, runtime: &str, qos: u8) {
         panic!("the subscriber did not subscribe again after the broker restart");
     }
     proxy.set_blackhole(false);
-    if let Err(e) = s.wait_all_arrived(&sub, Duration::from_secs(300)) {
-        fail(&e, &[&sink]);
-    }
-    if let Err(e) = s.wait_committed_end(Duration::from_secs(60)) {
-        fail(&e, &[&sink]);
-    }
+    settle(&s, &sub, (300, 60), &[&sink]);
     if !sink.running() {
         fail("the sink exited", &[&sink]);
     }
@@ -798,12 +799,7 @@ pub fn group_of_three_one_killed_one_added(bin: &Path, runtime: &str, qos: u8) {
     wait_assigned(&live, "after the kill and the join");
     s.produce(n - 2 * third).unwrap_or_else(|e| panic!("{e}"));
     let all: Vec<&SinkProcess> = sinks.iter().collect();
-    if let Err(e) = s.wait_all_arrived(&sub, Duration::from_secs(300)) {
-        fail(&e, &all);
-    }
-    if let Err(e) = s.wait_committed_end(Duration::from_secs(90)) {
-        fail(&e, &all);
-    }
+    settle(&s, &sub, (300, 90), &all);
     for i in [0, 2, 3] {
         stop_cleanly(&mut sinks[i]);
     }
@@ -849,12 +845,7 @@ pub fn kafka_broker_killed_and_restarted(bin: &Path, runtime: &str, qos: u8) {
         .unwrap_or_else(|e| fail(&format!("restart Kafka: {e}"), &[&sink]));
     s.mark_with("kafka killed", committed, &sub);
     s.produce(n - n / 2).unwrap_or_else(|e| panic!("{e}"));
-    if let Err(e) = s.wait_all_arrived(&sub, Duration::from_secs(300)) {
-        fail(&e, &[&sink]);
-    }
-    if let Err(e) = s.wait_committed_end(Duration::from_secs(120)) {
-        fail(&e, &[&sink]);
-    }
+    settle(&s, &sub, (300, 120), &[&sink]);
     if !sink.running() {
         fail("the sink exited", &[&sink]);
     }

@@ -83,28 +83,7 @@ impl MockKafka {
 
     /// Produces keyed records to an explicit partition and waits for all acks.
     pub fn produce(&self, topic: &str, records: &[(i32, String, String)]) -> Result<(), String> {
-        for (p, k, v) in records {
-            let mut rec = BaseRecord::to(topic)
-                .partition(*p)
-                .key(k.as_str())
-                .payload(v.as_str());
-            loop {
-                match self.producer.send(rec) {
-                    Ok(()) => break,
-                    Err((e, r))
-                        if e.rdkafka_error_code()
-                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                    {
-                        self.producer.poll(Duration::from_millis(10));
-                        rec = r;
-                    }
-                    Err((e, _)) => return Err(format!("produce to {topic}: {e}")),
-                }
-            }
-        }
-        self.producer
-            .flush(Duration::from_secs(30))
-            .map_err(|e| format!("produce flush: {e}"))
+        produce_all(&self.producer, topic, records)
     }
 
     /// The group's committed positions for `topic`'s partitions (None: nothing committed).
@@ -114,24 +93,7 @@ impl MockKafka {
         topic: &str,
         partitions: i32,
     ) -> Result<Vec<Option<i64>>, String> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .set("group.id", group)
-            .create()
-            .map_err(|e| format!("consumer: {e}"))?;
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition(topic, p);
-        }
-        let got = consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .map_err(|e| format!("committed offsets: {e}"))?;
-        Ok((0..partitions)
-            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            })
-            .collect())
+        committed_offsets(&self.bootstrap(), group, topic, partitions)
     }
 
     /// Every record on `topic` (key, value), read from the beginning by a fresh consumer
@@ -171,4 +133,65 @@ impl MockKafka {
         }
         Ok(out)
     }
+}
+
+/// Produces keyed records to explicit partitions with `producer` and waits for every ack
+/// (a full client queue is waited out, at most 120 s).
+pub fn produce_all(
+    producer: &BaseProducer,
+    topic: &str,
+    records: &[(i32, String, String)],
+) -> Result<(), String> {
+    for (p, k, v) in records {
+        let mut rec = BaseRecord::to(topic)
+            .partition(*p)
+            .key(k.as_str())
+            .payload(v.as_str());
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((e, r))
+                    if e.rdkafka_error_code()
+                        == Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    producer.poll(Duration::from_millis(10));
+                    rec = r;
+                }
+                Err((e, _)) => return Err(format!("produce to {topic}: {e}")),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .map_err(|e| format!("produce flush: {e}"))
+}
+
+/// A group's committed positions for `topic`'s partitions on the cluster at `bootstrap`
+/// (None: nothing committed).
+pub fn committed_offsets(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Result<Vec<Option<i64>>, String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .map_err(|e| format!("consumer: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map_err(|e| format!("committed offsets of {group}: {e}"))?;
+    Ok((0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect())
 }
