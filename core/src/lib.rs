@@ -84,6 +84,7 @@ mod event;
 mod ledger;
 mod mapper;
 mod record;
+mod send_order;
 mod session;
 mod sink;
 mod template;

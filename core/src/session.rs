@@ -37,7 +37,7 @@ pub(crate) struct Msg {
     pub(crate) packet: EncodedPublish,
     pub(crate) retain: bool,
     /// The record itself, kept only under the dead-letter policy.
-    pub(crate) record: Option<Record>,
+    pub(crate) record: Option<Box<Record>>,
     /// Bytes counted against `max_buffered_bytes`.
     pub(crate) size: usize,
 }
@@ -202,7 +202,7 @@ impl Sink {
                     self.finish(e.msg, reason);
                 } else {
                     wire::encode_pubrel(pkid, &mut self.control);
-                    let e = self.inflight.get_mut(&seq).expect("indexed entry");
+                    let e = self.inflight.get_mut(seq).expect("indexed entry");
                     // MQTT says the broker owns the message from PUBREC on (4.3.3), but a
                     // broker that loses its state (Mosquitto killed between snapshots) loses
                     // it too, and Mosquitto forwards QoS 2 messages only at PUBREL. The
@@ -212,7 +212,7 @@ impl Sink {
             }
             Incoming::PubComp { pkid, .. } => {
                 if let Some(seq) = self.by_pkid.get(&pkid).copied() {
-                    if self.inflight.get(&seq).is_some_and(|e| e.released) {
+                    if self.inflight.get(seq).is_some_and(|e| e.released) {
                         // Any reason: PUBCOMP ends the flow. 0x92 (packet identifier not
                         // found) after a resumed session means the broker completed it
                         // before and the first PUBCOMP was lost.
@@ -326,12 +326,12 @@ impl Sink {
     fn resume(&mut self, resumed: bool) {
         self.resend.clear();
         if resumed {
-            self.resend.extend(self.inflight.keys().copied());
+            self.resend.extend(self.inflight.keys());
             return;
         }
         self.by_pkid.clear();
         let old = std::mem::take(&mut self.inflight);
-        for (_, e) in old.into_iter().rev() {
+        for e in old.into_values().rev() {
             let tracked = self
                 .ledger
                 .pending_id(&e.msg.coords.tp, e.msg.coords.offset)
@@ -348,7 +348,7 @@ impl Sink {
     }
 
     fn take_inflight(&mut self, seq: u64) -> Inflight {
-        let e = self.inflight.remove(&seq).expect("indexed entry");
+        let e = self.inflight.remove(seq).expect("indexed entry");
         self.by_pkid.remove(&e.pkid);
         e
     }
@@ -366,7 +366,7 @@ impl Sink {
                 msg.coords,
                 msg.id,
                 RejectReason::Broker { code: reason },
-                msg.record,
+                msg.record.map(|r| *r),
             );
         } else {
             self.acknowledged(msg.coords, msg.id);
@@ -448,7 +448,7 @@ impl Sink {
 
     /// Arms the ack timer for the oldest in-flight publish (or stops it).
     pub(crate) fn arm_ack_timer(&mut self) {
-        match self.inflight.values().next() {
+        match self.inflight.first() {
             Some(e) if self.conn == Conn::Connected => {
                 self.timers
                     .set(Timer::Ack, e.sent_at + self.cfg.ack_timeout);
@@ -461,7 +461,7 @@ impl Sink {
         if self.conn != Conn::Connected {
             return;
         }
-        let Some(e) = self.inflight.values().next() else {
+        let Some(e) = self.inflight.first() else {
             return;
         };
         if e.sent_at + self.cfg.ack_timeout > now {
@@ -502,7 +502,7 @@ impl Sink {
             let Some(seq) = self.resend.pop_front() else {
                 break;
             };
-            let Some(e) = self.inflight.get_mut(&seq) else {
+            let Some(e) = self.inflight.get_mut(seq) else {
                 continue;
             };
             e.sent_at = now;
@@ -532,7 +532,7 @@ impl Sink {
                     limit,
                     by_broker: true,
                 };
-                self.reject(msg.coords, msg.id, reason, msg.record);
+                self.reject(msg.coords, msg.id, reason, msg.record.map(|r| *r));
                 continue;
             }
             if msg.retain && !self.retain_available {
@@ -541,7 +541,7 @@ impl Sink {
                     msg.coords,
                     msg.id,
                     RejectReason::RetainNotSupported,
-                    msg.record,
+                    msg.record.map(|r| *r),
                 );
                 continue;
             }

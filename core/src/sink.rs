@@ -9,6 +9,7 @@ use crate::event::{CommitOffsets, Event, FlushInProgress, PushError, RejectReaso
 use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
 use crate::mapper::RecordMapper;
 use crate::record::{Record, RecordCoords, TopicPartition};
+use crate::send_order::SendOrder;
 use crate::session::{Conn, Inflight, Msg};
 use crate::timer::{Timer, TimerTable};
 use crate::topic;
@@ -49,7 +50,7 @@ pub struct Sink {
     /// Records accepted, not yet sent, in push order.
     pub(crate) pending: VecDeque<Msg>,
     /// QoS 1/2 publishes awaiting their acknowledgement flow, by send order.
-    pub(crate) inflight: BTreeMap<u64, Inflight>,
+    pub(crate) inflight: SendOrder<Inflight>,
     pub(crate) by_pkid: BTreeMap<u16, u64>,
     /// In-flight entries to resend (DUP PUBLISH or PUBREL) after a session resumed.
     pub(crate) resend: VecDeque<u64>,
@@ -144,7 +145,7 @@ impl Sink {
             decoder: Decoder::new(incoming_limit(&cfg) as usize),
             control: Vec::new(),
             pending: VecDeque::new(),
-            inflight: BTreeMap::new(),
+            inflight: SendOrder::default(),
             by_pkid: BTreeMap::new(),
             resend: VecDeque::new(),
             next_seq: 0,
@@ -245,7 +246,7 @@ impl Sink {
                     coords: record.coords(),
                     packet,
                     retain,
-                    record: keep.then_some(record),
+                    record: keep.then(|| Box::new(record)),
                     size,
                 });
             }
