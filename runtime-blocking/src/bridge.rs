@@ -13,6 +13,7 @@ use mqtt_sink_core::{
     RecordMapper,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
 use rdkafka::{ClientContext, Offset};
 
 use crate::kafka::{self, partitions, tpl};
@@ -295,8 +296,36 @@ impl Bridge {
         self.execute(actions, held);
     }
 
+    /// A consumed record (or a consumer error): through the transform into `held`.
+    fn take(&mut self, msg: KafkaResult<Record>, held: &mut VecDeque<Record>) {
+        match msg {
+            Err(e) => self.flow().kafka_error(e.to_string()),
+            Ok(record) => {
+                let record = match self.transform.as_mut() {
+                    Some(t) => t(record),
+                    None => Some(record),
+                };
+                self.flow().consumed(record.is_some());
+                held.extend(record);
+            }
+        }
+    }
+
     /// Offers the held records, oldest first, until the sink is full.
     fn offer(&mut self, held: &mut VecDeque<Record>) -> Result<(), BridgeError> {
+        // One round trip for everything that fits; the record that did not (if any) goes
+        // through `try_send` below, which says whether the sink is full or refused it.
+        if held.len() > 1 {
+            let before = held.len();
+            *held = self
+                .sink
+                .try_send_batch(std::mem::take(held))
+                .map_err(|e| BridgeError::Sink(e.to_string()))?;
+            if held.len() < before {
+                let a = self.flow().pushed();
+                self.execute(a.into_iter().collect(), held);
+            }
+        }
         while let Some(r) = held.pop_front() {
             match self.sink.try_send(r) {
                 Ok(()) => {
@@ -352,20 +381,23 @@ impl Bridge {
                 // acknowledgements free the buffer.
                 Duration::from_millis(5)
             };
-            match self.consumer.poll(wait) {
-                None => {}
-                Some(Err(e)) => self.flow().kafka_error(e.to_string()),
-                Some(Ok(m)) => {
-                    let record = kafka::to_record(&mut self.topics, &m);
-                    let record = match self.transform.as_mut() {
-                        Some(t) => t(record),
-                        None => Some(record),
+            let Some(first) = self.consumer.poll(wait) else {
+                continue;
+            };
+            let took = first.is_ok();
+            let first = first.map(|m| kafka::to_record(&mut self.topics, &m));
+            self.take(first, &mut held);
+            if took {
+                // Take what else Kafka has ready (bounded), to hand the sink a batch.
+                for _ in 0..1024 {
+                    let Some(m) = self.consumer.poll(Duration::ZERO) else {
+                        break;
                     };
-                    self.flow().consumed(record.is_some());
-                    held.extend(record);
-                    self.offer(&mut held)?;
+                    let m = m.map(|m| kafka::to_record(&mut self.topics, &m));
+                    self.take(m, &mut held);
                 }
             }
+            self.offer(&mut held)?;
         }
         // Graceful stop: what was taken is flushed and committed, then DISCONNECT.
         for r in held.drain(..) {

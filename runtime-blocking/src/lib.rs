@@ -167,6 +167,7 @@ impl MqttSinkBuilder {
 enum Msg {
     Send(Record, SyncSender<Result<(), SinkError>>),
     TrySend(Record, SyncSender<Result<(), TrySendError>>),
+    TrySendBatch(VecDeque<Record>, SyncSender<VecDeque<Record>>),
     Assign(Vec<(TopicPartition, Option<i64>)>, SyncSender<()>),
     Revoke(Vec<TopicPartition>, SyncSender<()>),
     Committed(CommitOffsets),
@@ -206,6 +207,13 @@ impl SinkClient {
             Ok(r) => r,
             Err(e) => Err(TrySendError::Refused(e)),
         }
+    }
+
+    /// Takes records in order until the buffer is full or one is refused, in one round
+    /// trip; returns those not taken (the first of them is the one that did not fit or
+    /// was refused: [`try_send`](Self::try_send) it to learn which).
+    pub fn try_send_batch(&self, records: VecDeque<Record>) -> Result<VecDeque<Record>, SinkError> {
+        self.call(|tx| Msg::TrySendBatch(records, tx))
     }
 
     /// Blocks until every record sent before this call is acknowledged (or handled by the
@@ -390,6 +398,18 @@ impl Driver {
                     Err(TrySendError::Full(r))
                 };
                 let _ = reply.send(result);
+            }
+            Msg::TrySendBatch(mut records, reply) => {
+                if self.blocked.is_empty() {
+                    while let Some(r) = records.pop_front() {
+                        if let Err(e) = self.sink.push_record(now, r) {
+                            // Back in front; `try_send` tells the caller why.
+                            records.push_front(e.into_record());
+                            break;
+                        }
+                    }
+                }
+                let _ = reply.send(records);
             }
             Msg::Assign(parts, reply) => {
                 for (tp, committed) in parts {
