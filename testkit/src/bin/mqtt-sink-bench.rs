@@ -33,6 +33,10 @@ fn main() {
         child(&args[2..]);
         return;
     }
+    if args.get(1).map(String::as_str) == Some("consume") {
+        consume(&args[2..]);
+        return;
+    }
     let opt = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -76,7 +80,17 @@ fn main() {
         .collect();
     eprintln!("preloading {n} records into {}", kafka.describe());
     kafka.produce(topic, &records).expect("preload");
-    let broker = Mosquitto::start(MosquittoOptions::default()).expect("mosquitto");
+    // `--broker-nodelay`: Mosquitto with TCP_NODELAY on its client sockets (default off:
+    // Nagle's algorithm holds small writes, such as PUBACKs, until the peer ACKs).
+    let broker_nodelay = args.iter().any(|a| a == "--broker-nodelay");
+    let broker = Mosquitto::start(MosquittoOptions {
+        extra: broker_nodelay
+            .then(|| "set_tcp_nodelay true".to_string())
+            .into_iter()
+            .collect(),
+        ..MosquittoOptions::default()
+    })
+    .expect("mosquitto");
     let clk_tck = clock_ticks();
 
     let setup = Setup {
@@ -86,6 +100,20 @@ fn main() {
         n,
         clk_tck,
     };
+    // How fast records can be consumed from this Kafka at all, with the sink's consumer
+    // settings: the sink cannot beat it, whatever the broker takes.
+    let source: Vec<Measure> = (0..runs)
+        .map(|run| {
+            let m = consume_only(run, &setup);
+            eprintln!(
+                "kafka consume only run {run}: {:.0} msg/s, {:.2} us/rec",
+                m.rate,
+                m.cpu_s * 1e6 / n as f64
+            );
+            m
+        })
+        .collect();
+    let source = Measure::median(&source);
     let contenders = ["raw", "mqtt-sink tokio", "mqtt-sink blocking", "rumqttc"];
     let mut rows = Vec::new();
     for &qos in &qoses {
@@ -130,6 +158,12 @@ fn main() {
         "\n{n} records of {PAYLOAD} B, {KEYS} keys, {PARTITIONS} partitions, {}; Mosquitto {}; median of {runs}\n",
         kafka.describe(),
         mosquitto_version()
+    );
+    println!(
+        "Kafka consume only (rdkafka BaseConsumer, the sink's consumer settings, no MQTT): {:.0} msg/s, {:.2} us/record, peak RSS {:.1} MiB\n",
+        source.rate,
+        source.cpu_s * 1e6 / n as f64,
+        source.rss_kb as f64 / 1024.0
     );
     println!(
         "| QoS | subscriber | contender | msg/s | x ceiling | CPU s | us/record | peak RSS MiB |"
@@ -408,10 +442,11 @@ max_inflight = 1000
 [http]
 listen = "{http}"
 [log]
-level = "warn"
+level = "{log}"
 "#,
             kafka.bootstrap(),
-            free_port()
+            free_port(),
+            log = std::env::var("BENCH_SINK_LOG").unwrap_or_else(|_| "warn".into()),
         ),
     )
     .expect("config");
@@ -486,6 +521,87 @@ level = "warn"
         cpu_s,
         rss_kb,
     }
+}
+
+/// Consumes the preloaded topic in a child process with no MQTT at all (the Kafka ceiling).
+fn consume_only(run: usize, setup: &Setup<'_>) -> Measure {
+    let me = std::env::current_exe().expect("exe");
+    let mut cmd = Command::new(me);
+    cmd.args([
+        "consume",
+        &setup.kafka.bootstrap(),
+        setup.topic,
+        &setup.n.to_string(),
+        &format!("bench-consume-{run}-{}", free_port()),
+    ]);
+    for (k, v) in setup.kafka.group_properties() {
+        cmd.arg(format!("{k}={v}"));
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("consume child");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut line = [0u8; 6];
+    out.read_exact(&mut line).expect("consume start");
+    let t0 = Instant::now();
+    let cpu_start = usage(child.id(), setup.clk_tck).0;
+    out.read_exact(&mut line[..5]).expect("consume done");
+    let end = Instant::now();
+    let (cpu_end, rss_kb) = usage(child.id(), setup.clk_tck);
+    let _ = child.kill();
+    let _ = child.wait();
+    Measure {
+        rate: setup.n as f64 / end.saturating_duration_since(t0).as_secs_f64().max(1e-9),
+        cpu_s: cpu_end - cpu_start,
+        rss_kb,
+    }
+}
+
+/// The child of [`consume_only`]: `consume <bootstrap> <topic> <n> <group> [k=v ...]`.
+fn consume(args: &[String]) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let n: usize = args[2].parse().expect("n");
+    let mut cc = ClientConfig::new();
+    for kv in &args[4..] {
+        if let Some((k, v)) = kv.split_once('=') {
+            cc.set(k, v);
+        }
+    }
+    // As the sink's consumer: no auto commit, offsets stored by hand.
+    cc.set("bootstrap.servers", &args[0])
+        .set("group.id", &args[3])
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    let consumer: BaseConsumer = cc.create().expect("consumer");
+    consumer.subscribe(&[args[1].as_str()]).expect("subscribe");
+    let mut stdout = std::io::stdout();
+    let mut got = 0usize;
+    let mut bytes = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while got < n && Instant::now() < deadline {
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m.expect("consume");
+        if got == 0 {
+            let _ = stdout.write_all(b"start\n");
+            let _ = stdout.flush();
+        }
+        // Owned copies, as the sink makes of every record.
+        let key = bytes::Bytes::copy_from_slice(m.key().unwrap_or_default());
+        let value = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
+        bytes += key.len() + value.len();
+        got += 1;
+    }
+    assert_eq!(got, n, "consumed {got} of {n} in 300 s ({bytes} B)");
+    let _ = stdout.write_all(b"done\n");
+    let _ = stdout.flush();
+    std::thread::sleep(Duration::from_secs(600)); // until the parent kills us (bounded)
 }
 
 /// Runs `raw` or `rumqttc` as a child process of this binary and measures it.
