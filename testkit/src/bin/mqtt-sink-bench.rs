@@ -3,6 +3,7 @@
 //!
 //!     cargo build --release -p mqtt-sink-cli -p mqtt-sink-testkit
 //!     target/release/mqtt-sink-bench [--records 200000] [--runs 3] [--qos 0,1,2] [--kafka mock|tansu]
+//!         [--partitions 16] [--only tokio|blocking|rumqttc] [--broker-nodelay]
 //!
 //! Every contender runs as its own process, so that its CPU time (user + sys, from
 //! `/proc/<pid>/stat`) and peak RSS (`VmHWM`) are its own. Throughput is end to end: from the
@@ -24,7 +25,6 @@ use mqtt_sink_testkit::backend::KafkaCluster;
 use mqtt_sink_testkit::mosquitto::{free_port, Mosquitto, MosquittoOptions};
 
 const KEYS: usize = 100;
-const PARTITIONS: i32 = 16;
 const PAYLOAD: usize = 200;
 
 fn main() {
@@ -51,6 +51,11 @@ fn main() {
         .split(',')
         .filter_map(|q| q.trim().parse().ok())
         .collect();
+    // MockCluster keeps at most 5 MiB per partition: 16 hold 200k records of 200 B; a
+    // 1,000,000-record run needs 64.
+    let partitions: i32 = opt("--partitions")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
     let kafka_kind = opt("--kafka").unwrap_or_else(|| "mock".into());
     let only: Option<String> = opt("--only");
     let sink_bin = sibling("mqtt-sink");
@@ -66,7 +71,7 @@ fn main() {
     }
     .unwrap_or_else(|e| panic!("kafka: {e:?}"));
     let topic = "bench";
-    kafka.create_topic(topic, PARTITIONS).expect("topic");
+    kafka.create_topic(topic, partitions).expect("topic");
     let records: Vec<(i32, String, String)> = (0..n)
         .map(|i| {
             let key = i % KEYS;
@@ -75,7 +80,7 @@ fn main() {
                 v.push('7');
             }
             v.push_str("}\n");
-            ((key as i32) % PARTITIONS, format!("k{key}"), v)
+            ((key as i32) % partitions, format!("k{key}"), v)
         })
         .collect();
     eprintln!("preloading {n} records into {}", kafka.describe());
@@ -155,7 +160,7 @@ fn main() {
         }
     }
     println!(
-        "\n{n} records of {PAYLOAD} B, {KEYS} keys, {PARTITIONS} partitions, {}; Mosquitto {}; median of {runs}\n",
+        "\n{n} records of {PAYLOAD} B, {KEYS} keys, {partitions} partitions, {}; Mosquitto {}; median of {runs}\n",
         kafka.describe(),
         mosquitto_version()
     );
@@ -418,6 +423,7 @@ fn sink(
         .group_properties()
         .iter()
         .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
+        .chain(std::env::var("BENCH_KAFKA_EXTRA").ok())
         .collect();
     let dir = std::env::temp_dir().join(format!("mqtt-sink-bench-{}", free_port()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -439,6 +445,7 @@ topic_root = "{root}"
 tls_enabled = false
 qos = {qos}
 max_inflight = 1000
+{mqtt_extra}
 [http]
 listen = "{http}"
 [log]
@@ -447,6 +454,7 @@ level = "{log}"
             kafka.bootstrap(),
             free_port(),
             log = std::env::var("BENCH_SINK_LOG").unwrap_or_else(|_| "warn".into()),
+            mqtt_extra = std::env::var("BENCH_MQTT_EXTRA").unwrap_or_default(),
         ),
     )
     .expect("config");
@@ -756,9 +764,12 @@ fn raw(qos: u8, port: u16, payloads: &[(String, Vec<u8>)], stdout: &mut std::io:
     while sent < n {
         // Keep at most `window` unacknowledged (QoS 1/2), as a real client must; wait on
         // the reader, never spin (two cores: a spinning publisher starves the broker).
+        // Write as soon as any slot is free: waiting for more (it once waited for a quarter
+        // of the window) leaves our ACKs to the delayed-ACK timer while Mosquitto's Nagle
+        // holds its acks for them, and the run stalls at window / 40 ms.
         let limit = if qos > 0 {
             let mut g = acked.0.lock().expect("lock");
-            while sent - g.0 as usize >= window / 2 + window / 4 && g.1.is_empty() {
+            while sent - g.0 as usize >= window && g.1.is_empty() {
                 g = acked.1.wait(g).expect("wait");
             }
             batch.append(&mut g.1);
