@@ -604,6 +604,19 @@ pub fn sink_killed_and_restarted(bin: &Path, runtime: &str, qos: u8) {
     let Some(mut s) = scenario(bin, runtime, qos, partitions_for(n)) else {
         return;
     };
+    if s.kafka.is_tansu() {
+        // Seen here (CI, Tansu image): the restarted sink joined while the killed one's
+        // session was still open, Tansu 0.6 gave it no partitions ("partitions assigned: "
+        // with an empty list), and after the killed member's session expired it never
+        // reassigned them: 2019 of 20000 records in 320 s. The same coordinator defect as in
+        // the group scenario; whether it strikes depends on timing, so the scenario does not
+        // run on Tansu. It runs on MockCluster and apache/kafka.
+        eprintln!(
+            "SKIPPED: {}: Tansu 0.6's group coordinator does not reassign a killed member's partitions",
+            s.kafka.describe()
+        );
+        return;
+    }
     s.produce(n).unwrap_or_else(|e| panic!("{e}"));
     let sub = s.subscriber();
     let cfg = s.config("sink", None, None);
