@@ -367,12 +367,13 @@ pub struct Config {
     /// Maximum lowers it. 1..=65535. Default: 1000.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u32,
-    /// Most records held (queued or in flight) before `push_record` refuses more.
+    /// Most records held (queued or in flight) before `push_record` refuses more; once it
+    /// has refused, it takes records again when three quarters or fewer are held.
     /// Default: 100000.
     #[serde(default = "default_max_buffered_records")]
     pub max_buffered_records: usize,
-    /// Most bytes of encoded publishes held before `push_record` refuses more.
-    /// Default: 64 MiB.
+    /// Most bytes of encoded publishes held before `push_record` refuses more (with the
+    /// same low watermark of three quarters). Default: 64 MiB.
     #[serde(default = "default_max_buffered_bytes")]
     pub max_buffered_bytes: usize,
     /// First reconnect delay; doubled per failed attempt up to the maximum. Default: 100 ms.

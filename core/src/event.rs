@@ -427,7 +427,8 @@ impl std::error::Error for ProtocolError {}
 #[must_use]
 pub enum PushError {
     /// The buffer is full (`max_buffered_records` / `max_buffered_bytes`): wait for acks
-    /// (drive the sink), then push it again. This is the backpressure.
+    /// (drive the sink) until `Sink::is_full` is false, then push it again. This is the
+    /// backpressure; once refused, pushes resume when a quarter of the buffer has drained.
     Full(Record),
     /// The offset is not above the last one pushed for its partition: rewind first, or
     /// push in offset order.

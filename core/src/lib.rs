@@ -13,7 +13,9 @@
 //!
 //! After every fact (`handle_*`) or command, drain `poll_transmit`, then `poll_event`
 //! (acting on each event may feed the sink again: loop until both are empty), then read
-//! `poll_timeout` and call `handle_timeout` when it passes.
+//! `poll_timeout` and call `handle_timeout` when it passes. Optionally, leave the socket
+//! unread until `defer_input_until` (at most a millisecond, while the sink waits for a batch
+//! of acknowledgements): fewer, larger reads, the same outcome.
 //!
 //! ```
 //! use std::time::{Duration, Instant};

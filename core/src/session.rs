@@ -12,6 +12,9 @@ use crate::timer::Timer;
 use crate::wire::{self, ConnectParams, EncodedPublish, Incoming};
 use crate::QoS;
 
+/// How long new publishes wait for a batch of free window slots (see `hold_for_batch`).
+pub(crate) const REFILL_DELAY: Duration = Duration::from_millis(1);
+
 /// Connection state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Conn {
@@ -517,6 +520,9 @@ impl Sink {
         if !self.resend.is_empty() {
             return; // resends go first, in order
         }
+        if self.hold_for_batch(now) {
+            return;
+        }
         while buf.len() < limit {
             if self.qos != QoS::AtMostOnce && self.inflight.len() >= usize::from(self.window) {
                 break;
@@ -567,6 +573,41 @@ impl Sink {
                 },
             );
         }
+    }
+
+    /// True when new publishes should wait for more of the window to free up: the window
+    /// is nearly full (acknowledgements are coming), fewer than an eighth of its slots are
+    /// free, and more records wait than would fit. Sending into every slot as soon as it
+    /// frees locks publisher and broker into a ping-pong of a few packets per segment (a
+    /// read, a wake-up and a write for every two or three records, on both sides); waiting
+    /// for a batch keeps writes and the broker's reads large. The wait is bounded by
+    /// [`REFILL_DELAY`]: a broker with Nagle's algorithm holds its next acks until our TCP
+    /// ACK, which a silent receiver delays (40 ms on Linux), so waiting on acks alone could
+    /// stall.
+    fn hold_for_batch(&mut self, now: Instant) -> bool {
+        let batch = usize::from(self.window) / 8;
+        let free = usize::from(self.window).saturating_sub(self.inflight.len());
+        let hold = self.qos != QoS::AtMostOnce
+            && !self.refill_due
+            && free > 0
+            && free < batch
+            && free < self.pending.len();
+        if hold {
+            if !self.timers.is_set(Timer::Refill) {
+                self.timers.set(Timer::Refill, now + REFILL_DELAY);
+            }
+        } else {
+            self.refill_due = false;
+            self.timers.stop(Timer::Refill);
+        }
+        hold
+    }
+
+    /// The end of the current wait for a batch, while new publishes are held.
+    pub(crate) fn refill_deadline(&self) -> Option<Instant> {
+        self.timers
+            .get(Timer::Refill)
+            .filter(|_| self.conn == Conn::Connected)
     }
 
     /// Writes a first transmission of a PUBLISH, with a topic alias when the broker allows

@@ -78,6 +78,11 @@ pub struct Sink {
     pub(crate) dead_lettering: BTreeMap<RecordCoords, RecordId>,
 
     pub(crate) buffered_bytes: usize,
+    /// The buffer filled and has not yet drained to its low watermark: `push_record`
+    /// refuses until it has (see [`Sink::is_full`]).
+    pub(crate) refilling: bool,
+    /// The refill timer fired: send into the window whatever is free.
+    pub(crate) refill_due: bool,
     pub(crate) events: VecDeque<Event>,
     pub(crate) stats: Stats,
 }
@@ -171,6 +176,8 @@ impl Sink {
             flush_dirty: false,
             dead_lettering: BTreeMap::new(),
             buffered_bytes: 0,
+            refilling: false,
+            refill_due: false,
             events: VecDeque::new(),
             stats: Stats::default(),
             conn: Conn::Backoff,
@@ -207,15 +214,38 @@ impl Sink {
         self.pending.len() + self.inflight.len()
     }
 
-    /// True when `push_record` would return [`PushError::Full`].
+    /// True when `push_record` would return [`PushError::Full`]: the buffer reached
+    /// `max_buffered_records` or `max_buffered_bytes`, or it did and has not yet drained to
+    /// three quarters of both (the low watermark).
+    ///
+    /// The hysteresis is what makes a full sink cheap: without it, every acknowledgement
+    /// would free one slot, wake the producer for one record and fill the buffer again (a
+    /// bridge would resume and re-pause its Kafka partitions each time, and librdkafka
+    /// drops what it prefetched on a pause). With it, a producer waiting for room wakes once
+    /// per quarter of the buffer and hands over a batch, while the broker still has three
+    /// quarters of the buffer queued to work on.
     pub fn is_full(&self) -> bool {
+        self.at_limit() || (self.refilling && !self.below_low_watermark())
+    }
+
+    fn at_limit(&self) -> bool {
         self.buffered_records() >= self.cfg.max_buffered_records
             || self.buffered_bytes >= self.cfg.max_buffered_bytes
     }
 
+    /// At or under three quarters of both limits (under a quarter of a record's headroom,
+    /// e.g. `max_buffered_records = 1`, that is an empty buffer).
+    fn below_low_watermark(&self) -> bool {
+        let low = |max: usize| max - (max / 4).max(1);
+        self.buffered_records() <= low(self.cfg.max_buffered_records)
+            && self.buffered_bytes <= low(self.cfg.max_buffered_bytes)
+    }
+
     /// Takes a record to publish. Returns it in [`PushError::Full`] when the buffer is full
-    /// (drive the sink and push again later): memory stays bounded by `max_buffered_records`
-    /// and `max_buffered_bytes` (plus one record) whatever the broker does.
+    /// (drive the sink and push again once [`is_full`](Self::is_full) is false: after a
+    /// refusal that is when a quarter of the buffer has drained): memory stays bounded by
+    /// `max_buffered_records` and `max_buffered_bytes` (plus one record) whatever the
+    /// broker does.
     ///
     /// A record that cannot be published (no key, bad topic, too large, ...) is accepted and
     /// reported with [`Event::RecordRejected`]; the error policy decides its offset.
@@ -230,8 +260,10 @@ impl Sink {
             });
         }
         if self.is_full() {
+            self.refilling = true;
             return Err(PushError::Full(record));
         }
+        self.refilling = false;
         let id = self.next_id;
         self.next_id += 1;
         self.stats.pushed += 1;
@@ -486,6 +518,16 @@ impl Sink {
         self.events.pop_front()
     }
 
+    /// Until when reading the transport may wait, if it may: while the window is nearly full
+    /// and the sink is holding new publishes for a batch of free slots (at most 1 ms), an
+    /// acknowledgement read now changes nothing it does before this instant but a wake-up.
+    /// A runtime that leaves the socket unread until then reads many acknowledgements in
+    /// one call instead of a few per call (the broker coalesces what queued meanwhile).
+    /// Optional: reading at once is always correct. Re-read it after every drain.
+    pub fn defer_input_until(&self) -> Option<Instant> {
+        self.refill_deadline()
+    }
+
     /// When `handle_timeout` must next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.next()
@@ -502,6 +544,7 @@ impl Sink {
                 Timer::Keepalive => self.on_keepalive(now),
                 Timer::PingResp => self.on_ping_timeout(now),
                 Timer::Ack => self.on_ack_timeout(now),
+                Timer::Refill => self.refill_due = true,
             }
         }
     }

@@ -19,9 +19,11 @@ pub(crate) enum Timer {
     Flush = 4,
     /// The oldest in-flight publish must be acknowledged by then.
     Ack = 5,
+    /// Stop waiting for a batch of free window slots; send into what is free.
+    Refill = 6,
 }
 
-const COUNT: usize = 6;
+const COUNT: usize = 7;
 const ALL: [Timer; COUNT] = [
     Timer::Reconnect,
     Timer::ConnAck,
@@ -29,6 +31,7 @@ const ALL: [Timer; COUNT] = [
     Timer::PingResp,
     Timer::Flush,
     Timer::Ack,
+    Timer::Refill,
 ];
 
 #[derive(Debug, Default, Clone)]
@@ -37,6 +40,14 @@ pub(crate) struct TimerTable([Option<Instant>; COUNT]);
 impl TimerTable {
     pub(crate) fn set(&mut self, t: Timer, at: Instant) {
         self.0[t as usize] = Some(at);
+    }
+
+    pub(crate) fn is_set(&self, t: Timer) -> bool {
+        self.0[t as usize].is_some()
+    }
+
+    pub(crate) fn get(&self, t: Timer) -> Option<Instant> {
+        self.0[t as usize]
     }
 
     pub(crate) fn stop(&mut self, t: Timer) {

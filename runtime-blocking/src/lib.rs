@@ -146,6 +146,7 @@ impl MqttSinkBuilder {
             flush_waiters: Vec::new(),
             flush_queued: Vec::new(),
             close_waiter: None,
+            read_after: ReadGate::default(),
         };
         let thread = std::thread::Builder::new()
             .name("mqtt-sink".into())
@@ -333,12 +334,20 @@ struct Driver {
     flush_waiters: Vec<SyncSender<Result<CommitOffsets, SinkError>>>,
     flush_queued: Vec<SyncSender<Result<CommitOffsets, SinkError>>>,
     close_waiter: Option<SyncSender<()>>,
+    /// Shared with the reader thread: the core's `defer_input_until`.
+    read_after: ReadGate,
 }
+
+/// When the reader thread may read next (the core is waiting for a batch of acks).
+type ReadGate = Arc<std::sync::Mutex<Option<Instant>>>;
 
 impl Driver {
     fn run(mut self) {
         loop {
             self.drain(Instant::now());
+            if let Ok(mut g) = self.read_after.lock() {
+                *g = self.sink.defer_input_until();
+            }
             if self.sink.is_closed() {
                 if let Some(w) = self.close_waiter.take() {
                     let _ = w.send(());
@@ -469,9 +478,10 @@ impl Driver {
             }
         };
         let tx = self.tx.clone();
+        let gate = self.read_after.clone();
         let spawned = std::thread::Builder::new()
             .name("mqtt-sink-reader".into())
-            .spawn(move || read_loop(id, reader, tx));
+            .spawn(move || read_loop(id, reader, tx, &gate));
         if let Err(e) = spawned {
             let why = format!("cannot start a reader thread: {e}");
             self.sink.handle_disconnected(now, why);
@@ -752,9 +762,17 @@ fn connect(server: &str, port: u16) -> Result<TcpStream, String> {
     Err(last)
 }
 
-fn read_loop(id: u64, mut tcp: TcpStream, tx: SyncSender<Msg>) {
+fn read_loop(id: u64, mut tcp: TcpStream, tx: SyncSender<Msg>, gate: &ReadGate) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
+        // The core asked for acknowledgements in a batch: let them queue up first. The
+        // core bounds the wait (a millisecond); the cap guards a stale value.
+        let after = gate.lock().ok().and_then(|g| *g);
+        if let Some(wait) = after.map(|t| t.saturating_duration_since(Instant::now())) {
+            if !wait.is_zero() {
+                std::thread::sleep(wait.min(Duration::from_millis(10)));
+            }
+        }
         match tcp.read(&mut buf) {
             Ok(0) => {
                 let _ = tx.send(Msg::ReadClosed(

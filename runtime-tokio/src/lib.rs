@@ -419,6 +419,11 @@ impl Driver {
             });
             let can_take = rx_open && blocked.is_none() && !self.sink.is_closed();
             let writing = conn.is_some() && out_pos < out.len();
+            // The core is waiting for a batch of acks: read them all at once, then.
+            let read_after = self
+                .sink
+                .defer_input_until()
+                .map(|t| base_tokio + t.saturating_duration_since(base_std));
 
             tokio::select! {
                 res = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
@@ -437,6 +442,9 @@ impl Driver {
                     if writing {
                         IoDone::Wrote(c.write(&out[out_pos..]).await)
                     } else {
+                        if let Some(t) = read_after {
+                            tokio::time::sleep_until(t).await;
+                        }
                         IoDone::Read(c.read(&mut rbuf).await)
                     }
                 }, if conn.is_some() => {

@@ -592,6 +592,120 @@ fn a_full_buffer_returns_the_record() {
     assert_eq!(h.sink.stats().buffered_records, 10);
 }
 
+/// While the window is nearly full, new publishes wait for an eighth of it to be free (one
+/// write for many records, not one per acknowledgement) or for 1 ms, whichever is first;
+/// meanwhile the sink tells the runtime that reading may wait as long.
+#[test]
+fn a_nearly_full_window_refills_in_batches() {
+    for qos in [1, 2] {
+        refill_case(qos);
+    }
+}
+
+fn refill_case(qos: u8) {
+    let mut cfg = test_config(MqttVersion::V311, qos);
+    cfg.max_inflight = 80; // batches of 10
+    let knobs = BrokerKnobs {
+        ack_loss: 1.0, // the test acknowledges by hand
+        ..BrokerKnobs::default()
+    };
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+    connected(&mut h);
+    for r in records(200, 1) {
+        h.sink.push_record(h.now, r).unwrap();
+    }
+    h.drain();
+    assert_eq!(h.sink.stats().inflight, 80);
+    // Packet ids are handed out in order from 1. QoS 2 completes with PUBREC + PUBCOMP.
+    let ack = |h: &mut Harness, ids: std::ops::RangeInclusive<u16>| {
+        for id in ids {
+            let [hi, lo] = id.to_be_bytes();
+            if qos == 2 {
+                h.sink.handle_input(h.now, &[0x50, 2, hi, lo]).unwrap();
+                h.drain();
+                h.sink.handle_input(h.now, &[0x70, 2, hi, lo]).unwrap();
+            } else {
+                h.sink.handle_input(h.now, &[0x40, 2, hi, lo]).unwrap();
+            }
+            h.drain();
+        }
+    };
+    ack(&mut h, 1..=9);
+    assert_eq!(h.sink.stats().inflight, 71, "nine slots free: held");
+    let until = h.sink.defer_input_until().expect("waiting for a batch");
+    assert!(until > h.now && until <= h.now + Duration::from_millis(1));
+    h.run_for(Duration::from_micros(500));
+    assert_eq!(
+        h.sink.stats().inflight,
+        71,
+        "still held before the deadline"
+    );
+    ack(&mut h, 10..=10);
+    assert_eq!(
+        h.sink.stats().inflight,
+        80,
+        "a batch of ten free: sent at once"
+    );
+    assert_eq!(h.sink.defer_input_until(), None);
+    // A lone acknowledgement goes out when the wait ends, at 1 ms.
+    ack(&mut h, 11..=11);
+    assert_eq!(h.sink.stats().inflight, 79);
+    let start = h.now;
+    assert!(h.run_until(Duration::from_millis(5), |h| h.sink.stats().inflight == 80));
+    assert!(
+        h.now - start <= Duration::from_millis(1),
+        "{:?}",
+        h.now - start
+    );
+    assert_no_violations(&h);
+}
+
+/// Once full, the buffer takes records again only at its low watermark (three quarters),
+/// not one acknowledgement later: a waiting producer is woken once per batch.
+#[test]
+fn a_full_buffer_takes_records_again_at_three_quarters() {
+    let mut cfg = test_config(MqttVersion::V311, 1);
+    cfg.max_buffered_records = 8;
+    cfg.max_inflight = 1; // one acknowledgement at a time
+    let knobs = BrokerKnobs {
+        ack_delay: Duration::from_millis(10),
+        ..BrokerKnobs::default()
+    };
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+    connected(&mut h);
+    let mut recs = records(20, 1).into_iter();
+    for r in recs.by_ref().take(8) {
+        h.sink.push_record(h.now, r).unwrap();
+    }
+    h.drain();
+    let ninth = recs.next().unwrap();
+    let back = match h.sink.push_record(h.now, ninth) {
+        Err(PushError::Full(back)) => back,
+        other => panic!("{other:?}"),
+    };
+    assert!(h.sink.is_full());
+    // One acknowledged: 7 held, under the limit but above the watermark of 6.
+    assert!(
+        h.run_until(Duration::from_secs(5), |h| h.sink.stats().buffered_records
+            == 7)
+    );
+    assert!(h.sink.is_full(), "woken after a single acknowledgement");
+    let back = match h.sink.push_record(h.now, back) {
+        Err(PushError::Full(back)) => back,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        h.run_until(Duration::from_secs(5), |h| h.sink.stats().buffered_records
+            == 6)
+    );
+    assert!(!h.sink.is_full());
+    // Room again, and up to the limit as before.
+    h.sink.push_record(h.now, back).unwrap();
+    h.sink.push_record(h.now, recs.next().unwrap()).unwrap();
+    assert_eq!(h.sink.stats().buffered_records, 8);
+    assert!(h.sink.is_full());
+}
+
 #[test]
 fn bad_keys_and_topics_are_rejected_with_coordinates() {
     for (version, qos) in VERSIONS.into_iter().flat_map(|v| [(v, 0), (v, 1), (v, 2)]) {
