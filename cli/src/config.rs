@@ -22,6 +22,8 @@ pub(crate) struct DaemonConfig {
     pub http: HttpConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The tokio runtime (`--runtime tokio`).
+    pub tokio: TokioConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,6 +37,8 @@ struct FileConfig {
     http: HttpConfig,
     #[serde(default)]
     log: LogConfig,
+    #[serde(default)]
+    tokio: TokioConfig,
 }
 
 /// `[policy]`: what to do with records that cannot be delivered (also accepted in `[mqtt]`).
@@ -82,6 +86,30 @@ impl Default for HttpConfig {
 
 fn default_listen() -> String {
     "127.0.0.1:9464".into()
+}
+
+/// `[tokio]`: the runtime of `--runtime tokio`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TokioConfig {
+    /// Worker threads. Default: 1. One MQTT connection is one task, and one worker drives
+    /// it at well over 100k records/s; a second worker mostly costs cross-thread wake-ups
+    /// (about a microsecond of CPU per record at QoS 1, see BENCHMARKS.md). librdkafka
+    /// decodes on its own threads either way.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
+}
+
+impl Default for TokioConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: default_worker_threads(),
+        }
+    }
+}
+
+fn default_worker_threads() -> usize {
+    1
 }
 
 /// `[log]`.
@@ -280,6 +308,12 @@ pub(crate) fn parse(
             file.http.listen
         ));
     }
+    if !(1..=256).contains(&file.tokio.worker_threads) {
+        problems.push(format!(
+            "tokio.worker_threads = {}: must be from 1 to 256",
+            file.tokio.worker_threads
+        ));
+    }
     match (mqtt, problems.is_empty()) {
         (Some(mqtt), true) => {
             let mut kafka = KafkaConfig::new(k.brokers, k.group_id, k.topics);
@@ -291,6 +325,7 @@ pub(crate) fn parse(
                 mqtt,
                 http: file.http,
                 log: file.log,
+                tokio: file.tokio,
             })
         }
         _ => Err(LoadError(problems)),
@@ -320,9 +355,12 @@ fn apply_env(doc: &mut toml::Table, env: &[(String, String)]) -> Result<(), Load
             continue;
         };
         let section = section.to_ascii_lowercase();
-        if !matches!(section.as_str(), "kafka" | "mqtt" | "http" | "log") {
+        if !matches!(
+            section.as_str(),
+            "kafka" | "mqtt" | "http" | "log" | "tokio"
+        ) {
             problems.push(format!(
-                "{name}: unknown section {section:?} (kafka, mqtt, http, log)"
+                "{name}: unknown section {section:?} (kafka, mqtt, http, log, tokio)"
             ));
             continue;
         }

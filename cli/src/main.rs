@@ -284,8 +284,9 @@ fn run_tokio(
     stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) -> Result<mqtt_sink_core::BridgeStats, String> {
+    // Multi-thread even with one worker: rebalance callbacks flush with `block_in_place`.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(cfg.tokio.worker_threads)
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;

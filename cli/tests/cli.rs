@@ -134,6 +134,11 @@ fn each_kind_of_mistake_names_the_key_and_exits_2() {
             GOOD.replace("topics = [\"readings\"]", "topics = []"),
             "kafka.topics",
         ),
+        (
+            "tokio workers",
+            format!("{GOOD}\n[tokio]\nworker_threads = 0\n"),
+            "tokio.worker_threads = 0: must be from 1 to 256",
+        ),
     ];
     for (what, text, needle) in cases {
         let cfg = write(&d, "bad.toml", &text);
@@ -187,6 +192,16 @@ fn environment_overrides_and_secret_files() {
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("MQTT_SINK_NOPE_X"), "{}", stderr(&o));
+    let o = run_with(
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
+        &[("MQTT_SINK_TOKIO_WORKER_THREADS", "300")],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("tokio.worker_threads = 300"),
+        "{}",
+        stderr(&o)
+    );
     // password_file: read, and a missing file is named.
     let with_file = GOOD.replace("password = \"s3cret-value\"", "password_file = \"pw.txt\"");
     let cfg = write(&d, "file.toml", &with_file);
