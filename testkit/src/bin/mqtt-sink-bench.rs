@@ -119,20 +119,40 @@ fn main() {
         })
         .collect();
     let source = Measure::median(&source);
-    let contenders = ["raw", "mqtt-sink tokio", "mqtt-sink blocking", "rumqttc"];
+    let quix_python = quix_python();
+    let mut contenders = vec!["raw", "mqtt-sink tokio", "mqtt-sink blocking", "rumqttc"];
+    match &quix_python {
+        Ok(_) => contenders.push("quix streams"),
+        Err(why) => eprintln!("quix streams: not run ({why})"),
+    }
     let mut rows = Vec::new();
     for &qos in &qoses {
         for with_sub in [true, false] {
             let mut ceiling = 0.0;
-            for name in contenders {
+            for &name in &contenders {
                 if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) && name != "raw" {
                     continue;
                 }
+                if name == "quix streams" && qos == 2 {
+                    continue; // its MQTTSink refuses QoS 2
+                }
                 let mut samples = Vec::new();
+                let mut failure = None;
                 for run in 0..runs {
                     let m = match name {
                         "raw" | "rumqttc" => {
                             publisher(name, qos, with_sub, n, broker.port, clk_tck)
+                        }
+                        "quix streams" => {
+                            let python = quix_python.as_ref().expect("checked above");
+                            match quix(python, qos, with_sub, run, &setup) {
+                                Ok(m) => m,
+                                Err(e) => {
+                                    eprintln!("qos {qos} sub {with_sub} {name} run {run}: {e}");
+                                    failure = Some(e);
+                                    break; // a defect, not noise: once is enough
+                                }
+                            }
                         }
                         _ => sink(
                             &sink_bin,
@@ -151,11 +171,15 @@ fn main() {
                     );
                     samples.push(m);
                 }
+                if let Some(e) = failure {
+                    rows.push((qos, with_sub, name, Err(e), 0.0));
+                    continue;
+                }
                 let med = Measure::median(&samples);
                 if name == "raw" {
                     ceiling = med.rate;
                 }
-                rows.push((qos, with_sub, name, med, med.rate / ceiling.max(1.0)));
+                rows.push((qos, with_sub, name, Ok(med), med.rate / ceiling.max(1.0)));
             }
         }
     }
@@ -175,9 +199,16 @@ fn main() {
     );
     println!("|---|---|---|---:|---:|---:|---:|---:|");
     for (qos, sub, name, m, ratio) in rows {
+        let sub = if sub { "yes" } else { "no" };
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                println!("| {qos} | {sub} | {name} | failed: {e} | | | | |");
+                continue;
+            }
+        };
         println!(
-            "| {qos} | {} | {name} | {:.0} | {ratio:.2} | {:.2} | {:.2} | {:.1} |",
-            if sub { "yes" } else { "no" },
+            "| {qos} | {sub} | {name} | {:.0} | {ratio:.2} | {:.2} | {:.2} | {:.1} |",
             m.rate,
             m.cpu_s,
             m.cpu_s * 1e6 / n as f64,
@@ -565,6 +596,126 @@ fn consume_only(run: usize, setup: &Setup<'_>) -> Measure {
         cpu_s: cpu_end - cpu_start,
         rss_kb,
     }
+}
+
+/// The Python that runs the Quix Streams contender: `BENCH_QUIX_PYTHON`, else `python3`,
+/// if it imports `quixstreams` with its MQTT sink (`pip install 'quixstreams[mqtt]'`).
+fn quix_python() -> Result<String, String> {
+    let python = std::env::var("BENCH_QUIX_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", "import quixstreams.sinks.community.mqtt"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match probe {
+        Ok(s) if s.success() => Ok(python),
+        Ok(_) => Err(format!(
+            "{python} cannot import quixstreams' MQTT sink: pip install 'quixstreams[mqtt]', or set BENCH_QUIX_PYTHON"
+        )),
+        Err(e) => Err(format!("{python}: {e}")),
+    }
+}
+
+/// The Quix Streams `MQTTSink` (`testkit/bench/quix_sink.py`) consuming the same topic.
+/// A run fails when the sink makes no progress for 20 s (its QoS 0 network thread dies).
+fn quix(
+    python: &str,
+    qos: u8,
+    with_sub: bool,
+    run: usize,
+    setup: &Setup<'_>,
+) -> Result<Measure, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/quix_sink.py");
+    let root = format!("bench/{}", free_port());
+    let counter = with_sub.then(|| subscribe(setup.port, &format!("{root}/#"), qos));
+    let mut cmd = Command::new(python);
+    cmd.arg(script).args([
+        setup.kafka.bootstrap(),
+        setup.topic.to_string(),
+        format!("bench-quix-{qos}-{with_sub}-{run}-{}", free_port()),
+        setup.n.to_string(),
+        setup.port.to_string(),
+        root,
+        qos.to_string(),
+    ]);
+    for (k, v) in setup.kafka.group_properties() {
+        cmd.arg(format!("{k}={v}"));
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{python} {script}: {e}"))?;
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let pid = child.id();
+    let result = (|| {
+        let stall = Duration::from_secs(20);
+        let mut t0 = None;
+        let mut cpu_start = 0.0;
+        let mut acked = 0u64;
+        let mut progressed = Instant::now();
+        let done = loop {
+            // Start-up (Python imports, the group join) gets longer.
+            let limit = if t0.is_some() { stall } else { 3 * stall };
+            if progressed.elapsed() > limit {
+                return Err(format!(
+                    "no progress for {} s: {acked} of {} acknowledged{}",
+                    limit.as_secs(),
+                    setup.n,
+                    if t0.is_some() {
+                        ""
+                    } else {
+                        ", no record reached the sink"
+                    }
+                ));
+            }
+            let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else {
+                continue;
+            };
+            match line.as_str() {
+                "start" => {
+                    t0 = Some(Instant::now());
+                    cpu_start = usage(pid, setup.clk_tck).0;
+                    progressed = Instant::now();
+                }
+                "done" => break Instant::now(),
+                l => {
+                    if let Some(now) = l.strip_prefix("acked ").and_then(|v| v.parse().ok()) {
+                        if now > acked {
+                            acked = now;
+                            progressed = Instant::now();
+                        }
+                    }
+                }
+            }
+        };
+        let t0 = t0.ok_or("finished without starting")?;
+        let end = match &counter {
+            Some(c) => c
+                .wait(setup.n as u64, Duration::from_secs(120))
+                .ok_or("the subscriber did not receive every record")?,
+            None => done,
+        };
+        let (cpu_end, rss_kb) = usage(pid, setup.clk_tck);
+        Ok(Measure {
+            rate: setup.n as f64 / end.saturating_duration_since(t0).as_secs_f64().max(1e-9),
+            cpu_s: cpu_end - cpu_start,
+            rss_kb,
+        })
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result.map_err(|e: String| format!("Quix Streams MQTTSink: {e}"))
 }
 
 /// The child of [`consume_only`]: `consume <bootstrap> <topic> <n> <group> [k=v ...]`.
