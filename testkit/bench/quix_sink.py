@@ -15,7 +15,28 @@ import sys
 import threading
 
 from quixstreams import Application
+from quixstreams.models.topics import admin as quix_admin
+from quixstreams.models.topics.topic import TopicConfig
 from quixstreams.sinks.community.mqtt import MQTTSink
+
+
+def inspect_from_metadata(self, topic_names, timeout=30):
+    """Quix inspects every topic's configs (DescribeConfigs) at start-up; rdkafka's
+    MockCluster has no controller to answer that, so the partition count comes from the
+    metadata instead. Start-up only: nothing on the record path changes."""
+    topics = self.list_topics(timeout=timeout)
+    return {
+        name: TopicConfig(
+            num_partitions=len(topics[name].partitions), replication_factor=1
+        )
+        if name in topics
+        else None
+        for name in topic_names
+    }
+
+
+if os.environ.get("QUIX_BENCH_MOCK_CLUSTER") == "1":
+    quix_admin.TopicAdmin.inspect_topics = inspect_from_metadata
 
 
 def main():

@@ -629,6 +629,9 @@ fn quix(
     let root = format!("bench/{}", free_port());
     let counter = with_sub.then(|| subscribe(setup.port, &format!("{root}/#"), qos));
     let mut cmd = Command::new(python);
+    if setup.kafka.describe().starts_with("MockCluster") {
+        cmd.env("QUIX_BENCH_MOCK_CLUSTER", "1");
+    }
     cmd.arg(script).args([
         setup.kafka.bootstrap(),
         setup.topic.to_string(),
@@ -638,12 +641,18 @@ fn quix(
         root,
         qos.to_string(),
     ]);
+    // Quix sets `partition.assignment.strategy`, which the KIP-848 protocol refuses: it
+    // joins with the classic protocol (the rest of the group settings as the sink's).
     for (k, v) in setup.kafka.group_properties() {
-        cmd.arg(format!("{k}={v}"));
+        if !k.starts_with("group.protocol") && k != "group.remote.assignor" {
+            cmd.arg(format!("{k}={v}"));
+        }
     }
+    let log = std::env::temp_dir().join(format!("mqtt-sink-bench-quix-{}.log", free_port()));
+    let err = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(err)
         .spawn()
         .map_err(|e| format!("{python} {script}: {e}"))?;
     let out = child.stdout.take().expect("stdout");
@@ -680,6 +689,9 @@ fn quix(
                 ));
             }
             let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) else {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("exited ({status}) after {acked} acknowledged"));
+                }
                 continue;
             };
             match line.as_str() {
@@ -715,7 +727,18 @@ fn quix(
     })();
     let _ = child.kill();
     let _ = child.wait();
-    result.map_err(|e: String| format!("Quix Streams MQTTSink: {e}"))
+    // On failure, the last lines Python printed say why (a traceback, usually).
+    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    result.map_err(|e: String| {
+        let last: Vec<&str> = tail.lines().filter(|l| !l.trim().is_empty()).collect();
+        let last = last[last.len().saturating_sub(2)..].join(" / ");
+        if last.is_empty() {
+            format!("Quix Streams MQTTSink: {e}")
+        } else {
+            format!("Quix Streams MQTTSink: {e}; its stderr ends: {last}")
+        }
+    })
 }
 
 /// The child of [`consume_only`]: `consume <bootstrap> <topic> <n> <group> [k=v ...]`.
