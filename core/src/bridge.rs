@@ -131,6 +131,12 @@ pub struct BridgeStats {
     pub assigned: usize,
 }
 
+/// How long the sink must stay full before the bridge pauses its partitions. Shorter
+/// stalls (routine backpressure: the buffer drains a quarter and takes the next batch) pass
+/// without a pause, because each pause makes librdkafka drop what it prefetched and fetch it
+/// again after the resume (QoS 1, 1M records: 4.2 vs 3.0 us of CPU per record).
+pub const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
 /// The bridge's policy state.
 #[derive(Debug, Clone)]
 pub struct BridgeFlow {
@@ -138,7 +144,8 @@ pub struct BridgeFlow {
     /// Partitions paused because the sink is full. Pauses survive rebalances in
     /// librdkafka, so this set, not the client, is the truth.
     paused: BTreeSet<TopicPartition>,
-    holding: bool,
+    /// Since when a record is held back (the sink is full).
+    holding: Option<Instant>,
     flush_started: Option<Instant>,
     /// What the bridge did.
     pub stats: BridgeStats,
@@ -150,7 +157,7 @@ impl BridgeFlow {
         Self {
             checkpoints: Checkpoints::new(interval, every, now),
             paused: BTreeSet::new(),
-            holding: false,
+            holding: None,
             flush_started: None,
             stats: BridgeStats::default(),
         }
@@ -167,9 +174,14 @@ impl BridgeFlow {
         self.checkpoints.may_consume(now)
     }
 
-    /// Wake up by then at the latest.
+    /// Wake up by then at the latest (a checkpoint, the end of a backoff, or the time to
+    /// pause a sink that stays full).
     pub fn next_deadline(&self) -> Instant {
-        self.checkpoints.next_deadline()
+        let next = self.checkpoints.next_deadline();
+        match self.holding {
+            Some(since) if self.paused.is_empty() => next.min(since + PAUSE_AFTER),
+            _ => next,
+        }
     }
 
     /// A record was consumed (`kept`: the transform kept it).
@@ -186,29 +198,33 @@ impl BridgeFlow {
         self.release()
     }
 
-    /// The sink is full and handed a record back: hold it and pause every assigned
-    /// partition until it takes it.
-    pub fn sink_full(&mut self, assigned: &[TopicPartition]) -> Option<FlowAction> {
-        if self.holding {
+    /// The sink is full and handed a record back (call again each time it still is): hold
+    /// the record, and once the sink has been full for [`PAUSE_AFTER`], pause every assigned
+    /// partition until it takes it. While holding unpaused, take nothing from the consumer
+    /// (wait for room); once paused, poll it to serve its callbacks.
+    pub fn sink_full(&mut self, now: Instant, assigned: &[TopicPartition]) -> Option<FlowAction> {
+        let since = *self.holding.get_or_insert(now);
+        if !self.paused.is_empty() || now < since + PAUSE_AFTER || assigned.is_empty() {
             return None;
         }
-        self.holding = true;
         self.paused.extend(assigned.iter().cloned());
         Some(FlowAction::Pause(assigned.to_vec()))
     }
 
     /// True while a record is held back.
     pub fn is_holding(&self) -> bool {
-        self.holding
+        self.holding.is_some()
+    }
+
+    /// True while partitions are paused (the sink stayed full).
+    pub fn is_paused(&self) -> bool {
+        !self.paused.is_empty()
     }
 
     fn release(&mut self) -> Option<FlowAction> {
-        if !self.holding {
-            return None;
-        }
-        self.holding = false;
+        self.holding.take()?;
         let paused: Vec<_> = std::mem::take(&mut self.paused).into_iter().collect();
-        Some(FlowAction::Resume(paused))
+        (!paused.is_empty()).then_some(FlowAction::Resume(paused))
     }
 
     /// A checkpoint's flush begins now (for the flush-time metric).
@@ -278,11 +294,11 @@ impl BridgeFlow {
         (!mine.is_empty()).then_some(FlowAction::Commit(mine))
     }
 
-    /// Partitions were assigned: pause them if the sink is full, otherwise resume them (a
-    /// partition paused before a revoke comes back paused in librdkafka).
+    /// Partitions were assigned: pause them if the others are paused, otherwise resume them
+    /// (a partition paused before a revoke comes back paused in librdkafka).
     pub fn assigned(&mut self, assigned: &[TopicPartition]) -> FlowAction {
         self.stats.assigned += assigned.len();
-        if self.holding {
+        if !self.paused.is_empty() {
             self.paused.extend(assigned.iter().cloned());
             FlowAction::Pause(assigned.to_vec())
         } else {
@@ -310,11 +326,17 @@ mod tests {
     fn full_sink_pauses_once_and_resumes_what_it_paused() {
         let now = Instant::now();
         let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
+        // Full: held, not paused yet; the bridge wakes when the pause is due.
+        assert_eq!(f.sink_full(now, &[tp(0), tp(1)]), None);
+        assert!(f.is_holding() && !f.is_paused());
+        assert_eq!(f.next_deadline(), now + PAUSE_AFTER);
+        let later = now + PAUSE_AFTER;
         assert_eq!(
-            f.sink_full(&[tp(0), tp(1)]),
+            f.sink_full(later, &[tp(0), tp(1)]),
             Some(FlowAction::Pause(vec![tp(0), tp(1)]))
         );
-        assert_eq!(f.sink_full(&[tp(0), tp(1)]), None);
+        assert_eq!(f.sink_full(later, &[tp(0), tp(1)]), None);
+        assert_eq!(f.next_deadline(), now + Duration::from_secs(5));
         // A rebalance while holding: the new partition is paused too.
         assert_eq!(f.assigned(&[tp(2)]), FlowAction::Pause(vec![tp(2)]));
         assert_eq!(
@@ -323,6 +345,20 @@ mod tests {
         );
         assert_eq!(f.pushed(), None);
         assert_eq!(f.assigned(&[tp(3)]), FlowAction::Resume(vec![tp(3)]));
+    }
+
+    #[test]
+    fn a_short_stall_is_held_without_a_pause() {
+        let now = Instant::now();
+        let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
+        assert_eq!(f.sink_full(now, &[tp(0)]), None);
+        let soon = now + PAUSE_AFTER / 2;
+        assert_eq!(f.sink_full(soon, &[tp(0)]), None);
+        // Taken again before the pause was due: nothing to resume.
+        assert_eq!(f.pushed(), None);
+        assert!(!f.is_holding());
+        // The next stall counts from its own start.
+        assert_eq!(f.sink_full(soon + PAUSE_AFTER / 2, &[tp(0)]), None);
     }
 
     #[test]
@@ -347,7 +383,11 @@ mod tests {
     fn failed_checkpoint_commits_what_is_safe_then_rewinds_and_backs_off() {
         let now = Instant::now();
         let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
-        let _ = f.sink_full(&[tp(0)]);
+        let _ = f.sink_full(now - PAUSE_AFTER, &[tp(0)]);
+        assert_eq!(
+            f.sink_full(now, &[tp(0)]),
+            Some(FlowAction::Pause(vec![tp(0)]))
+        );
         let safe = vec![(tp(0), 7)];
         let actions = f.checkpoint_done(
             now,

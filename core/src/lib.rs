@@ -94,7 +94,7 @@ mod timer;
 pub mod topic;
 mod wire;
 
-pub use bridge::{BridgeFlow, BridgeStats, FlowAction, FlushOutcome, KafkaConfig};
+pub use bridge::{BridgeFlow, BridgeStats, FlowAction, FlushOutcome, KafkaConfig, PAUSE_AFTER};
 pub use checkpoint::Checkpoints;
 pub use config::{
     Config, ConfigError, ConfigErrors, ErrorPolicy, HeaderSelection, MqttVersion,

@@ -339,7 +339,7 @@ impl Bridge {
                         .assignment()
                         .map(|l| partitions(&l))
                         .unwrap_or_default();
-                    let a = self.flow().sink_full(&assigned);
+                    let a = self.flow().sink_full(Instant::now(), &assigned);
                     self.execute(a.into_iter().collect(), held);
                     return Ok(());
                 }
@@ -372,14 +372,24 @@ impl Bridge {
                 continue;
             }
             self.offer(&mut held)?;
+            let wait = deadline
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(100));
+            if !held.is_empty() {
+                // Full: take nothing until the sink has room (or the next deadline, when the
+                // flow may pause the partitions). Once paused, poll the consumer to serve
+                // its callbacks: it hands out no records then.
+                self.sink
+                    .wait_room(wait)
+                    .map_err(|e| BridgeError::Sink(e.to_string()))?;
+                if !self.flow().is_paused() {
+                    continue;
+                }
+            }
             let wait = if held.is_empty() {
-                deadline
-                    .saturating_duration_since(now)
-                    .min(Duration::from_millis(100))
+                wait
             } else {
-                // Full: the partitions are paused; poll briefly to serve callbacks while
-                // acknowledgements free the buffer.
-                Duration::from_millis(5)
+                Duration::ZERO
             };
             let Some(first) = self.consumer.poll(wait) else {
                 continue;

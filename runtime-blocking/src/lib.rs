@@ -147,6 +147,7 @@ impl MqttSinkBuilder {
             flush_queued: Vec::new(),
             close_waiter: None,
             read_after: ReadGate::default(),
+            room_waiters: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("mqtt-sink".into())
@@ -174,6 +175,7 @@ enum Msg {
     Committed(CommitOffsets),
     Rewind(SyncSender<CommitOffsets>),
     Stats(SyncSender<mqtt_sink_core::Stats>),
+    Room(SyncSender<()>),
     Flush(SyncSender<Result<CommitOffsets, SinkError>>),
     Close(SyncSender<()>),
     Opened(u64, TcpStream),
@@ -193,6 +195,18 @@ impl SinkClient {
         let (tx, rx) = mpsc::sync_channel(1);
         self.tx.send(make(tx)).map_err(|_| SinkError::Closed)?;
         rx.recv().map_err(|_| SinkError::Closed)
+    }
+
+    /// Waits until the buffer has room (see `Sink::is_full`: after a refusal, a quarter of it
+    /// drained), at most `timeout`. True when there is room.
+    pub fn wait_room(&self, timeout: Duration) -> Result<bool, SinkError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.tx.send(Msg::Room(tx)).map_err(|_| SinkError::Closed)?;
+        match rx.recv_timeout(timeout) {
+            Ok(()) => Ok(true),
+            Err(RecvTimeoutError::Timeout) => Ok(false),
+            Err(RecvTimeoutError::Disconnected) => Err(SinkError::Closed),
+        }
     }
 
     /// Hands a record to the sink. Blocks while the sink's buffer is full: this is the
@@ -336,6 +350,9 @@ struct Driver {
     close_waiter: Option<SyncSender<()>>,
     /// Shared with the reader thread: the core's `defer_input_until`.
     read_after: ReadGate,
+    /// Callers of `wait_room` (answered once the buffer has room; a caller that gave up
+    /// finds its answer unread, which costs nothing).
+    room_waiters: Vec<SyncSender<()>>,
 }
 
 /// When the reader thread may read next (the core is waiting for a batch of acks).
@@ -439,6 +456,7 @@ impl Driver {
             Msg::Stats(reply) => {
                 let _ = reply.send(self.sink.stats());
             }
+            Msg::Room(reply) => self.room_waiters.push(reply),
             Msg::Flush(reply) => {
                 if self.sink.is_flushing() || !self.blocked.is_empty() {
                     self.flush_queued.push(reply);
@@ -646,6 +664,11 @@ impl Driver {
                     Err(e) => {
                         let _ = reply.send(Err(SinkError::Push(e.to_string())));
                     }
+                }
+            }
+            if !self.room_waiters.is_empty() && !self.sink.is_full() {
+                for w in self.room_waiters.drain(..) {
+                    let _ = w.try_send(());
                 }
             }
             if self.blocked.is_empty() && !self.flush_queued.is_empty() && !self.sink.is_flushing()

@@ -320,7 +320,7 @@ impl Bridge {
                         .assignment()
                         .map(|l| partitions(&l))
                         .unwrap_or_default();
-                    let a = self.flow().sink_full(&assigned);
+                    let a = self.flow().sink_full(Instant::now(), &assigned);
                     self.execute(a.into_iter().collect(), held).await;
                     return Ok(());
                 }
