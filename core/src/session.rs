@@ -593,7 +593,7 @@ impl Sink {
             && free < batch
             && free < self.pending.len();
         if hold {
-            if !self.timers.is_set(Timer::Refill) {
+            if self.timers.get(Timer::Refill).is_none() {
                 self.timers.set(Timer::Refill, now + REFILL_DELAY);
             }
         } else {
@@ -601,13 +601,6 @@ impl Sink {
             self.timers.stop(Timer::Refill);
         }
         hold
-    }
-
-    /// The end of the current wait for a batch, while new publishes are held.
-    pub(crate) fn refill_deadline(&self) -> Option<Instant> {
-        self.timers
-            .get(Timer::Refill)
-            .filter(|_| self.conn == Conn::Connected)
     }
 
     /// Writes a first transmission of a PUBLISH, with a topic alias when the broker allows

@@ -525,7 +525,9 @@ impl Sink {
     /// one call instead of a few per call (the broker coalesces what queued meanwhile).
     /// Optional: reading at once is always correct. Re-read it after every drain.
     pub fn defer_input_until(&self) -> Option<Instant> {
-        self.refill_deadline()
+        self.timers
+            .get(Timer::Refill)
+            .filter(|_| self.conn == Conn::Connected)
     }
 
     /// When `handle_timeout` must next be called, if ever.

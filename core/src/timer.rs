@@ -42,10 +42,6 @@ impl TimerTable {
         self.0[t as usize] = Some(at);
     }
 
-    pub(crate) fn is_set(&self, t: Timer) -> bool {
-        self.0[t as usize].is_some()
-    }
-
     pub(crate) fn get(&self, t: Timer) -> Option<Instant> {
         self.0[t as usize]
     }
