@@ -1,65 +1,86 @@
-//! The policy of a Kafka bridge, sans-IO: when to checkpoint, what to commit, when to
-//! rewind, which partitions to pause and resume. A runtime's bridge executes the actions
-//! with its Kafka client and its sink; it decides nothing itself.
+//! [`BridgeFlow`]: the Kafka half of a bridge, sans-IO. It decides which consumed records
+//! go to the sink now, which wait and which are dropped (revoked, rewound, or read from a
+//! position a failed seek left behind); it schedules checkpoints, chooses what to commit and
+//! where to seek, pauses and resumes partitions, and runs the revoke and stop sequences. A
+//! runtime reports facts (records polled, partitions assigned or revoked, results of what
+//! it was asked) and executes the [`BridgeAction`]s it polls; it decides nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::checkpoint::Checkpoints;
-use crate::event::CommitOffsets;
-use crate::record::TopicPartition;
+use crate::event::{CommitOffsets, PushRefusal, SinkError};
+use crate::kafka_config::KafkaConfig;
+use crate::record::{Record, TopicPartition};
 
-/// The Kafka side of a bridge.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct KafkaConfig {
-    /// `bootstrap.servers`.
-    pub brokers: String,
-    /// `group.id`.
-    pub group_id: String,
-    /// Topics to consume.
-    pub topics: Vec<String>,
-    /// Other librdkafka consumer properties, passed through (auto commit and auto offset
-    /// store are forced off: the bridge commits exactly the acknowledged positions).
-    pub properties: std::collections::BTreeMap<String, String>,
-    /// Checkpoint at least this often. Default: 5 s.
-    pub commit_interval: Duration,
-    /// Also checkpoint after this many records.
-    pub commit_every: Option<u64>,
-}
+/// How long the sink must stay full before the bridge pauses its partitions. Shorter
+/// stalls (routine backpressure: the buffer drains a quarter and takes the next batch) pass
+/// without a pause, because each pause makes librdkafka drop what it prefetched and fetch it
+/// again after the resume (QoS 1, 1M records: 4.2 vs 3.0 us of CPU per record).
+pub const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
-impl KafkaConfig {
-    /// A config with the defaults.
-    pub fn new(
-        brokers: impl Into<String>,
-        group_id: impl Into<String>,
-        topics: Vec<String>,
-    ) -> Self {
-        Self {
-            brokers: brokers.into(),
-            group_id: group_id.into(),
-            topics,
-            properties: std::collections::BTreeMap::new(),
-            commit_interval: Duration::from_secs(5),
-            commit_every: None,
-        }
-    }
-}
+/// Records consumed but not yet taken by the sink are held up to this many (the consumer
+/// is not polled for more until they drain) ...
+pub const HELD_MAX_RECORDS: usize = 1024;
+/// ... and up to this many bytes of keys, values and headers (one record may exceed it).
+pub const HELD_MAX_BYTES: usize = 4 << 20;
 
-/// What the runtime must do with its Kafka consumer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A per-record transform: `None` drops the record (its offset passes).
+pub type Transform = Box<dyn FnMut(Record) -> Option<Record> + Send>;
+
+/// What the runtime must do next. Actions that say "report" must be reported (with the
+/// named `handle_*`) before the next [`BridgeFlow::poll_action`]: until then it returns
+/// `None`.
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 #[must_use]
-pub enum FlowAction {
-    /// Pause these partitions (the sink is full).
+pub enum BridgeAction {
+    /// Consumer: pause these partitions.
     Pause(Vec<TopicPartition>),
-    /// Resume these partitions.
+    /// Consumer: resume these partitions.
     Resume(Vec<TopicPartition>),
-    /// Commit exactly these positions, then report with [`BridgeFlow::committed`].
+    /// Consumer: seek this partition to `offset`; report with
+    /// [`handle_seek_result`](BridgeFlow::handle_seek_result).
+    Seek {
+        /// The partition.
+        tp: TopicPartition,
+        /// The offset to consume next.
+        offset: i64,
+    },
+    /// Consumer: commit exactly these positions, synchronously; report with
+    /// [`handle_commit_result`](BridgeFlow::handle_commit_result).
     Commit(CommitOffsets),
-    /// Ask the sink to rewind and seek the consumer to the positions it returns; drop any
-    /// record held back (it will be consumed again).
-    Rewind,
+    /// Sink: push these records in order (`Sink::push_batch`); report what was not taken
+    /// with [`handle_pushed`](BridgeFlow::handle_pushed).
+    Push(VecDeque<Record>),
+    /// Sink: flush; report with [`handle_flushed`](BridgeFlow::handle_flushed).
+    Flush,
+    /// Sink: `assign` these partitions with their committed positions.
+    AssignSink(Vec<(TopicPartition, Option<i64>)>),
+    /// Sink: `revoke` these partitions.
+    RevokeSink(Vec<TopicPartition>),
+    /// Sink: `rewind` (forget every record not committed). The flow seeks the consumer.
+    RewindSink,
+    /// Sink: `handle_committed` (Kafka confirmed these positions).
+    CommittedSink(CommitOffsets),
+}
+
+/// The result of an executed action, for [`BridgeFlow::handle_report`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ActionReport {
+    /// [`BridgeAction::Push`]: the records not taken (the first is the refused one) and why.
+    Pushed(VecDeque<Record>, Option<PushRefusal>),
+    /// [`BridgeAction::Flush`].
+    Flushed(FlushOutcome),
+    /// [`BridgeAction::Commit`]: the positions and Kafka's answer.
+    Committed(CommitOffsets, Result<(), String>),
+    /// [`BridgeAction::Seek`]: the partition, the offset and the consumer's answer.
+    Sought(TopicPartition, i64, Result<(), String>),
+    /// An action that reports nothing (pause, resume, the sink's assign, revoke, rewind
+    /// and committed).
+    Done,
 }
 
 /// How a flush ended, as the bridge saw it.
@@ -76,29 +97,17 @@ pub struct FlushOutcome {
 
 impl FlushOutcome {
     /// How a runtime's flush call ended, as the flow needs it.
-    pub fn from_flush(r: Result<CommitOffsets, crate::event::SinkError>) -> Self {
-        use crate::event::SinkError;
-        match r {
-            Ok(offsets) => Self {
-                complete: true,
-                timed_out: false,
-                offsets,
-            },
-            Err(SinkError::FlushTimedOut { offsets, .. }) => Self {
-                complete: false,
-                timed_out: true,
-                offsets,
-            },
-            Err(SinkError::FlushFailed { offsets, .. }) => Self {
-                complete: false,
-                timed_out: false,
-                offsets,
-            },
-            Err(_) => Self {
-                complete: false,
-                timed_out: false,
-                offsets: Vec::new(),
-            },
+    pub fn from_flush(r: Result<CommitOffsets, SinkError>) -> Self {
+        let (complete, timed_out, offsets) = match r {
+            Ok(offsets) => (true, false, offsets),
+            Err(SinkError::FlushTimedOut { offsets, .. }) => (false, true, offsets),
+            Err(SinkError::FlushFailed { offsets, .. }) => (false, false, offsets),
+            Err(_) => (false, false, Vec::new()),
+        };
+        Self {
+            complete,
+            timed_out,
+            offsets,
         }
     }
 }
@@ -111,6 +120,10 @@ pub struct BridgeStats {
     pub consumed: u64,
     /// Records dropped by the transform.
     pub filtered: u64,
+    /// Consumed records dropped unsent because their partition was revoked or rewound, or
+    /// read from a position a failed seek left behind: they are not committed and will be
+    /// consumed again (here or by the partition's new owner).
+    pub dropped: u64,
     /// Commits Kafka accepted.
     pub commits: u64,
     /// Commits Kafka refused (the next checkpoint commits again; nothing is lost).
@@ -119,11 +132,14 @@ pub struct BridgeStats {
     pub last_commit_error: Option<String>,
     /// Checkpoints that failed and rewound.
     pub rewinds: u64,
+    /// Seeks that failed (retried with a backoff; the partition's records are dropped
+    /// meanwhile).
+    pub seek_errors: u64,
     /// Consumer errors (librdkafka retries them).
     pub kafka_errors: u64,
-    /// The last of them.
+    /// The last consumer or seek error.
     pub last_kafka_error: Option<String>,
-    /// The highest positions committed, per partition.
+    /// The highest positions committed, per partition this instance owns.
     pub committed: CommitOffsets,
     /// How long the last checkpoint's flush took, in milliseconds.
     pub last_flush_ms: u64,
@@ -131,142 +147,418 @@ pub struct BridgeStats {
     pub assigned: usize,
 }
 
-/// How long the sink must stay full before the bridge pauses its partitions. Shorter
-/// stalls (routine backpressure: the buffer drains a quarter and takes the next batch) pass
-/// without a pause, because each pause makes librdkafka drop what it prefetched and fetch it
-/// again after the resume (QoS 1, 1M records: 4.2 vs 3.0 us of CPU per record).
-pub const PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// A seek the flow waits on.
+#[derive(Debug, Clone, Copy)]
+enum Seek {
+    /// Asked, not yet reported.
+    Asked,
+    /// Failed: asked again at `retry`; records of the partition are dropped until then.
+    Failed { to: i64, retry: Instant },
+}
 
-/// The bridge's policy state.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
+struct Part {
+    /// The committed position known: from the assignment, or a commit Kafka confirmed.
+    committed: Option<i64>,
+    /// Where the consumer started delivering since the assignment or the last seek (the
+    /// seek target, or the first offset it delivered).
+    start: Option<i64>,
+    /// A record was delivered since the assignment or the last seek: the consumer moved.
+    moved: bool,
+    seek: Option<Seek>,
+    seek_backoff: Backoff,
+}
+
+impl Part {
+    fn new(committed: Option<i64>) -> Self {
+        Self {
+            committed,
+            start: committed,
+            moved: false,
+            seek: None,
+            seek_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 0),
+        }
+    }
+}
+
+/// What the flow is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Consuming.
+    Running,
+    /// A checkpoint's flush, then its commit (and a rewind if it failed).
+    Checkpoint { rewind: bool },
+    /// Revoking these partitions: flush, commit them, revoke them in the sink.
+    Revoking(Vec<TopicPartition>),
+    /// Stopping: flush, commit, then stopped.
+    Stopping,
+    /// Stopped: nothing more to do.
+    Stopped,
+}
+
+/// The report an action awaits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Awaiting {
+    Pushed(usize),
+    Flushed,
+    Committed,
+    Seek(TopicPartition),
+}
+
+/// A step queued: built into an action when polled, so it sees the state of that moment.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Act(BridgeAction),
+    /// Commit this flush's positions, limited to `only` (or to every owned partition).
+    CommitFlushed(CommitOffsets, Option<Vec<TopicPartition>>),
+    /// Drop what is held, rewind the sink, seek every partition that moved.
+    Rewind,
+    /// The revoke's last step: revoke in the sink, forget the partitions.
+    FinishRevoke,
+    /// The stop's last step.
+    FinishStop,
+}
+
+/// The Kafka half of a bridge, sans-IO.
+///
+/// A runtime's consumer loop feeds it facts and executes its actions:
+///
+/// * facts: [`handle_assigned`](Self::handle_assigned) and
+///   [`handle_revoked`](Self::handle_revoked) (from the rebalance callbacks),
+///   [`handle_records`](Self::handle_records) (what the consumer delivered, untransformed),
+///   [`handle_room`](Self::handle_room) (the sink has room again),
+///   [`handle_kafka_error`](Self::handle_kafka_error), and the reports of actions:
+///   [`handle_pushed`](Self::handle_pushed), [`handle_flushed`](Self::handle_flushed),
+///   [`handle_commit_result`](Self::handle_commit_result),
+///   [`handle_seek_result`](Self::handle_seek_result);
+/// * commands: [`stop`](Self::stop);
+/// * outputs: [`poll_action`](Self::poll_action) until `None`, executing each (and
+///   reporting it, where the action says so) before polling the next; then
+///   [`may_poll_consumer`](Self::may_poll_consumer),
+///   [`waits_for_room`](Self::waits_for_room) and [`poll_timeout`](Self::poll_timeout) say
+///   what to wait for. After a rebalance callback's fact, drain the actions inside the
+///   callback: the revoke's flush and commit complete before the partitions go.
+///
+/// Guarantees: a commit position it asks for is one the sink reported for a partition
+/// this member owns; a record of a partition revoked or rewound is never pushed after the
+/// revoke or rewind; after a rewind every partition the consumer moved on is sought back
+/// to its committed position (or where it started since the assignment) before any of its
+/// records is pushed again, and a failed seek is retried, never skipped.
 pub struct BridgeFlow {
     checkpoints: Checkpoints,
-    /// Partitions paused because the sink is full. Pauses survive rebalances in
+    transform: Option<Transform>,
+    parts: BTreeMap<TopicPartition, Part>,
+    held: VecDeque<Record>,
+    held_bytes: usize,
+    /// The sink refused a push as full and has not reported room since.
+    sink_full: bool,
+    /// Since when records wait for a full sink.
+    holding: Option<Instant>,
+    /// Partitions paused because the sink stayed full. Pauses survive rebalances in
     /// librdkafka, so this set, not the client, is the truth.
     paused: BTreeSet<TopicPartition>,
-    /// Since when a record is held back (the sink is full).
-    holding: Option<Instant>,
+    phase: Phase,
+    steps: VecDeque<Step>,
+    awaiting: Option<Awaiting>,
     flush_started: Option<Instant>,
-    /// What the bridge did.
-    pub stats: BridgeStats,
+    /// The sink refused for good (closed): the bridge must stop with this error.
+    fatal: Option<String>,
+    stats: BridgeStats,
+}
+
+impl std::fmt::Debug for BridgeFlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BridgeFlow")
+            .field("phase", &self.phase)
+            .field("held", &self.held.len())
+            .field("awaiting", &self.awaiting)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BridgeFlow {
-    /// Checkpoints every `interval`, or after `every` records.
-    pub fn new(interval: Duration, every: Option<u64>, now: Instant) -> Self {
+    /// A flow on `kafka`'s checkpoint schedule, starting at `now`.
+    pub fn new(kafka: &KafkaConfig, now: Instant) -> Self {
         Self {
-            checkpoints: Checkpoints::new(interval, every, now),
-            paused: BTreeSet::new(),
+            checkpoints: Checkpoints::new(kafka.commit_interval, kafka.commit_every, now),
+            transform: None,
+            parts: BTreeMap::new(),
+            held: VecDeque::new(),
+            held_bytes: 0,
+            sink_full: false,
             holding: None,
+            paused: BTreeSet::new(),
+            phase: Phase::Running,
+            steps: VecDeque::new(),
+            awaiting: None,
             flush_started: None,
+            fatal: None,
             stats: BridgeStats::default(),
         }
     }
 
-    /// True when the bridge should flush and commit now.
-    pub fn checkpoint_due(&self, now: Instant) -> bool {
-        self.checkpoints.is_due(now)
+    /// Applies `f` to every consumed record before it is held (`None` drops it; its
+    /// offset passes).
+    pub fn set_transform(&mut self, f: Transform) {
+        self.transform = Some(f);
     }
 
-    /// False while backing off after a failed checkpoint: poll the consumer (to keep the
-    /// group session) without taking records.
-    pub fn may_consume(&self, now: Instant) -> bool {
-        self.checkpoints.may_consume(now)
+    /// What the bridge did.
+    pub fn stats(&self) -> &BridgeStats {
+        &self.stats
     }
 
-    /// Wake up by then at the latest (a checkpoint, the end of a backoff, or the time to
-    /// pause a sink that stays full).
-    pub fn next_deadline(&self) -> Instant {
-        let next = self.checkpoints.next_deadline();
-        match self.holding {
-            Some(since) if self.paused.is_empty() => next.min(since + PAUSE_AFTER),
-            _ => next,
+    /// The partitions assigned now.
+    pub fn assigned(&self) -> Vec<TopicPartition> {
+        self.parts.keys().cloned().collect()
+    }
+
+    /// Records held for the sink.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// True once the stop sequence finished.
+    pub fn is_stopped(&self) -> bool {
+        self.phase == Phase::Stopped
+    }
+
+    /// The sink refused for good: stop the bridge with this error.
+    pub fn fatal_error(&self) -> Option<&str> {
+        self.fatal.as_deref()
+    }
+
+    /// True while a revoke's flush and commit are under way (a rebalance callback drains
+    /// actions until it is false).
+    pub fn is_revoking(&self) -> bool {
+        matches!(self.phase, Phase::Revoking(_))
+    }
+
+    // ---- facts ----
+
+    /// Kafka assigned these partitions, with their committed positions where known (the
+    /// rewind floor). A partition paused before comes back paused in librdkafka: the flow
+    /// resumes it, or pauses it with the others while the sink stays full.
+    pub fn handle_assigned(&mut self, parts: Vec<(TopicPartition, Option<i64>)>) {
+        let tps: Vec<_> = parts.iter().map(|(tp, _)| tp.clone()).collect();
+        for (tp, committed) in &parts {
+            self.parts.insert(tp.clone(), Part::new(*committed));
+        }
+        self.stats.assigned = self.parts.len();
+        self.steps
+            .push_back(Step::Act(BridgeAction::AssignSink(parts)));
+        if self.paused.is_empty() {
+            self.steps.push_back(Step::Act(BridgeAction::Resume(tps)));
+        } else {
+            self.paused.extend(tps.iter().cloned());
+            self.steps.push_back(Step::Act(BridgeAction::Pause(tps)));
         }
     }
 
-    /// A record was consumed (`kept`: the transform kept it).
-    pub fn consumed(&mut self, kept: bool) {
-        self.stats.consumed += 1;
-        if !kept {
-            self.stats.filtered += 1;
+    /// Kafka is revoking these partitions: their held records are dropped now; the flow
+    /// flushes the sink, commits the positions of these partitions, and revokes them in the
+    /// sink. Drain the actions before the callback returns.
+    pub fn handle_revoked(&mut self, now: Instant, revoked: Vec<TopicPartition>) {
+        let revoked: Vec<_> = revoked
+            .into_iter()
+            .filter(|tp| self.parts.contains_key(tp))
+            .collect();
+        self.drop_held(|tp| revoked.contains(tp));
+        for tp in &revoked {
+            self.paused.remove(tp);
         }
-    }
-
-    /// The sink took a record.
-    pub fn pushed(&mut self) -> Option<FlowAction> {
-        self.checkpoints.record_pushed();
-        self.release()
-    }
-
-    /// The sink is full and handed a record back (call again each time it still is): hold
-    /// the record, and once the sink has been full for [`PAUSE_AFTER`], pause every assigned
-    /// partition until it takes it. While holding unpaused, take nothing from the consumer
-    /// (wait for room); once paused, poll it to serve its callbacks.
-    pub fn sink_full(&mut self, now: Instant, assigned: &[TopicPartition]) -> Option<FlowAction> {
-        let since = *self.holding.get_or_insert(now);
-        if !self.paused.is_empty() || now < since + PAUSE_AFTER || assigned.is_empty() {
-            return None;
+        if revoked.is_empty() {
+            return;
         }
-        self.paused.extend(assigned.iter().cloned());
-        Some(FlowAction::Pause(assigned.to_vec()))
-    }
-
-    /// True while a record is held back.
-    pub fn is_holding(&self) -> bool {
-        self.holding.is_some()
-    }
-
-    /// True while partitions are paused (the sink stayed full).
-    pub fn is_paused(&self) -> bool {
-        !self.paused.is_empty()
-    }
-
-    fn release(&mut self) -> Option<FlowAction> {
-        self.holding.take()?;
-        let paused: Vec<_> = std::mem::take(&mut self.paused).into_iter().collect();
-        (!paused.is_empty()).then_some(FlowAction::Resume(paused))
-    }
-
-    /// A checkpoint's flush begins now (for the flush-time metric).
-    pub fn checkpoint_started(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Stopping | Phase::Stopped) {
+            // The stop's own flush and commit cover them (a consumer closing after the
+            // stop revokes everything): forget them, nothing more to send.
+            for tp in &revoked {
+                self.parts.remove(tp);
+            }
+            self.stats.assigned = self.parts.len();
+            return;
+        }
         self.flush_started = Some(now);
+        self.phase = Phase::Revoking(revoked);
+        self.steps.push_back(Step::Act(BridgeAction::Flush));
     }
 
-    /// A checkpoint's flush ended: commit what is safe. If it timed out, that is all: the
-    /// unacknowledged records stay in the sink and go out as the broker allows (rewinding
-    /// would publish them twice, and a broker merely slower than the buffer drains in a
-    /// flush timeout would see every record twice). If the sink refused records (the
-    /// `fail` policy) or closed, rewind to the committed positions and back off.
-    pub fn checkpoint_done(&mut self, now: Instant, outcome: FlushOutcome) -> Vec<FlowAction> {
+    /// The consumer delivered these records (in its order, untransformed).
+    pub fn handle_records(&mut self, now: Instant, records: impl IntoIterator<Item = Record>) {
+        for r in records {
+            self.stats.consumed += 1;
+            let take = match self.parts.get_mut(&r.tp) {
+                // Not ours (revoked) or read from where a seek has not yet taken us.
+                None => false,
+                Some(p) if p.seek.is_some() => false,
+                Some(_) if matches!(self.phase, Phase::Revoking(ref v) if v.contains(&r.tp)) => {
+                    false
+                }
+                Some(p) => {
+                    p.start.get_or_insert(r.offset);
+                    p.moved = true;
+                    true
+                }
+            };
+            if !take || matches!(self.phase, Phase::Stopping | Phase::Stopped) {
+                self.stats.dropped += 1;
+                continue;
+            }
+            let kept = match self.transform.as_mut() {
+                Some(t) => t(r),
+                None => Some(r),
+            };
+            match kept {
+                Some(r) => {
+                    self.held_bytes += r.size();
+                    self.held.push_back(r);
+                }
+                None => self.stats.filtered += 1,
+            }
+        }
+        if self.sink_full {
+            self.holding.get_or_insert(now);
+        }
+    }
+
+    /// The sink has room again (after a push it refused as full).
+    pub fn handle_room(&mut self) {
+        self.sink_full = false;
+    }
+
+    /// A consumer error (the client retries it).
+    pub fn handle_kafka_error(&mut self, e: String) {
+        self.stats.kafka_errors += 1;
+        self.stats.last_kafka_error = Some(e);
+    }
+
+    /// The report of any action (the runtime's one entry for them).
+    pub fn handle_report(&mut self, now: Instant, report: ActionReport) {
+        match report {
+            ActionReport::Pushed(rest, why) => self.handle_pushed(now, rest, why),
+            ActionReport::Flushed(outcome) => self.handle_flushed(now, outcome),
+            ActionReport::Committed(offsets, result) => self.handle_commit_result(&offsets, result),
+            ActionReport::Sought(tp, offset, result) => {
+                self.handle_seek_result(now, &tp, offset, result)
+            }
+            ActionReport::Done => {}
+        }
+    }
+
+    /// The report of [`BridgeAction::Push`]: the records the sink did not take (the first
+    /// is the one refused) and why.
+    pub fn handle_pushed(
+        &mut self,
+        now: Instant,
+        mut rest: VecDeque<Record>,
+        refusal: Option<PushRefusal>,
+    ) {
+        let Some(Awaiting::Pushed(sent)) = self.awaiting.take() else {
+            return;
+        };
+        self.checkpoints
+            .records_pushed(sent.saturating_sub(rest.len()) as u64);
+        match refusal {
+            None | Some(PushRefusal::Full) if rest.is_empty() => {}
+            Some(PushRefusal::Full) => {
+                self.sink_full = true;
+                self.holding.get_or_insert(now);
+            }
+            // Its partition is no longer the sink's: not ours to push.
+            Some(PushRefusal::NotAssigned) => {
+                let tp = rest[0].tp.clone();
+                let before = rest.len();
+                rest.retain(|r| r.tp != tp);
+                self.stats.dropped += (before - rest.len()) as u64;
+                self.parts.remove(&tp);
+            }
+            // Already pushed once (the sink tracks that copy): a duplicate delivery.
+            Some(PushRefusal::OutOfOrder { .. }) => {
+                rest.pop_front();
+                self.stats.dropped += 1;
+            }
+            Some(PushRefusal::Closed) => {
+                self.fatal = Some("the MQTT sink closed".into());
+            }
+            None => {}
+        }
+        // Records consumed while the push ran go behind the ones it returned.
+        rest.append(&mut self.held);
+        self.held = rest;
+        self.held_bytes = self.held.iter().map(Record::size).sum();
+        if !self.sink_full {
+            self.holding = None;
+        }
+        if self.held.is_empty() && !self.paused.is_empty() {
+            let paused: Vec<_> = std::mem::take(&mut self.paused).into_iter().collect();
+            self.steps
+                .push_back(Step::Act(BridgeAction::Resume(paused)));
+        }
+    }
+
+    /// The report of [`BridgeAction::Flush`].
+    pub fn handle_flushed(&mut self, now: Instant, outcome: FlushOutcome) {
+        if self.awaiting != Some(Awaiting::Flushed) {
+            return;
+        }
+        self.awaiting = None;
         if let Some(t) = self.flush_started.take() {
             self.stats.last_flush_ms = now.saturating_duration_since(t).as_millis() as u64;
         }
-        let mut actions = Vec::new();
-        if !outcome.offsets.is_empty() {
-            actions.push(FlowAction::Commit(outcome.offsets));
+        match self.phase.clone() {
+            Phase::Checkpoint { .. } => {
+                let failed = !outcome.complete && !outcome.timed_out;
+                self.steps
+                    .push_back(Step::CommitFlushed(outcome.offsets, None));
+                if failed {
+                    // Refused under the `fail` policy (or the sink closed): commit what is
+                    // safe, rewind to the committed positions, back off.
+                    self.stats.rewinds += 1;
+                    self.steps.push_back(Step::Rewind);
+                    self.checkpoints.failed(now);
+                } else {
+                    // A timeout leaves the unacknowledged records in the sink: they go out
+                    // as the broker allows (a rewind would publish them twice).
+                    self.checkpoints.completed(now);
+                }
+                self.phase = Phase::Checkpoint { rewind: failed };
+            }
+            Phase::Revoking(tps) => {
+                self.steps
+                    .push_back(Step::CommitFlushed(outcome.offsets, Some(tps)));
+                self.steps.push_back(Step::FinishRevoke);
+            }
+            Phase::Stopping => {
+                self.steps
+                    .push_back(Step::CommitFlushed(outcome.offsets, None));
+                self.steps.push_back(Step::FinishStop);
+            }
+            Phase::Running | Phase::Stopped => {}
         }
-        if outcome.complete || outcome.timed_out {
-            self.checkpoints.completed(now);
-        } else {
-            self.stats.rewinds += 1;
-            actions.push(FlowAction::Rewind);
-            actions.extend(self.release());
-            self.checkpoints.failed(now);
-        }
-        actions
     }
 
-    /// A commit ended (`Err`: Kafka's refusal).
-    pub fn committed(&mut self, offsets: &CommitOffsets, result: Result<(), String>) {
+    /// The report of [`BridgeAction::Commit`] (`Err`: Kafka's refusal).
+    pub fn handle_commit_result(&mut self, offsets: &CommitOffsets, result: Result<(), String>) {
+        if self.awaiting != Some(Awaiting::Committed) {
+            return;
+        }
+        self.awaiting = None;
         match result {
             Ok(()) => {
                 self.stats.commits += 1;
                 for (tp, off) in offsets {
+                    if let Some(p) = self.parts.get_mut(tp) {
+                        p.committed = Some(p.committed.map_or(*off, |c| c.max(*off)));
+                    }
                     match self.stats.committed.iter_mut().find(|(t, _)| t == tp) {
                         Some((_, o)) => *o = (*o).max(*off),
                         None => self.stats.committed.push((tp.clone(), *off)),
                     }
                 }
+                self.steps
+                    .push_front(Step::Act(BridgeAction::CommittedSink(offsets.clone())));
             }
             Err(e) => {
                 self.stats.commit_errors += 1;
@@ -275,41 +567,235 @@ impl BridgeFlow {
         }
     }
 
-    /// Partitions are being revoked and the sink was flushed: commit the revoked ones'
-    /// positions (then tell the sink `revoke`).
-    pub fn revoking(
+    /// The report of [`BridgeAction::Seek`]. A failed seek is asked again after a backoff;
+    /// until one succeeds, the partition's records are dropped (they come from the wrong
+    /// position) and its commit position stays at the rewind point.
+    pub fn handle_seek_result(
         &mut self,
-        revoked: &[TopicPartition],
-        flushed: FlushOutcome,
-    ) -> Option<FlowAction> {
-        for tp in revoked {
-            self.paused.remove(tp);
+        now: Instant,
+        tp: &TopicPartition,
+        offset: i64,
+        result: Result<(), String>,
+    ) {
+        if self.awaiting.as_ref() != Some(&Awaiting::Seek(tp.clone())) {
+            return;
         }
-        self.stats.assigned = self.stats.assigned.saturating_sub(revoked.len());
-        let mine: CommitOffsets = flushed
-            .offsets
-            .into_iter()
-            .filter(|(tp, _)| revoked.contains(tp))
-            .collect();
-        (!mine.is_empty()).then_some(FlowAction::Commit(mine))
+        self.awaiting = None;
+        let Some(p) = self.parts.get_mut(tp) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                p.seek = None;
+                p.seek_backoff.reset();
+            }
+            Err(e) => {
+                self.stats.seek_errors += 1;
+                self.stats.last_kafka_error = Some(format!("seek {tp} to {offset}: {e}"));
+                let retry = now + p.seek_backoff.next_delay();
+                p.seek = Some(Seek::Failed { to: offset, retry });
+            }
+        }
     }
 
-    /// Partitions were assigned: pause them if the others are paused, otherwise resume them
-    /// (a partition paused before a revoke comes back paused in librdkafka).
-    pub fn assigned(&mut self, assigned: &[TopicPartition]) -> FlowAction {
-        self.stats.assigned += assigned.len();
-        if !self.paused.is_empty() {
-            self.paused.extend(assigned.iter().cloned());
-            FlowAction::Pause(assigned.to_vec())
-        } else {
-            FlowAction::Resume(assigned.to_vec())
+    /// Begins the graceful stop: held records are dropped (uncommitted, they will be read
+    /// again), the sink is flushed (bounded by its flush timeout), what is safe is
+    /// committed, then [`is_stopped`](Self::is_stopped).
+    pub fn stop(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Stopping | Phase::Stopped) {
+            return;
+        }
+        self.drop_held(|_| true);
+        self.steps
+            .retain(|s| matches!(s, Step::Act(BridgeAction::CommittedSink(_))));
+        self.flush_started = Some(now);
+        self.phase = Phase::Stopping;
+        self.steps.push_back(Step::Act(BridgeAction::Flush));
+    }
+
+    // ---- outputs ----
+
+    /// The next action, if any (`None` also while an action awaits its report).
+    pub fn poll_action(&mut self, now: Instant) -> Option<BridgeAction> {
+        if self.awaiting.is_some() {
+            return None;
+        }
+        loop {
+            let step = match self.steps.pop_front() {
+                Some(s) => s,
+                None => self.next_step(now)?,
+            };
+            if let Some(a) = self.build(step) {
+                self.awaiting = match &a {
+                    BridgeAction::Push(r) => Some(Awaiting::Pushed(r.len())),
+                    BridgeAction::Flush => Some(Awaiting::Flushed),
+                    BridgeAction::Commit(_) => Some(Awaiting::Committed),
+                    BridgeAction::Seek { tp, .. } => Some(Awaiting::Seek(tp.clone())),
+                    _ => None,
+                };
+                return Some(a);
+            }
         }
     }
 
-    /// A consumer error (retried by the client).
-    pub fn kafka_error(&mut self, e: String) {
-        self.stats.kafka_errors += 1;
-        self.stats.last_kafka_error = Some(e);
+    /// True when the runtime may poll its consumer now: there is room to hold what it
+    /// delivers, or the partitions are paused (the poll then serves the group's callbacks
+    /// and delivers nothing). False while backing off after a failed checkpoint, while an
+    /// action awaits its report, and once stopping.
+    pub fn may_poll_consumer(&self, now: Instant) -> bool {
+        self.awaiting.is_none()
+            && self.steps.is_empty()
+            && matches!(self.phase, Phase::Running)
+            && self.checkpoints.may_consume(now)
+            && (!self.paused.is_empty() || self.has_room())
+    }
+
+    /// How many more records the consumer may deliver before the flow is full.
+    pub fn room(&self) -> usize {
+        if self.held_bytes >= HELD_MAX_BYTES {
+            return 0;
+        }
+        HELD_MAX_RECORDS.saturating_sub(self.held.len())
+    }
+
+    fn has_room(&self) -> bool {
+        self.room() > 0
+    }
+
+    /// True while records wait for the sink to have room: report it with
+    /// [`handle_room`](Self::handle_room).
+    pub fn waits_for_room(&self) -> bool {
+        self.sink_full && !self.held.is_empty()
+    }
+
+    /// When to call [`poll_action`](Self::poll_action) again at the latest, if nothing
+    /// happens before (a checkpoint, the end of a backoff, a pause, a seek retry).
+    pub fn poll_timeout(&self) -> Instant {
+        let mut next = self.checkpoints.next_deadline();
+        if let Some(since) = self.holding.filter(|_| self.paused.is_empty()) {
+            next = next.min(since + PAUSE_AFTER);
+        }
+        for p in self.parts.values() {
+            if let Some(Seek::Failed { retry, .. }) = p.seek {
+                next = next.min(retry);
+            }
+        }
+        next
+    }
+
+    // ---- internals ----
+
+    /// What to do when nothing is queued.
+    fn next_step(&mut self, now: Instant) -> Option<Step> {
+        if self.fatal.is_some() {
+            return None;
+        }
+        let running = matches!(self.phase, Phase::Running | Phase::Checkpoint { .. });
+        if !running {
+            return None;
+        }
+        self.phase = Phase::Running;
+        if let Some((tp, to)) = self.parts.iter().find_map(|(tp, p)| match p.seek {
+            Some(Seek::Failed { to, retry }) if now >= retry => Some((tp.clone(), to)),
+            _ => None,
+        }) {
+            if let Some(p) = self.parts.get_mut(&tp) {
+                p.seek = Some(Seek::Asked);
+            }
+            return Some(Step::Act(BridgeAction::Seek { tp, offset: to }));
+        }
+        if self.checkpoints.is_due(now) {
+            self.flush_started = Some(now);
+            self.phase = Phase::Checkpoint { rewind: false };
+            return Some(Step::Act(BridgeAction::Flush));
+        }
+        if let Some(since) = self.holding {
+            let unpaused: Vec<_> = self
+                .parts
+                .keys()
+                .filter(|tp| !self.paused.contains(*tp))
+                .cloned()
+                .collect();
+            if now >= since + PAUSE_AFTER && self.paused.is_empty() && !unpaused.is_empty() {
+                self.paused.extend(unpaused.iter().cloned());
+                return Some(Step::Act(BridgeAction::Pause(unpaused)));
+            }
+        }
+        if !self.held.is_empty() && !self.sink_full && self.checkpoints.may_consume(now) {
+            let records = std::mem::take(&mut self.held);
+            self.held_bytes = 0;
+            return Some(Step::Act(BridgeAction::Push(records)));
+        }
+        None
+    }
+
+    /// Turns a step into its action (`None`: nothing to do for it).
+    fn build(&mut self, step: Step) -> Option<BridgeAction> {
+        match step {
+            Step::Act(a) => Some(a),
+            Step::CommitFlushed(offsets, only) => {
+                // Never a position for a partition this member does not own (or is
+                // handing over, outside of that hand-over's own commit).
+                let mine: CommitOffsets = offsets
+                    .into_iter()
+                    .filter(|(tp, _)| self.parts.contains_key(tp))
+                    .filter(|(tp, _)| only.as_ref().is_none_or(|o| o.contains(tp)))
+                    .collect();
+                (!mine.is_empty()).then_some(BridgeAction::Commit(mine))
+            }
+            Step::Rewind => {
+                self.drop_held(|_| true);
+                self.sink_full = false;
+                self.holding = None;
+                let mut seeks = Vec::new();
+                for (tp, p) in &mut self.parts {
+                    // The consumer moved since it was last put somewhere known: back to
+                    // the committed position, or where it started since the assignment.
+                    let Some(to) = p.committed.or(p.start).filter(|_| p.moved) else {
+                        continue;
+                    };
+                    p.start = Some(to);
+                    p.moved = false;
+                    p.seek = Some(Seek::Asked);
+                    seeks.push((tp.clone(), to));
+                }
+                let mut front = vec![Step::Act(BridgeAction::RewindSink)];
+                if !self.paused.is_empty() {
+                    let paused: Vec<_> = std::mem::take(&mut self.paused).into_iter().collect();
+                    front.push(Step::Act(BridgeAction::Resume(paused)));
+                }
+                for (tp, to) in seeks {
+                    front.push(Step::Act(BridgeAction::Seek { tp, offset: to }));
+                }
+                for s in front.into_iter().rev() {
+                    self.steps.push_front(s);
+                }
+                None
+            }
+            Step::FinishRevoke => {
+                let Phase::Revoking(tps) = std::mem::replace(&mut self.phase, Phase::Running)
+                else {
+                    return None;
+                };
+                for tp in &tps {
+                    self.parts.remove(tp);
+                    self.stats.committed.retain(|(t, _)| t != tp);
+                }
+                self.stats.assigned = self.parts.len();
+                Some(BridgeAction::RevokeSink(tps))
+            }
+            Step::FinishStop => {
+                self.phase = Phase::Stopped;
+                None
+            }
+        }
+    }
+
+    fn drop_held(&mut self, which: impl Fn(&TopicPartition) -> bool) {
+        let before = self.held.len();
+        self.held.retain(|r| !which(&r.tp));
+        self.stats.dropped += (before - self.held.len()) as u64;
+        self.held_bytes = self.held.iter().map(Record::size).sum();
     }
 }
 
@@ -322,108 +808,322 @@ mod tests {
         TopicPartition::new("t", p)
     }
 
-    #[test]
-    fn full_sink_pauses_once_and_resumes_what_it_paused() {
-        let now = Instant::now();
-        let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
-        // Full: held, not paused yet; the bridge wakes when the pause is due.
-        assert_eq!(f.sink_full(now, &[tp(0), tp(1)]), None);
-        assert!(f.is_holding() && !f.is_paused());
-        assert_eq!(f.next_deadline(), now + PAUSE_AFTER);
-        let later = now + PAUSE_AFTER;
-        assert_eq!(
-            f.sink_full(later, &[tp(0), tp(1)]),
-            Some(FlowAction::Pause(vec![tp(0), tp(1)]))
-        );
-        assert_eq!(f.sink_full(later, &[tp(0), tp(1)]), None);
-        assert_eq!(f.next_deadline(), now + Duration::from_secs(5));
-        // A rebalance while holding: the new partition is paused too.
-        assert_eq!(f.assigned(&[tp(2)]), FlowAction::Pause(vec![tp(2)]));
-        assert_eq!(
-            f.pushed(),
-            Some(FlowAction::Resume(vec![tp(0), tp(1), tp(2)]))
-        );
-        assert_eq!(f.pushed(), None);
-        assert_eq!(f.assigned(&[tp(3)]), FlowAction::Resume(vec![tp(3)]));
+    fn rec(p: i32, off: i64) -> Record {
+        Record::new(tp(p), off, Some("k"), Some("v"))
+    }
+
+    fn flow(now: Instant) -> BridgeFlow {
+        let mut k = KafkaConfig::new("b", "g", vec!["t".into()]);
+        k.commit_interval = Duration::from_secs(5);
+        BridgeFlow::new(&k, now)
+    }
+
+    /// Polls every action, answering with `answer` (`None`: `Done`).
+    fn run(
+        f: &mut BridgeFlow,
+        now: Instant,
+        mut answer: impl FnMut(&BridgeAction) -> Option<ActionReport>,
+    ) -> Vec<BridgeAction> {
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            let Some(a) = f.poll_action(now) else {
+                return out;
+            };
+            let r = answer(&a).unwrap_or(ActionReport::Done);
+            out.push(a);
+            f.handle_report(now, r);
+        }
+        panic!("more than 100 actions: {out:?}");
+    }
+
+    fn sink_takes_all(a: &BridgeAction) -> Option<ActionReport> {
+        match a {
+            BridgeAction::Push(_) => Some(ActionReport::Pushed(VecDeque::new(), None)),
+            _ => None,
+        }
+    }
+
+    fn sink_full(a: &BridgeAction) -> Option<ActionReport> {
+        match a {
+            BridgeAction::Push(r) => Some(ActionReport::Pushed(r.clone(), Some(PushRefusal::Full))),
+            _ => None,
+        }
     }
 
     #[test]
-    fn a_short_stall_is_held_without_a_pause() {
+    fn c1_records_held_for_a_revoked_partition_are_never_pushed() {
         let now = Instant::now();
-        let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
-        assert_eq!(f.sink_full(now, &[tp(0)]), None);
-        let soon = now + PAUSE_AFTER / 2;
-        assert_eq!(f.sink_full(soon, &[tp(0)]), None);
-        // Taken again before the pause was due: nothing to resume.
-        assert_eq!(f.pushed(), None);
-        assert!(!f.is_holding());
-        // The next stall counts from its own start.
-        assert_eq!(f.sink_full(soon + PAUSE_AFTER / 2, &[tp(0)]), None);
-    }
-
-    #[test]
-    fn timed_out_checkpoint_commits_what_is_safe_and_keeps_the_rest() {
-        let now = Instant::now();
-        let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
-        let safe = vec![(tp(0), 7)];
-        let actions = f.checkpoint_done(
-            now,
-            FlushOutcome {
-                complete: false,
-                timed_out: true,
-                offsets: safe.clone(),
-            },
-        );
-        assert_eq!(actions, vec![FlowAction::Commit(safe)]);
-        assert!(f.may_consume(now));
-        assert_eq!(f.stats.rewinds, 0);
-    }
-
-    #[test]
-    fn failed_checkpoint_commits_what_is_safe_then_rewinds_and_backs_off() {
-        let now = Instant::now();
-        let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
-        let _ = f.sink_full(now - PAUSE_AFTER, &[tp(0)]);
+        let mut f = flow(now);
+        f.handle_assigned(vec![(tp(0), Some(150))]);
+        run(&mut f, now, sink_takes_all);
+        // The sink is full: 150..199 are held.
+        f.handle_records(now, (150..200).map(|o| rec(0, o)));
+        run(&mut f, now, sink_full);
+        assert_eq!(f.held(), 50);
+        // An eager rebalance revokes and gives the partition back.
+        f.handle_revoked(now, vec![tp(0)]);
         assert_eq!(
-            f.sink_full(now, &[tp(0)]),
-            Some(FlowAction::Pause(vec![tp(0)]))
+            f.held(),
+            0,
+            "held records of a revoked partition are dropped"
         );
-        let safe = vec![(tp(0), 7)];
-        let actions = f.checkpoint_done(
-            now,
-            FlushOutcome {
+        let acts =
+            run(&mut f, now, |a| match a {
+                BridgeAction::Flush => Some(ActionReport::Flushed(FlushOutcome::from_flush(Ok(
+                    vec![(tp(0), 150)],
+                )))),
+                BridgeAction::Commit(o) => Some(ActionReport::Committed(o.clone(), Ok(()))),
+                _ => None,
+            });
+        assert!(
+            acts.contains(&BridgeAction::RevokeSink(vec![tp(0)])),
+            "{acts:?}"
+        );
+        assert!(
+            !acts.iter().any(|a| matches!(a, BridgeAction::Push(_))),
+            "{acts:?}"
+        );
+        assert!(f.assigned().is_empty());
+        // Records of a partition not assigned are dropped, not pushed.
+        f.handle_records(now, [rec(0, 200)]);
+        assert_eq!(f.held(), 0);
+        f.handle_assigned(vec![(tp(0), Some(150))]);
+        run(&mut f, now, sink_takes_all);
+        f.handle_records(now, (150..152).map(|o| rec(0, o)));
+        assert!(f.waits_for_room());
+        f.handle_room();
+        let acts = run(&mut f, now, sink_takes_all);
+        let pushed: Vec<i64> = acts
+            .iter()
+            .filter_map(|a| match a {
+                BridgeAction::Push(r) => Some(r.iter().map(|r| r.offset).collect::<Vec<_>>()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(pushed, vec![150, 151]);
+    }
+
+    #[test]
+    fn c1_commits_only_partitions_it_owns() {
+        let now = Instant::now();
+        let mut f = flow(now);
+        f.handle_assigned(vec![(tp(0), None)]);
+        run(&mut f, now, sink_takes_all);
+        let later = now + Duration::from_secs(5);
+        // The sink reports a position for a partition this member does not own.
+        let acts = run(&mut f, later, |a| match a {
+            BridgeAction::Flush => Some(ActionReport::Flushed(FlushOutcome::from_flush(Ok(vec![
+                (tp(0), 3),
+                (tp(1), 9),
+            ])))),
+            BridgeAction::Commit(o) => Some(ActionReport::Committed(o.clone(), Ok(()))),
+            _ => None,
+        });
+        assert!(
+            acts.contains(&BridgeAction::Commit(vec![(tp(0), 3)])),
+            "{acts:?}"
+        );
+        assert!(!acts.contains(&BridgeAction::Commit(vec![(tp(0), 3), (tp(1), 9)])));
+    }
+
+    fn fail_flush(a: &BridgeAction) -> Option<ActionReport> {
+        match a {
+            BridgeAction::Flush => Some(ActionReport::Flushed(FlushOutcome {
                 complete: false,
                 timed_out: false,
-                offsets: safe.clone(),
-            },
-        );
-        assert_eq!(
-            actions,
-            vec![
-                FlowAction::Commit(safe),
-                FlowAction::Rewind,
-                FlowAction::Resume(vec![tp(0)])
-            ]
-        );
-        assert!(!f.may_consume(now));
-        assert_eq!(f.stats.rewinds, 1);
+                offsets: vec![],
+            })),
+            BridgeAction::Push(_) => Some(ActionReport::Pushed(VecDeque::new(), None)),
+            BridgeAction::Seek { tp, offset } => {
+                Some(ActionReport::Sought(tp.clone(), *offset, Ok(())))
+            }
+            _ => None,
+        }
     }
 
     #[test]
-    fn revoke_commits_only_the_revoked_partitions() {
+    fn h1_a_rewind_seeks_back_a_partition_that_was_never_pushed() {
         let now = Instant::now();
-        let mut f = BridgeFlow::new(Duration::from_secs(5), None, now);
-        let flushed = FlushOutcome {
-            complete: true,
-            timed_out: false,
-            offsets: vec![(tp(0), 3), (tp(1), 4)],
-        };
-        assert_eq!(
-            f.revoking(&[tp(1)], flushed),
-            Some(FlowAction::Commit(vec![(tp(1), 4)]))
+        let mut f = flow(now);
+        // P1's committed position is unknown (no commit yet).
+        f.handle_assigned(vec![(tp(0), Some(0)), (tp(1), None)]);
+        run(&mut f, now, sink_takes_all);
+        f.handle_records(now, (0..5).map(|o| rec(0, o)));
+        run(&mut f, now, sink_full);
+        // P1's first records are held behind the full sink, never pushed.
+        f.handle_records(now, (0..500).map(|o| rec(1, o)));
+        let later = now + Duration::from_secs(5);
+        let acts = run(&mut f, later, fail_flush);
+        assert!(acts.contains(&BridgeAction::RewindSink), "{acts:?}");
+        assert!(
+            acts.contains(&BridgeAction::Seek {
+                tp: tp(0),
+                offset: 0
+            }),
+            "{acts:?}"
         );
-        f.committed(&vec![(tp(1), 4)], Ok(()));
-        f.committed(&vec![(tp(1), 2)], Ok(()));
-        assert_eq!(f.stats.committed, vec![(tp(1), 4)]);
+        assert!(
+            acts.contains(&BridgeAction::Seek {
+                tp: tp(1),
+                offset: 0
+            }),
+            "{acts:?}"
+        );
+        assert_eq!(f.held(), 0);
+        assert_eq!(f.stats().rewinds, 1);
+    }
+
+    #[test]
+    fn h2_a_failed_seek_is_retried_and_its_partition_dropped_meanwhile() {
+        let now = Instant::now();
+        let mut f = flow(now);
+        f.handle_assigned(vec![(tp(0), Some(10))]);
+        run(&mut f, now, sink_takes_all);
+        f.handle_records(now, (10..20).map(|o| rec(0, o)));
+        run(&mut f, now, sink_takes_all);
+        let later = now + Duration::from_secs(5);
+        let mut seeks = 0;
+        run(&mut f, later, |a| match a {
+            BridgeAction::Seek { tp, offset } => {
+                seeks += 1;
+                Some(ActionReport::Sought(
+                    tp.clone(),
+                    *offset,
+                    Err("ERR__STATE".into()),
+                ))
+            }
+            other => fail_flush(other),
+        });
+        assert_eq!(seeks, 1);
+        assert_eq!(f.stats().seek_errors, 1);
+        // The consumer is still at 20: those records are from the wrong place.
+        f.handle_records(later, (20..25).map(|o| rec(0, o)));
+        assert_eq!(f.held(), 0, "records after a failed seek are dropped");
+        // Retried after the backoff; then records from the rewind point flow again.
+        let retry = f.poll_timeout();
+        assert!(retry > later && retry <= later + Duration::from_millis(200));
+        let acts = run(&mut f, retry, |a| match a {
+            BridgeAction::Seek { tp, offset } => {
+                Some(ActionReport::Sought(tp.clone(), *offset, Ok(())))
+            }
+            _ => None,
+        });
+        assert_eq!(
+            acts,
+            vec![BridgeAction::Seek {
+                tp: tp(0),
+                offset: 10
+            }]
+        );
+        f.handle_records(retry, [rec(0, 10)]);
+        assert_eq!(f.held(), 1);
+    }
+
+    #[test]
+    fn m5_commit_every_counts_records() {
+        let now = Instant::now();
+        let mut k = KafkaConfig::new("b", "g", vec!["t".into()]);
+        k.commit_interval = Duration::from_secs(3600);
+        k.commit_every = Some(100);
+        let mut f = BridgeFlow::new(&k, now);
+        f.handle_assigned(vec![(tp(0), None)]);
+        run(&mut f, now, sink_takes_all);
+        let mut flushes = 0;
+        for batch in 0..10 {
+            f.handle_records(now, (0..100).map(|o| rec(0, batch * 100 + o)));
+            let acts = run(&mut f, now, |a| match a {
+                BridgeAction::Flush => {
+                    Some(ActionReport::Flushed(FlushOutcome::from_flush(Ok(vec![]))))
+                }
+                other => sink_takes_all(other),
+            });
+            flushes += acts.iter().filter(|a| **a == BridgeAction::Flush).count();
+        }
+        assert_eq!(flushes, 10);
+    }
+
+    #[test]
+    fn m6_stop_drops_held_records_and_ends_after_one_flush() {
+        let now = Instant::now();
+        let mut f = flow(now);
+        f.handle_assigned(vec![(tp(0), Some(0))]);
+        run(&mut f, now, sink_takes_all);
+        f.handle_records(now, (0..50).map(|o| rec(0, o)));
+        run(&mut f, now, sink_full);
+        f.stop(now);
+        assert_eq!(f.held(), 0);
+        assert!(!f.may_poll_consumer(now));
+        let acts = run(&mut f, now, |a| match a {
+            BridgeAction::Flush => Some(ActionReport::Flushed(FlushOutcome {
+                complete: false,
+                timed_out: true,
+                offsets: vec![(tp(0), 0)],
+            })),
+            BridgeAction::Commit(o) => Some(ActionReport::Committed(o.clone(), Ok(()))),
+            _ => None,
+        });
+        assert_eq!(acts[0], BridgeAction::Flush);
+        assert!(acts.contains(&BridgeAction::Commit(vec![(tp(0), 0)])));
+        assert!(!acts.iter().any(|a| matches!(a, BridgeAction::Push(_))));
+        assert!(f.is_stopped());
+    }
+
+    #[test]
+    fn l7_a_long_stall_pauses_and_keeps_polling_the_consumer() {
+        let now = Instant::now();
+        let mut f = flow(now);
+        f.handle_assigned(vec![(tp(0), None), (tp(1), None)]);
+        run(&mut f, now, sink_takes_all);
+        f.handle_records(now, (0..HELD_MAX_RECORDS as i64).map(|o| rec(0, o)));
+        run(&mut f, now, sink_full);
+        assert!(f.waits_for_room() && !f.may_poll_consumer(now));
+        assert_eq!(f.poll_timeout(), now + PAUSE_AFTER);
+        let later = now + PAUSE_AFTER;
+        let acts = run(&mut f, later, sink_full);
+        assert_eq!(acts, vec![BridgeAction::Pause(vec![tp(0), tp(1)])]);
+        assert!(
+            f.may_poll_consumer(later),
+            "paused: poll to serve callbacks"
+        );
+        // A partition assigned meanwhile is paused too; room resumes them all.
+        f.handle_assigned(vec![(tp(2), None)]);
+        let acts = run(&mut f, later, sink_full);
+        assert!(acts.contains(&BridgeAction::Pause(vec![tp(2)])), "{acts:?}");
+        f.handle_room();
+        let acts = run(&mut f, later, sink_takes_all);
+        assert!(
+            acts.contains(&BridgeAction::Resume(vec![tp(0), tp(1), tp(2)])),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn a_timed_out_checkpoint_commits_what_is_safe_and_keeps_the_rest() {
+        let now = Instant::now();
+        let mut f = flow(now);
+        f.handle_assigned(vec![(tp(0), None)]);
+        run(&mut f, now, sink_takes_all);
+        let later = now + Duration::from_secs(5);
+        let acts = run(&mut f, later, |a| match a {
+            BridgeAction::Flush => Some(ActionReport::Flushed(FlushOutcome {
+                complete: false,
+                timed_out: true,
+                offsets: vec![(tp(0), 7)],
+            })),
+            BridgeAction::Commit(o) => Some(ActionReport::Committed(o.clone(), Ok(()))),
+            _ => None,
+        });
+        assert_eq!(
+            acts,
+            vec![
+                BridgeAction::Flush,
+                BridgeAction::Commit(vec![(tp(0), 7)]),
+                BridgeAction::CommittedSink(vec![(tp(0), 7)])
+            ]
+        );
+        assert!(f.may_poll_consumer(later));
+        assert_eq!(f.stats().rewinds, 0);
+        assert_eq!(f.stats().committed, vec![(tp(0), 7)]);
     }
 }

@@ -30,9 +30,9 @@ impl Checkpoints {
         }
     }
 
-    /// A record was pushed into the sink.
-    pub fn record_pushed(&mut self) {
-        self.since += 1;
+    /// `n` records were pushed into the sink (`commit_every` counts records, not batches).
+    pub fn records_pushed(&mut self, n: u64) {
+        self.since += n;
     }
 
     /// True when a checkpoint should begin now.
@@ -82,9 +82,9 @@ mod tests {
         let mut c = Checkpoints::new(Duration::from_secs(5), Some(3), t0);
         assert!(!c.is_due(t0));
         assert!(c.is_due(t0 + Duration::from_secs(5)));
-        for _ in 0..3 {
-            c.record_pushed();
-        }
+        c.records_pushed(2);
+        assert!(!c.is_due(t0));
+        c.records_pushed(1);
         assert!(c.is_due(t0));
         c.completed(t0);
         assert!(!c.is_due(t0));

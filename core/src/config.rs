@@ -765,6 +765,17 @@ impl fmt::Display for ConfigError {
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl ConfigErrors {
+    /// One problem with an option, its value not shown (a runtime's setup error: the TLS
+    /// files, say).
+    pub fn one(option: impl Into<String>, rule: impl Into<String>) -> Self {
+        let (option, value, rule) = (option.into(), String::new(), rule.into());
+        Self(vec![ConfigError {
+            option,
+            value,
+            rule,
+        }])
+    }
+
     /// Prefixes every option name, e.g. with `mqtt.` for the daemon's config sections.
     #[must_use]
     pub fn with_prefix(mut self, prefix: &str) -> Self {

@@ -351,6 +351,25 @@ impl fmt::Display for RejectReason {
     }
 }
 
+impl Event {
+    /// The answer for a runtime's `flush` callers: `Some` for the three events that end a
+    /// flush (`FlushCompleted`, `FlushTimedOut`, `FlushFailed`), `None` for the others.
+    pub fn flush_result(&self) -> Option<Result<CommitOffsets, SinkError>> {
+        match self {
+            Self::FlushCompleted { offsets } => Some(Ok(offsets.clone())),
+            Self::FlushTimedOut { unacked, offsets } => Some(Err(SinkError::FlushTimedOut {
+                unacked: *unacked,
+                offsets: offsets.clone(),
+            })),
+            Self::FlushFailed { offsets, .. } => Some(Err(SinkError::FlushFailed {
+                message: self.to_string(),
+                offsets: offsets.clone(),
+            })),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -440,15 +459,49 @@ pub enum PushError {
     },
     /// The sink is closed.
     Closed(Record),
+    /// Assignments are in use (`Sink::assign` was called) and the record's partition is not
+    /// assigned (never, or revoked since): its offsets belong to another group member.
+    NotAssigned(Record),
 }
 
 impl PushError {
     /// The record, back to the caller.
     pub fn into_record(self) -> Record {
         match self {
-            Self::Full(r) | Self::Closed(r) | Self::OutOfOrder { record: r, .. } => r,
+            Self::Full(r)
+            | Self::Closed(r)
+            | Self::NotAssigned(r)
+            | Self::OutOfOrder { record: r, .. } => r,
         }
     }
+
+    /// Why, without the record.
+    pub fn refusal(&self) -> PushRefusal {
+        match self {
+            Self::Full(_) => PushRefusal::Full,
+            Self::Closed(_) => PushRefusal::Closed,
+            Self::NotAssigned(_) => PushRefusal::NotAssigned,
+            Self::OutOfOrder { last, .. } => PushRefusal::OutOfOrder { last: *last },
+        }
+    }
+}
+
+/// Why `Sink::push_batch` stopped before the end of its batch (the first record left is
+/// the one refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PushRefusal {
+    /// The buffer is full: push again once `Sink::is_full` is false.
+    Full,
+    /// The sink is closed.
+    Closed,
+    /// The offset is not above the last one pushed for its partition.
+    OutOfOrder {
+        /// The last offset pushed on its partition.
+        last: i64,
+    },
+    /// The record's partition is not assigned.
+    NotAssigned,
 }
 
 impl fmt::Display for PushError {
@@ -461,6 +514,11 @@ impl fmt::Display for PushError {
                 record.coords()
             ),
             Self::Closed(r) => write!(f, "record {}: the sink is closed", r.coords()),
+            Self::NotAssigned(r) => write!(
+                f,
+                "record {}: its partition is not assigned to this sink (revoked, or never assigned)",
+                r.coords()
+            ),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The sans-IO core of mqtt-sink: the MQTT publisher session and the Kafka offset ledger.
+//! The sans-IO core of mqtt-sink: the MQTT publisher session, the Kafka offset ledger and
+//! the Kafka side of a bridge.
 //!
 //! [`Sink`] decides everything: it encodes records as PUBLISH packets (MQTT 3.1, 3.1.1 and
 //! 5; QoS 0, 1 and 2), keeps the in-flight window and packet ids, follows every
@@ -62,6 +63,63 @@
 //! assert!(next <= now + Duration::from_secs(60));
 //! ```
 //!
+//! # The bridge's drive loop
+//!
+//! [`BridgeFlow`] is the Kafka half, in the same style: the consumer loop reports facts
+//! (partitions assigned or revoked, records delivered, the sink has room) and executes
+//! each [`BridgeAction`] it polls, reporting the result before it polls the next. Consumer
+//! actions go to the Kafka client; sink actions to the `Sink` above (through its runtime).
+//!
+//! ```
+//! use std::collections::VecDeque;
+//! use std::time::Instant;
+//! use mqtt_sink_core::{
+//!     ActionReport, BridgeAction, BridgeFlow, FlushOutcome, KafkaConfig, Record, TopicPartition,
+//! };
+//!
+//! // Executes every action, reporting each before polling the next; returns the records
+//! // pushed. Here the sink takes everything and Kafka accepts everything.
+//! fn drain(flow: &mut BridgeFlow, now: Instant) -> usize {
+//!     let mut pushed = 0;
+//!     while let Some(action) = flow.poll_action(now) {
+//!         let report = match action {
+//!             // `Sink::push_batch`: none is left over.
+//!             BridgeAction::Push(records) => {
+//!                 pushed += records.len();
+//!                 ActionReport::Pushed(VecDeque::new(), None)
+//!             }
+//!             BridgeAction::Flush => ActionReport::Flushed(FlushOutcome::from_flush(Ok(vec![]))),
+//!             BridgeAction::Commit(offsets) => ActionReport::Committed(offsets, Ok(())),
+//!             BridgeAction::Seek { tp, offset } => ActionReport::Sought(tp, offset, Ok(())),
+//!             // Pause, resume, and the sink's assign, revoke, rewind and committed.
+//!             _ => ActionReport::Done,
+//!         };
+//!         flow.handle_report(now, report);
+//!     }
+//!     pushed
+//! }
+//!
+//! let kafka = KafkaConfig::new("localhost:9092", "mqtt-sink", vec!["readings".into()]);
+//! let now = Instant::now(); // the runtime's clock
+//! let mut flow = BridgeFlow::new(&kafka, now);
+//! let tp = TopicPartition::new("readings", 0);
+//!
+//! // A rebalance callback: partition 0 assigned, committed position 42. The callback
+//! // drains before it returns (a revoke's flush and commit happen in there).
+//! flow.handle_assigned(vec![(tp.clone(), Some(42))]);
+//! drain(&mut flow, now);
+//!
+//! // The consumer delivered a record (poll only while `may_poll_consumer`, at most
+//! // `room()` records), then drain.
+//! assert!(flow.may_poll_consumer(now));
+//! flow.handle_records(now, [Record::new(tp.clone(), 42, Some("device-7"), Some("21.5"))]);
+//! assert_eq!(drain(&mut flow, now), 1);
+//!
+//! // Then wait for the consumer (`may_poll_consumer`), for room in the sink
+//! // (`waits_for_room`, then `handle_room`), or until `poll_timeout` (the next checkpoint).
+//! assert!(flow.poll_timeout() > now);
+//! ```
+//!
 //! # Guarantees
 //!
 //! - A commit position never passes a record that is not acknowledged (or handled by the
@@ -75,14 +133,20 @@
 //!   sending, never resent.
 //! - Memory is bounded: `push_record` refuses records beyond the configured buffer.
 //! - A flush ends at its deadline at the latest.
+//! - A bridge commits only partitions it owns, never pushes a record of a partition after
+//!   its revoke or rewind, seeks every partition its consumer moved on back to the rewind
+//!   point after a failed checkpoint (retrying a failed seek, never skipping it), and lets a
+//!   dead letter's offset pass only on a successful delivery report.
 
 #![cfg_attr(not(test), warn(missing_docs))]
 
 mod backoff;
 mod bridge;
+mod builder;
 mod checkpoint;
 mod config;
 mod event;
+mod kafka_config;
 mod ledger;
 mod mapper;
 mod record;
@@ -94,7 +158,14 @@ mod timer;
 pub mod topic;
 mod wire;
 
-pub use bridge::{BridgeFlow, BridgeStats, FlowAction, FlushOutcome, KafkaConfig, PAUSE_AFTER};
+pub use bridge::{
+    ActionReport, BridgeAction, BridgeFlow, BridgeStats, FlushOutcome, Transform, HELD_MAX_BYTES,
+    HELD_MAX_RECORDS, PAUSE_AFTER,
+};
+pub use builder::{
+    BridgeBuilder, BridgeError, BridgeParts, BridgeRuntime, DeadLetterDone, DeadLetterFn, Hooks,
+    SinkBuilder, SinkParts, SinkRuntime,
+};
 pub use checkpoint::Checkpoints;
 pub use config::{
     Config, ConfigError, ConfigErrors, ErrorPolicy, HeaderSelection, MqttVersion,
@@ -102,8 +173,9 @@ pub use config::{
 };
 pub use event::{
     connack_text, reason_text, CommitOffsets, ConnectFailure, Connected, Event, FlushInProgress,
-    LostReason, ProtocolError, PushError, RejectReason, SinkError, TrySendError,
+    LostReason, ProtocolError, PushError, PushRefusal, RejectReason, SinkError, TrySendError,
 };
+pub use kafka_config::KafkaConfig;
 pub use mapper::{KeySerializer, Properties, RecordMapper, Retain, ValueSerializer};
 pub use record::{Header, Record, RecordCoords, TopicPartition};
 pub use sink::{Sink, Stats};

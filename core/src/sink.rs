@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion};
-use crate::event::{CommitOffsets, Event, FlushInProgress, PushError, RejectReason};
+use crate::event::{CommitOffsets, Event, FlushInProgress, PushError, PushRefusal, RejectReason};
 use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
 use crate::mapper::RecordMapper;
 use crate::record::{Record, RecordCoords, TopicPartition};
@@ -76,6 +76,8 @@ pub struct Sink {
     pub(crate) flush: Option<FlushTarget>,
     pub(crate) flush_dirty: bool,
     pub(crate) dead_lettering: BTreeMap<RecordCoords, RecordId>,
+    /// `assign` was called: pushes for partitions not assigned are refused.
+    pub(crate) assignments_used: bool,
 
     pub(crate) buffered_bytes: usize,
     /// The buffer filled and has not yet drained to its low watermark: `push_record`
@@ -175,6 +177,7 @@ impl Sink {
             flush: None,
             flush_dirty: false,
             dead_lettering: BTreeMap::new(),
+            assignments_used: false,
             buffered_bytes: 0,
             refilling: false,
             refill_due: false,
@@ -253,6 +256,9 @@ impl Sink {
         if matches!(self.conn, Conn::Closing | Conn::Closed) {
             return Err(PushError::Closed(record));
         }
+        if self.assignments_used && !self.ledger.is_assigned(&record.tp) {
+            return Err(PushError::NotAssigned(record));
+        }
         if let Err(o) = self.ledger.check_order(&record.tp, record.offset) {
             return Err(PushError::OutOfOrder {
                 record,
@@ -288,6 +294,24 @@ impl Sink {
             }
         }
         Ok(())
+    }
+
+    /// Pushes records in order until one is refused: returns those not taken (the first of
+    /// them is the refused one) and why. One call for a batch: a runtime hands a consumer's
+    /// ready records over in one round trip.
+    pub fn push_batch(
+        &mut self,
+        now: Instant,
+        mut records: VecDeque<Record>,
+    ) -> (VecDeque<Record>, Option<PushRefusal>) {
+        while let Some(r) = records.pop_front() {
+            if let Err(e) = self.push_record(now, r) {
+                let why = e.refusal();
+                records.push_front(e.into_record());
+                return (records, Some(why));
+            }
+        }
+        (records, None)
     }
 
     fn encode(&self, r: &Record) -> Result<(wire::EncodedPublish, bool), RejectReason> {
@@ -406,8 +430,12 @@ impl Sink {
     }
 
     /// Starts tracking a partition (Kafka assigned it); `committed` is its committed
-    /// position if known. Partitions are also tracked on their first `push_record`.
+    /// position if known. Without any `assign`, partitions are tracked on their first
+    /// `push_record`; after the first, a push for a partition not assigned is refused
+    /// ([`PushError::NotAssigned`]), so a revoked partition never reappears in the commit
+    /// positions.
     pub fn assign(&mut self, tp: TopicPartition, committed: Option<i64>) {
+        self.assignments_used = true;
         self.ledger.assign(tp, committed);
     }
 

@@ -1,4 +1,5 @@
-//! rustls client configuration from the sink's TLS options (ring is the only provider).
+//! rustls client configuration from the sink's TLS options (ring is the only provider),
+//! shared by the runtimes.
 
 use std::sync::Arc;
 
