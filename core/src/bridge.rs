@@ -380,6 +380,16 @@ impl BridgeFlow {
             self.stats.assigned = self.parts.len();
             return;
         }
+        if self.held.is_empty() {
+            // Nothing waits for the sink any more: no pause is due (its deadline would stay
+            // in the past: a runtime would spin), and what is paused resumes (no push will).
+            self.holding = None;
+            if !self.paused.is_empty() {
+                let paused: Vec<_> = std::mem::take(&mut self.paused).into_iter().collect();
+                self.steps
+                    .push_back(Step::Act(BridgeAction::Resume(paused)));
+            }
+        }
         self.flush_started = Some(now);
         self.phase = Phase::Revoking(revoked);
         self.steps.push_back(Step::Act(BridgeAction::Flush));
@@ -672,7 +682,9 @@ impl BridgeFlow {
     /// happens before (a checkpoint, the end of a backoff, a pause, a seek retry).
     pub fn poll_timeout(&self) -> Instant {
         let mut next = self.checkpoints.next_deadline();
-        if let Some(since) = self.holding.filter(|_| self.paused.is_empty()) {
+        // A pause is due only while records wait and there is something to pause.
+        let pausable = self.paused.is_empty() && !self.parts.is_empty() && !self.held.is_empty();
+        if let Some(since) = self.holding.filter(|_| pausable) {
             next = next.min(since + PAUSE_AFTER);
         }
         for p in self.parts.values() {
@@ -687,6 +699,7 @@ impl BridgeFlow {
 
     /// What to do when nothing is queued.
     fn next_step(&mut self, now: Instant) -> Option<Step> {
+        self.checkpoints.resume_if_due(now);
         if self.fatal.is_some() {
             return None;
         }
@@ -716,14 +729,25 @@ impl BridgeFlow {
                 .filter(|tp| !self.paused.contains(*tp))
                 .cloned()
                 .collect();
-            if now >= since + PAUSE_AFTER && self.paused.is_empty() && !unpaused.is_empty() {
+            let waiting = !self.held.is_empty();
+            if waiting
+                && now >= since + PAUSE_AFTER
+                && self.paused.is_empty()
+                && !unpaused.is_empty()
+            {
                 self.paused.extend(unpaused.iter().cloned());
                 return Some(Step::Act(BridgeAction::Pause(unpaused)));
             }
         }
         if !self.held.is_empty() && !self.sink_full && self.checkpoints.may_consume(now) {
-            let records = std::mem::take(&mut self.held);
-            self.held_bytes = 0;
+            // `commit_every` counts records: push no more than make the checkpoint due.
+            let take = match self.checkpoints.records_until_due() {
+                Some(n) => (n.max(1) as usize).min(self.held.len()),
+                None => self.held.len(),
+            };
+            let rest = self.held.split_off(take);
+            let records = std::mem::replace(&mut self.held, rest);
+            self.held_bytes = self.held.iter().map(Record::size).sum();
             return Some(Step::Act(BridgeAction::Push(records)));
         }
         None
@@ -1029,18 +1053,24 @@ mod tests {
         let mut f = BridgeFlow::new(&k, now);
         f.handle_assigned(vec![(tp(0), None)]);
         run(&mut f, now, sink_takes_all);
-        let mut flushes = 0;
-        for batch in 0..10 {
-            f.handle_records(now, (0..100).map(|o| rec(0, batch * 100 + o)));
-            let acts = run(&mut f, now, |a| match a {
-                BridgeAction::Flush => {
-                    Some(ActionReport::Flushed(FlushOutcome::from_flush(Ok(vec![]))))
-                }
-                other => sink_takes_all(other),
-            });
-            flushes += acts.iter().filter(|a| **a == BridgeAction::Flush).count();
-        }
-        assert_eq!(flushes, 10);
+        // One poll delivers 1000 records: ten checkpoints, one per 100 records pushed.
+        f.handle_records(now, (0..1000).map(|o| rec(0, o)));
+        let acts = run(&mut f, now, |a| match a {
+            BridgeAction::Flush => {
+                Some(ActionReport::Flushed(FlushOutcome::from_flush(Ok(vec![]))))
+            }
+            other => sink_takes_all(other),
+        });
+        let flushes = acts.iter().filter(|a| **a == BridgeAction::Flush).count();
+        let pushes: Vec<usize> = acts
+            .iter()
+            .filter_map(|a| match a {
+                BridgeAction::Push(r) => Some(r.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(flushes, 10, "{pushes:?}");
+        assert_eq!(pushes, vec![100; 10]);
     }
 
     #[test]

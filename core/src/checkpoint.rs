@@ -35,6 +35,12 @@ impl Checkpoints {
         self.since += n;
     }
 
+    /// How many more records may be pushed before `commit_every` makes a checkpoint due
+    /// (`None`: no count, only time).
+    pub fn records_until_due(&self) -> Option<u64> {
+        self.every.map(|n| n.saturating_sub(self.since))
+    }
+
     /// True when a checkpoint should begin now.
     pub fn is_due(&self, now: Instant) -> bool {
         now >= self.next || self.every.is_some_and(|n| self.since >= n)
@@ -63,6 +69,14 @@ impl Checkpoints {
         self.resume_at = Some(now + delay);
         self.next = now + delay + self.interval;
         self.since = 0;
+    }
+
+    /// Ends the backoff once its time has come (so that `next_deadline` moves on to the
+    /// next checkpoint instead of staying in the past).
+    pub fn resume_if_due(&mut self, now: Instant) {
+        if self.resume_at.is_some_and(|r| now >= r) {
+            self.resume_at = None;
+        }
     }
 
     /// False while backing off after a failed checkpoint.
