@@ -585,3 +585,13 @@ pub enum TrySendError {
     /// Refused for good (closed sink, offset out of order).
     Refused(SinkError),
 }
+
+impl From<PushError> for TrySendError {
+    /// A full buffer hands the record back; any other refusal is final.
+    fn from(e: PushError) -> Self {
+        match e {
+            PushError::Full(r) => Self::Full(r),
+            e => Self::Refused(SinkError::Push(e.to_string())),
+        }
+    }
+}

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use crate::backoff::Backoff;
+use crate::bridge::{ActionReport, BridgeAction};
 use crate::config::{Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion};
 use crate::event::{CommitOffsets, Event, FlushInProgress, PushError, PushRefusal, RejectReason};
 use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
@@ -312,6 +313,34 @@ impl Sink {
             }
         }
         (records, None)
+    }
+
+    /// Executes a bridge's sink action (from `BridgeFlow::poll_action`) and returns its
+    /// report, so that both runtimes map actions to sink calls alike. `Flush` (and any
+    /// consumer action) comes back unexecuted: the runtime begins the flush and reports
+    /// how it ended with `FlushOutcome::from_flush`.
+    pub fn execute(
+        &mut self,
+        now: Instant,
+        action: BridgeAction,
+    ) -> Result<ActionReport, BridgeAction> {
+        match action {
+            BridgeAction::Push(records) => {
+                let (rest, refusal) = self.push_batch(now, records);
+                return Ok(ActionReport::Pushed(rest, refusal));
+            }
+            BridgeAction::AssignSink(parts) => {
+                for (tp, committed) in parts {
+                    self.assign(tp, committed);
+                }
+            }
+            BridgeAction::RevokeSink(parts) => parts.iter().for_each(|tp| self.revoke(tp)),
+            // The flow seeks the consumer itself.
+            BridgeAction::RewindSink => drop(self.rewind()),
+            BridgeAction::CommittedSink(offsets) => self.handle_committed(&offsets),
+            other => return Err(other),
+        }
+        Ok(ActionReport::Done)
     }
 
     fn encode(&self, r: &Record) -> Result<(wire::EncodedPublish, bool), RejectReason> {

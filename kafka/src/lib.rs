@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mqtt_sink_core::{
-    ActionReport, BridgeAction, BridgeFlow, BridgeStats, CommitOffsets, DeadLetterDone,
-    DeadLetterFn, Header, KafkaConfig, Record, RejectReason, TopicPartition,
+    ActionReport, BridgeAction, BridgeError, BridgeFlow, BridgeParts, BridgeRuntime, BridgeStats,
+    CommitOffsets, DeadLetterDone, DeadLetterFn, ErrorPolicy, Header, KafkaConfig, Record,
+    RejectReason, SinkRuntime, TopicPartition,
 };
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{DeliveryResult, Header as KHeader, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
@@ -406,4 +407,51 @@ pub fn offer<M: Message>(
         Ok(m) => flow.handle_records(now, [to_record(topics, &m)]),
         Err(e) => flow.handle_kafka_error(e.to_string()),
     }
+}
+
+/// The sink a bridge runtime starts.
+pub type SinkOf<R> = <<R as BridgeRuntime>::Sink as SinkRuntime>::Sink;
+
+/// Starts what every runtime's bridge starts alike: the client-id suffix, the dead-letter
+/// producer the error policy asks for, the sink, the flow (with the transform), and the
+/// consumer `C`, whose rebalance callbacks reach the sink through `port(&sink)`,
+/// subscribed to the topics.
+pub fn start_bridge<R, P, C>(
+    mut parts: BridgeParts<R>,
+    port: impl FnOnce(&SinkOf<R>) -> P,
+) -> Result<(SinkOf<R>, C, SharedFlow), BridgeError>
+where
+    R: BridgeRuntime,
+    P: SinkPort,
+    C: FromClientConfigAndContext<FlowContext<P>> + Consumer<FlowContext<P>>,
+{
+    parts.apply_client_id_suffix(default_client_id_suffix);
+    let BridgeParts {
+        kafka,
+        mut sink,
+        transform,
+        ..
+    } = parts;
+    let mqtt = sink.config_mut();
+    if let (ErrorPolicy::DeadLetter, Some(topic)) =
+        (mqtt.error_policy, mqtt.dead_letter_topic.clone())
+    {
+        let produce = dead_letter_producer(&kafka, topic).map_err(BridgeError::Kafka)?;
+        sink = sink.dead_letter(produce);
+    }
+    let sink = sink.start().map_err(|e| BridgeError::Sink(e.to_string()))?;
+    let mut flow = BridgeFlow::new(&kafka, Instant::now());
+    if let Some(t) = transform {
+        flow.set_transform(t);
+    }
+    let flow = Arc::new(Mutex::new(flow));
+    let ctx = FlowContext::new(flow.clone(), port(&sink));
+    let consumer: C = consumer_config(&kafka)
+        .create_with_context(ctx)
+        .map_err(|e| BridgeError::Kafka(e.to_string()))?;
+    let topics: Vec<&str> = kafka.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| BridgeError::Kafka(format!("subscribe {topics:?}: {e}")))?;
+    Ok((sink, consumer, flow))
 }

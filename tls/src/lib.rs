@@ -3,11 +3,25 @@
 
 use std::sync::Arc;
 
-use mqtt_sink_core::Config;
+use mqtt_sink_core::{Config, ConfigError, ConfigErrors};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+
+/// The client config a sink's runtime starts with: `None` when `tls_enabled` is off; a
+/// problem is a config error of `tls` (as a sink builder's `start` reports it).
+pub fn sink_client_config(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigErrors> {
+    let made = cfg.tls_enabled.then(|| client_config(cfg)).transpose();
+    made.map_err(|rule| {
+        let (option, value) = ("tls".to_string(), String::new());
+        ConfigErrors(vec![ConfigError {
+            option,
+            value,
+            rule,
+        }])
+    })
+}
 
 /// Builds the rustls client config for `cfg`; errors name the option and file.
 pub fn client_config(cfg: &Config) -> Result<Arc<rustls::ClientConfig>, String> {
