@@ -1,0 +1,482 @@
+//! The sink's thread and its handles. One thread owns the core and the connection's TLS
+//! state and runs the jobs sent to it: requests of [`SinkClient`]s, what a connection's
+//! thread read, delivery reports of dead letters; between jobs, the core's timers. A
+//! thread per connection attempt connects, then reads the socket.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mqtt_sink_core::{
+    ActionReport, BridgeAction, CommitOffsets, ConfigError, ConfigErrors, DeadLetterFn, Event,
+    FlushOutcome, Hooks, PushRefusal, Record, Sink, SinkParts, SinkRuntime,
+};
+use rustls::ClientConnection;
+
+use crate::{Blocking, Config, MqttSinkBuilder, SinkError, TrySendError};
+
+/// A write that cannot make progress for this long counts as a lost connection, so that a
+/// stalled peer never blocks the sink's thread (and its timers) for longer.
+const WRITE_STALL: Duration = Duration::from_secs(1);
+
+/// Work for the sink's thread.
+type Job = Box<dyn FnOnce(&mut Driver, Instant) + Send>;
+type Reply<T> = SyncSender<T>;
+/// When the reader may read next (the core is waiting for a batch of acks).
+type ReadGate = Arc<Mutex<Option<Instant>>>;
+
+impl SinkRuntime for Blocking {
+    type Sink = MqttSink;
+
+    /// Starts the sink's thread.
+    fn start(parts: SinkParts) -> Result<MqttSink, ConfigErrors> {
+        let SinkParts {
+            config,
+            mapper,
+            hooks,
+            dead_letter,
+            ..
+        } = parts;
+        let tls = mqtt_sink_tls::sink_client_config(&config)?;
+        let (tx, rx) = mpsc::channel();
+        let driver = Driver {
+            sink: Sink::new(config, mapper, Instant::now())?,
+            tls,
+            tx: tx.clone(),
+            hooks,
+            dead_letter,
+            conn: None,
+            attempt: 0,
+            out: Vec::with_capacity(64 * 1024),
+            flush_waiters: Vec::new(),
+            flush_queued: Vec::new(),
+            room_waiters: Vec::new(),
+            read_after: ReadGate::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("mqtt-sink".into())
+            .spawn(move || driver.run(&rx))
+            .map_err(|e| {
+                let (option, value) = ("(thread)".to_string(), String::new());
+                let rule = format!("cannot start the sink thread: {e}");
+                ConfigErrors(vec![ConfigError {
+                    option,
+                    value,
+                    rule,
+                }])
+            })?;
+        Ok(MqttSink {
+            client: SinkClient { tx },
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A cloneable handle to a running sink. All methods block the calling thread.
+#[derive(Debug, Clone)]
+pub struct SinkClient {
+    tx: Sender<Job>,
+}
+
+impl SinkClient {
+    /// Sends `job` to the sink's thread with a reply to answer, at once or later.
+    fn call<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Driver, Instant, Reply<T>) + Send + 'static,
+    ) -> Result<Receiver<T>, SinkError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |d, now| job(d, now, tx));
+        self.tx.send(job).map_err(|_| SinkError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Runs `f` with the core on the sink's thread and returns its answer.
+    fn ask<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Sink, Instant) -> T + Send + 'static,
+    ) -> Result<T, SinkError> {
+        let rx = self.call(|d, now, reply| drop(reply.send(f(&mut d.sink, now))))?;
+        rx.recv().map_err(|_| SinkError::Closed)
+    }
+
+    /// Waits until the buffer has room (see `Sink::is_full`: after a refusal, a quarter of it
+    /// drained), at most `timeout`. True when there is room.
+    pub fn wait_room(&self, timeout: Duration) -> Result<bool, SinkError> {
+        // A caller that gave up leaves its answer unread, which costs nothing.
+        let rx = self.call(|d, _, reply| d.room_waiters.push(reply))?;
+        match rx.recv_timeout(timeout) {
+            Ok(()) => Ok(true),
+            Err(RecvTimeoutError::Timeout) => Ok(false),
+            Err(RecvTimeoutError::Disconnected) => Err(SinkError::Closed),
+        }
+    }
+
+    /// Hands a record to the sink. Blocks while the sink's buffer is full: this is the
+    /// backpressure. Records sent while the broker is unreachable are queued (bounded) and
+    /// published after it returns.
+    pub fn send(&self, mut record: Record) -> Result<(), SinkError> {
+        loop {
+            record = match self.try_send(record) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(r)) => r,
+                Err(TrySendError::Refused(e)) => return Err(e),
+            };
+            self.wait_room(Duration::MAX)?;
+        }
+    }
+
+    /// Like [`send`](Self::send) but returns the record at once when the buffer is full.
+    pub fn try_send(&self, record: Record) -> Result<(), TrySendError> {
+        match self.ask(|sink, now| sink.push_record(now, record)) {
+            Ok(pushed) => pushed.map_err(TrySendError::from),
+            Err(e) => Err(TrySendError::Refused(e)),
+        }
+    }
+
+    /// Blocks until every record sent before this call is acknowledged (or handled by the
+    /// error policy), at most `flush_timeout`; returns the positions to commit.
+    pub fn flush(&self) -> Result<CommitOffsets, SinkError> {
+        let rx = self.call(|d, _, reply| d.flush_queued.push(reply))?;
+        rx.recv().map_err(|_| SinkError::Closed)?
+    }
+
+    /// Executes a sink action of a bridge's flow (push a batch, flush, assign, revoke,
+    /// rewind, committed; see `Sink::execute`) and returns its report. A closed sink takes
+    /// nothing: a push reports the refusal (the flow then stops the bridge).
+    pub fn execute(&self, action: BridgeAction) -> ActionReport {
+        if matches!(action, BridgeAction::Flush) {
+            return ActionReport::Flushed(FlushOutcome::from_flush(self.flush()));
+        }
+        let push = matches!(action, BridgeAction::Push(_));
+        let report = self.ask(|sink, now| sink.execute(now, action).unwrap_or(ActionReport::Done));
+        report.unwrap_or_else(|_| match push {
+            true => ActionReport::Pushed(VecDeque::new(), Some(PushRefusal::Closed)),
+            false => ActionReport::Done,
+        })
+    }
+
+    /// The core's counters and gauges (buffered, in flight, window, ...).
+    pub fn stats(&self) -> Result<mqtt_sink_core::Stats, SinkError> {
+        self.ask(|sink, _| sink.stats())
+    }
+}
+
+/// A running sink: send records, flush, close. All methods block the calling thread.
+#[derive(Debug)]
+pub struct MqttSink {
+    client: SinkClient,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::ops::Deref for MqttSink {
+    type Target = SinkClient;
+    fn deref(&self) -> &SinkClient {
+        &self.client
+    }
+}
+
+impl MqttSink {
+    /// Starts building a sink from `config`.
+    pub fn builder(config: Config) -> MqttSinkBuilder {
+        MqttSinkBuilder::new(config)
+    }
+
+    /// A cloneable handle (for a rebalance callback, say).
+    pub fn client(&self) -> SinkClient {
+        self.client.clone()
+    }
+
+    /// Sends DISCONNECT and stops the thread. Flush first: unacknowledged records are
+    /// dropped.
+    pub fn close(mut self) -> Result<(), SinkError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), SinkError> {
+        let close: Job = Box::new(|d, now| d.sink.close(now));
+        let _ = self.client.tx.send(close);
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| SinkError::Closed),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for MqttSink {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// The sink's thread: the core, the connection, and who waits for what.
+struct Driver {
+    sink: Sink,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    tx: Sender<Job>,
+    hooks: Hooks,
+    dead_letter: Option<DeadLetterFn>,
+    conn: Option<Conn>,
+    attempt: u64,
+    out: Vec<u8>,
+    flush_waiters: Vec<Reply<Result<CommitOffsets, SinkError>>>,
+    /// Flushes asked since the running one began: they begin together after it.
+    flush_queued: Vec<Reply<Result<CommitOffsets, SinkError>>>,
+    room_waiters: Vec<Reply<()>>,
+    /// Shared with the reader: the core's `defer_input_until`.
+    read_after: ReadGate,
+}
+
+impl Driver {
+    fn run(mut self, rx: &Receiver<Job>) {
+        loop {
+            self.drain(Instant::now());
+            if let Ok(mut g) = self.read_after.lock() {
+                *g = self.sink.defer_input_until();
+            }
+            if self.sink.is_closed() {
+                return;
+            }
+            let job = match self.sink.poll_timeout() {
+                Some(t) => rx.recv_timeout(t.saturating_duration_since(Instant::now())),
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            let now = Instant::now();
+            match job {
+                Ok(job) => job(&mut self, now),
+                Err(RecvTimeoutError::Timeout) => self.sink.handle_timeout(now),
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    /// Drains the core (bytes to the socket, events to their handlers) until quiet, then
+    /// answers who waits for room.
+    fn drain(&mut self, now: Instant) {
+        loop {
+            while self.sink.poll_transmit(now, &mut self.out) {}
+            let mut any = !self.out.is_empty();
+            // Dropped while not connected: the core sends it again after a reconnect.
+            let written = self.conn.as_mut().map_or(Ok(()), |c| c.write(&self.out));
+            self.out.clear();
+            if let Err(e) = written {
+                self.lose(now, e);
+            }
+            while let Some(e) = self.sink.poll_event() {
+                any = true;
+                self.on_event(now, e);
+            }
+            if !self.flush_queued.is_empty() && !self.sink.is_flushing() {
+                any = true;
+                self.flush_waiters = std::mem::take(&mut self.flush_queued);
+                let _ = self.sink.begin_flush(now, self.sink.flush_deadline(now));
+            }
+            if !any {
+                break;
+            }
+        }
+        if !self.sink.is_full() {
+            for w in self.room_waiters.drain(..) {
+                let _ = w.try_send(());
+            }
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, e: Event) {
+        self.hooks.event(&e);
+        if let Some(result) = e.flush_result() {
+            for w in self.flush_waiters.drain(..) {
+                let _ = w.send(result.clone());
+            }
+        }
+        match e {
+            Event::OpenTransport => self.open(now),
+            Event::CloseTransport => self.close_transport(),
+            // Handed to the producer; its delivery report comes back as a job.
+            Event::DeadLetter { record, reason } => {
+                let (coords, tx) = (record.coords(), self.tx.clone());
+                let Some(produce) = &self.dead_letter else {
+                    let why = "no dead-letter producer: use the Kafka Bridge (or MqttSinkBuilder::dead_letter) with error_policy = \"dead-letter\"";
+                    return self.sink.handle_dead_letter_failed(&coords, why);
+                };
+                let done = move |r: Result<(), String>| {
+                    let job: Job = Box::new(move |d, _| match r {
+                        Ok(()) => d.sink.handle_dead_lettered(&coords),
+                        Err(e) => d.sink.handle_dead_letter_failed(&coords, e),
+                    });
+                    let _ = tx.send(job);
+                };
+                produce(&record, &reason, Box::new(done));
+            }
+            _ => {}
+        }
+    }
+
+    /// Connects, then reads, on a thread of its own.
+    fn open(&mut self, now: Instant) {
+        if let Some(c) = self.conn.take() {
+            let _ = c.tcp.shutdown(Shutdown::Both);
+        }
+        self.attempt += 1;
+        let (id, tx, gate) = (self.attempt, self.tx.clone(), self.read_after.clone());
+        let (server, port) = (self.sink.config().server.clone(), self.sink.config().port);
+        let spawned = std::thread::Builder::new()
+            .name("mqtt-sink-conn".into())
+            .spawn(move || {
+                let (opened, reader) = match connect(&server, port) {
+                    Ok((tcp, reader)) => (Ok(tcp), Some(reader)),
+                    Err(e) => (Err(e), None),
+                };
+                let job: Job = Box::new(move |d, now| d.on_opened(now, id, opened));
+                if let (Ok(()), Some(reader)) = (tx.send(job), reader) {
+                    read_loop(id, reader, &tx, &gate);
+                }
+            });
+        if let Err(e) = spawned {
+            let why = format!("cannot start a connection thread: {e}");
+            self.sink.handle_disconnected(now, why);
+        }
+    }
+
+    /// The transport is up: the core may write CONNECT (with TLS, rustls holds it until
+    /// the handshake is done; a failed handshake fails the connect as a lost transport).
+    fn on_opened(&mut self, now: Instant, id: u64, opened: Result<TcpStream, String>) {
+        if id != self.attempt {
+            // Given up since: the shutdown ends its reader too.
+            return drop(opened.map(|tcp| tcp.shutdown(Shutdown::Both)));
+        }
+        let tcp = match opened {
+            Ok(tcp) => tcp,
+            Err(e) => return self.sink.handle_disconnected(now, e),
+        };
+        let _ = tcp.set_nodelay(true);
+        let _ = tcp.set_write_timeout(Some(WRITE_STALL));
+        let mut conn = Conn { id, tcp, tls: None };
+        let session = self.tls.clone().map(|cfg| {
+            let name = mqtt_sink_tls::server_name(&self.sink.config().server)?;
+            let mut tls = ClientConnection::new(cfg, name);
+            // `Conn::write` hands rustls all the core transmitted, then drains it; the
+            // default limit (64 KiB) would refuse a larger batch.
+            tls.iter_mut().for_each(|t| t.set_buffer_limit(None));
+            tls.map_err(|e| format!("TLS setup failed: {e}"))
+        });
+        let session = session.transpose().map(|tls| conn.tls = tls);
+        self.conn = Some(conn);
+        match session {
+            Ok(()) => self.sink.handle_connected(now),
+            Err(e) => self.lose(now, e),
+        }
+    }
+
+    fn on_read(&mut self, now: Instant, id: u64, read: Result<Vec<u8>, String>) {
+        let Some(conn) = self.conn.as_mut().filter(|c| c.id == id) else {
+            return; // from a connection given up since
+        };
+        match read.and_then(|data| conn.read(data)) {
+            Ok(plain) => drop(self.sink.handle_input(now, &plain)),
+            Err(e) => self.lose(now, e),
+        }
+    }
+
+    /// Closes the connection; pending bytes (a DISCONNECT) were written by `drain` before.
+    fn close_transport(&mut self) {
+        self.attempt += 1;
+        if let Some(mut c) = self.conn.take() {
+            if let Some(tls) = c.tls.as_mut() {
+                tls.send_close_notify();
+                let _ = c.write(&[]);
+            }
+            let _ = c.tcp.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// The connection is lost (`why`, without the address): the core decides what next.
+    fn lose(&mut self, now: Instant, why: String) {
+        if let Some(c) = self.conn.take() {
+            let _ = c.tcp.shutdown(Shutdown::Both);
+        }
+        self.out.clear();
+        let cfg = self.sink.config();
+        let why = format!("{}:{}: {why}", cfg.server, cfg.port);
+        self.sink.handle_disconnected(now, why);
+    }
+}
+
+struct Conn {
+    id: u64,
+    tcp: TcpStream,
+    /// With TLS, what the core writes before the handshake is done waits in rustls.
+    tls: Option<ClientConnection>,
+}
+
+impl Conn {
+    /// Writes `plain` (encrypted, with TLS) and any TLS records pending.
+    fn write(&mut self, plain: &[u8]) -> Result<(), String> {
+        let written = match &mut self.tls {
+            None => self.tcp.write_all(plain),
+            Some(tls) => tls.writer().write_all(plain).and_then(|()| {
+                while tls.wants_write() {
+                    tls.write_tls(&mut self.tcp)?;
+                }
+                Ok(())
+            }),
+        };
+        written.map_err(|e| format!("write failed: {e}"))
+    }
+
+    /// Bytes read from the socket: the plaintext they carry (TLS answers are written).
+    fn read(&mut self, data: Vec<u8>) -> Result<Vec<u8>, String> {
+        let Some(tls) = &mut self.tls else {
+            return Ok(data);
+        };
+        let (mut rd, mut plain) = (&data[..], Vec::new());
+        let failed = |e: std::io::Error| format!("TLS read failed: {e}");
+        while !rd.is_empty() {
+            tls.read_tls(&mut rd).map_err(failed)?;
+            let state = tls
+                .process_new_packets()
+                .map_err(|e| format!("TLS failed: {e}"))?;
+            let start = plain.len();
+            plain.resize(start + state.plaintext_bytes_to_read(), 0);
+            tls.reader()
+                .read_exact(&mut plain[start..])
+                .map_err(failed)?;
+        }
+        self.write(&[])?;
+        Ok(plain)
+    }
+}
+
+/// Resolves and connects; returns the stream twice (to write, to read). Errors name
+/// server, port and cause.
+fn connect(server: &str, port: u16) -> Result<(TcpStream, TcpStream), String> {
+    let tcp = TcpStream::connect((server, port)).and_then(|s| Ok((s.try_clone()?, s)));
+    tcp.map_err(|e| format!("{server}:{port}: TCP connect failed: {e}"))
+}
+
+fn read_loop(id: u64, mut tcp: TcpStream, tx: &Sender<Job>, gate: &ReadGate) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // The core asked for acknowledgements in a batch: let them queue up first. The
+        // core bounds the wait (a millisecond); the cap guards a stale value.
+        let after = gate.lock().ok().and_then(|g| *g);
+        let wait = after.map(|t| t.saturating_duration_since(Instant::now()));
+        if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+            std::thread::sleep(wait.min(Duration::from_millis(10)));
+        }
+        let read = match tcp.read(&mut buf) {
+            Ok(0) => Err("the broker closed the connection".to_string()),
+            Ok(n) => Ok(buf[..n].to_vec()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(format!("read failed: {e}")),
+        };
+        let end = read.is_err();
+        let job: Job = Box::new(move |d, now| d.on_read(now, id, read));
+        if tx.send(job).is_err() || end {
+            return;
+        }
+    }
+}
