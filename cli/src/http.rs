@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mqtt_sink_blocking::bridge::StatsHandle;
 use mqtt_sink_core::{Event, RejectReason};
+use mqtt_sink_kafka::StatsHandle;
 
 /// Counters fed by the sink's events.
 #[derive(Default)]
@@ -220,7 +220,7 @@ impl Metrics {
             .ok()
             .and_then(|w| {
                 w.as_ref()
-                    .map(|c| mqtt_sink_blocking::kafka::lag(c, &stats.committed))
+                    .map(|c| mqtt_sink_kafka::lag(c, &stats.committed))
             })
             .unwrap_or_default();
         for (tp, lag) in &lag {

@@ -35,7 +35,7 @@ pub(crate) fn probe(cfg: &DaemonConfig) -> (Vec<String>, bool) {
 }
 
 fn kafka(cfg: &DaemonConfig) -> Result<Vec<String>, String> {
-    let consumer: BaseConsumer = mqtt_sink_blocking::kafka::consumer_config(&cfg.kafka)
+    let consumer: BaseConsumer = mqtt_sink_kafka::consumer_config(&cfg.kafka)
         .create()
         .map_err(|e| e.to_string())?;
     let mut out = Vec::new();

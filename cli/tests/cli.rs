@@ -589,3 +589,158 @@ listen = ""
     let report = mqtt_sink_testkit::checker::check(&expected, &arrivals, true).unwrap();
     assert_eq!(report.arrived, n);
 }
+
+/// M6: SIGTERM while the sink is full and the broker is unreachable (Mosquitto frozen with
+/// SIGSTOP after the first records were acknowledged): the daemon must still exit 0 within
+/// `flush_timeout` + 2 s, having committed nothing past an acknowledged record. Both
+/// runtimes; each is run even if the other fails.
+#[test]
+fn sigterm_with_a_full_sink_and_a_frozen_broker_exits_within_the_flush_timeout() {
+    let failures: Vec<String> = ["tokio", "blocking"]
+        .into_iter()
+        .filter_map(|runtime| {
+            std::panic::catch_unwind(|| sigterm_with_a_full_sink(runtime))
+                .err()
+                .map(|e| {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    format!("{runtime}: {msg}")
+                })
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+fn sigterm_with_a_full_sink(runtime: &str) {
+    let flush_timeout = Duration::from_secs(3);
+    let (topic, group) = ("held", format!("cli-m6-{runtime}"));
+    let kafka = MockKafka::start().unwrap();
+    kafka.create_topic(topic, 2).unwrap();
+    let rec = |p: i32, o: usize| (p, format!("m6/{p}"), format!("m6-{runtime}-{p}-{o}"));
+    kafka.produce(topic, &[rec(0, 0), rec(1, 0)]).unwrap();
+    let broker = Mosquitto::start(MosquittoOptions::default()).unwrap();
+    let sub = SyncSubscriber::start(broker.port, "sensors/#");
+    let http = format!("127.0.0.1:{}", free_port());
+    let d = dir();
+    let cfg = write(
+        &d,
+        "m6.toml",
+        &format!(
+            r#"
+[kafka]
+brokers = "{}"
+group_id = "{group}"
+topics = ["{topic}"]
+commit_interval = "500ms"
+[kafka.properties]
+"group.protocol" = "consumer"
+"auto.offset.reset" = "earliest"
+
+[mqtt]
+client_id = "cli-m6"
+server = "127.0.0.1"
+port = {}
+topic_root = "sensors"
+tls_enabled = false
+version = "5"
+max_buffered_records = 10
+max_inflight = 5
+flush_timeout = "{}s"
+ack_timeout = "60s"
+
+[http]
+listen = "{http}"
+"#,
+            kafka.bootstrap(),
+            broker.port,
+            flush_timeout.as_secs()
+        ),
+    );
+    let log = std::fs::File::create(d.join("stderr.log")).unwrap();
+    let mut child = bin()
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--runtime",
+            runtime,
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let logs = || std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default();
+    let kill = |child: &mut std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+    };
+    // Acknowledged: the first record of each partition, and nothing after it.
+    if sub.wait_for(2, Duration::from_secs(60)) < 2 {
+        kill(&mut child);
+        panic!("the first records never arrived: {}", logs());
+    }
+    broker.pause();
+    let held: Vec<_> = (1..=400).flat_map(|o| [rec(0, o), rec(1, o)]).collect();
+    kafka.produce(topic, &held).unwrap();
+    // The sink is full (10 unacknowledged records) and the rest were consumed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let full = loop {
+        let m = http_get(&http, "/metrics").map(|r| r.1).unwrap_or_default();
+        let consumed = metric(&m, "mqtt_sink_records_consumed_total").unwrap_or(0);
+        let buffered = metric(&m, "mqtt_sink_buffered_records").unwrap_or(0);
+        if consumed >= 802 && buffered >= 10 {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        sub.wait_for(usize::MAX, Duration::from_millis(200));
+    };
+    if !full {
+        kill(&mut child);
+        panic!("the sink never filled up: {}", logs());
+    }
+    let acknowledged: std::collections::BTreeSet<Bytes> =
+        sub.messages().into_iter().map(|m| m.payload).collect();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let sent = Instant::now();
+    let limit = flush_timeout + Duration::from_secs(2);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if sent.elapsed() > limit + Duration::from_secs(20) {
+            break None;
+        }
+        sub.wait_for(usize::MAX, Duration::from_millis(50));
+    };
+    let took = sent.elapsed();
+    // Read before the broker runs again (the drop resumes it).
+    let committed = kafka.committed(&group, topic, 2).unwrap();
+    let Some(status) = status else {
+        kill(&mut child);
+        panic!("no exit {took:?} after SIGTERM: {}", logs());
+    };
+    assert!(
+        took <= limit,
+        "exited {took:?} after SIGTERM, more than flush_timeout + 2 s: {}",
+        logs()
+    );
+    assert_eq!(status.code(), Some(0), "{}", logs());
+    for (p, c) in committed.iter().enumerate() {
+        let c = c.unwrap_or(0);
+        let passed: Vec<usize> = (0..c as usize)
+            .filter(|o| !acknowledged.contains(rec(p as i32, *o).2.as_bytes()))
+            .collect();
+        assert!(
+            passed.is_empty(),
+            "{topic}/{p} committed at {c}, past unacknowledged offsets {passed:?}: {}",
+            logs()
+        );
+    }
+}
