@@ -1,9 +1,11 @@
 //! Test kit for mqtt-sink: a simulated MQTT broker, a simulated clock and link, the harness
-//! that drives [`mqtt_sink_core::Sink`] against them, and the delivery checker.
+//! that drives [`mqtt_sink_core::Sink`] against them, a simulated Kafka and the bridge model
+//! that drives [`mqtt_sink_core::BridgeFlow`] against it, and the delivery checker.
 //!
 //! Everything here is sans-IO and seeded: a test is a pure function of its seed.
 
 pub mod backend;
+pub mod bridge_model;
 pub mod bridge_suite;
 pub mod broker;
 pub mod certs;
@@ -15,5 +17,6 @@ pub mod mosquitto;
 pub mod proxy;
 pub mod rng;
 pub mod sim;
+pub mod sim_kafka;
 pub mod subscriber;
 pub mod suite;

@@ -68,6 +68,12 @@ pub struct Harness {
     pub committed: CommitOffsets,
     /// Dead letters produced (the runtime's job, simulated as always succeeding).
     pub dead_letters: Vec<Record>,
+    /// Confirm each dead letter at once (a produce that always succeeds). When false, the
+    /// records wait in [`dead_letter_requests`](Self::dead_letter_requests) for the caller to
+    /// produce and to report with `handle_dead_lettered` / `handle_dead_letter_failed`.
+    pub auto_dead_letter: bool,
+    /// Dead letters the sink asked for while `auto_dead_letter` is false, oldest first.
+    pub dead_letter_requests: Vec<Record>,
     /// Transcript of everything observable, for determinism checks.
     pub transcript: Vec<String>,
     /// Commit automatically on `FlushCompleted` (and the safe positions of a failed or
@@ -110,6 +116,8 @@ impl Harness {
             protocol_errors: Vec::new(),
             committed: Vec::new(),
             dead_letters: Vec::new(),
+            auto_dead_letter: true,
+            dead_letter_requests: Vec::new(),
             transcript: Vec::new(),
             auto_commit: true,
         };
@@ -171,6 +179,9 @@ impl Harness {
             {
                 let offsets = offsets.clone();
                 self.commit(&offsets);
+            }
+            Event::DeadLetter { record, .. } if !self.auto_dead_letter => {
+                self.dead_letter_requests.push(record.clone());
             }
             Event::DeadLetter { record, .. } => {
                 self.dead_letters.push(record.clone());
@@ -264,6 +275,25 @@ impl Harness {
                 .handle_disconnected(self.now, "connection reset (simulated)");
             self.drain();
         }
+    }
+
+    /// The sink's process crashes and starts again with `cfg`: the transport dies with the
+    /// bytes on the link (the broker sees the connection drop and keeps the session if it
+    /// persists), dead letters not yet produced are gone, and a new sink starts with nothing
+    /// in memory. The broker, the clock, the events and the transcript carry on.
+    pub fn restart_sink(&mut self, cfg: Config) {
+        self.transcript
+            .push(format!("{:?} sink process restarted", self.elapsed()));
+        self.close_link();
+        self.to_broker.clear();
+        self.to_sink.clear();
+        self.dead_letter_requests.clear();
+        let mapper = RecordMapper::from_config(&cfg);
+        self.sink = match Sink::new(cfg, mapper, self.now) {
+            Ok(s) => s,
+            Err(e) => panic!("test config is invalid: {e}"),
+        };
+        self.drain();
     }
 
     /// The next moment anything happens, if anything will.
