@@ -15,6 +15,14 @@ use crate::mosquitto::{Mosquitto, MosquittoOptions};
 use crate::subscriber::SyncSubscriber;
 use crate::suite::config;
 
+mod regressions;
+pub use regressions::{
+    commit_every_counts_records, dead_letter_producer_takes_the_kafka_properties,
+    eager_rebalance_while_the_sink_is_full_loses_nothing,
+    failed_seek_is_retried_and_never_skips_records, refused_dead_letter_fails_like_the_fail_policy,
+    rewind_re_reads_partitions_never_pushed,
+};
+
 /// A bridge running in the background.
 pub trait RunningBridge {
     /// Stops it gracefully (flush, commit, DISCONNECT) and returns its stats.
@@ -138,6 +146,7 @@ fn acl_broker(dir: &std::path::Path) -> Mosquitto {
 /// An ACL-denied MQTT 5 publish (0x87): `fail` stops the commit before it, `skip` passes
 /// it, `dead-letter` produces it to the dead-letter topic.
 pub fn acl_denied_publish_follows_the_error_policy<R: BridgeRuntime>() {
+    let _rewinds = regressions::rewinds_shared();
     let kafka = MockKafka::start().expect("test fixture");
     let dir = std::env::temp_dir().join(format!("mqtt-sink-acl-{}", std::process::id()));
     let broker = acl_broker(&dir);
@@ -353,6 +362,30 @@ macro_rules! bridge_suite {
         #[test]
         fn two_bridges_share_a_group_and_hand_over_on_stop() {
             $crate::bridge_suite::two_bridges_share_a_group_and_hand_over_on_stop::<$rt>();
+        }
+        #[test]
+        fn c1_eager_rebalance_while_the_sink_is_full_loses_nothing() {
+            $crate::bridge_suite::eager_rebalance_while_the_sink_is_full_loses_nothing::<$rt>();
+        }
+        #[test]
+        fn h1_rewind_re_reads_partitions_never_pushed() {
+            $crate::bridge_suite::rewind_re_reads_partitions_never_pushed::<$rt>();
+        }
+        #[test]
+        fn h2_failed_seek_is_retried_and_never_skips_records() {
+            $crate::bridge_suite::failed_seek_is_retried_and_never_skips_records::<$rt>();
+        }
+        #[test]
+        fn h3_refused_dead_letter_fails_like_the_fail_policy() {
+            $crate::bridge_suite::refused_dead_letter_fails_like_the_fail_policy::<$rt>();
+        }
+        #[test]
+        fn m2_dead_letter_producer_takes_the_kafka_properties() {
+            $crate::bridge_suite::dead_letter_producer_takes_the_kafka_properties::<$rt>();
+        }
+        #[test]
+        fn m5_commit_every_counts_records() {
+            $crate::bridge_suite::commit_every_counts_records::<$rt>();
         }
     };
 }

@@ -6,13 +6,16 @@
 //! so tests use that unless they exercise the classic (eager, cooperative) protocols.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 
 /// An in-process Kafka cluster.
@@ -96,6 +99,18 @@ impl MockKafka {
         committed_offsets(&self.bootstrap(), group, topic, partitions)
     }
 
+    /// Makes the next requests of `api` fail with `errors`, one error per request, first
+    /// to last. Every client of the cluster gets them (this fixture's producer too), so a
+    /// test sets them once its own records are produced.
+    pub fn request_errors(&self, api: RDKafkaApiKey, errors: &[RDKafkaRespErr]) {
+        self.cluster.request_errors(api, errors);
+    }
+
+    /// Drops the errors [`request_errors`](Self::request_errors) left for `api`.
+    pub fn clear_request_errors(&self, api: RDKafkaApiKey) {
+        self.cluster.clear_request_errors(api);
+    }
+
     /// Every record on `topic` (key, value), read from the beginning by a fresh consumer
     /// (at most `timeout`).
     pub fn read_all(
@@ -104,6 +119,20 @@ impl MockKafka {
         expect: usize,
         timeout: Duration,
     ) -> Result<Vec<(String, String)>, String> {
+        Ok(self
+            .read_records(topic, expect, timeout)?
+            .into_iter()
+            .map(|r| (r.key, r.value))
+            .collect())
+    }
+
+    /// [`read_all`](Self::read_all) with each record's partition and offset.
+    pub fn read_records(
+        &self,
+        topic: &str,
+        expect: usize,
+        timeout: Duration,
+    ) -> Result<Vec<ReadRecord>, String> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .set(
@@ -120,18 +149,167 @@ impl MockKafka {
         while out.len() < expect && std::time::Instant::now() < deadline {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                 use rdkafka::Message;
-                let k = m
+                let key = m
                     .key()
                     .map(|k| String::from_utf8_lossy(k).into_owned())
                     .unwrap_or_default();
-                let v = m
+                let value = m
                     .payload()
                     .map(|v| String::from_utf8_lossy(v).into_owned())
                     .unwrap_or_default();
-                out.push((k, v));
+                out.push(ReadRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key,
+                    value,
+                });
             }
         }
         Ok(out)
+    }
+
+    /// The partition a producer with `properties` (e.g. a `partitioner`) puts each of
+    /// `keys` in, on a topic of `partitions` partitions: the keys are produced without a
+    /// partition to a new probe topic and read back.
+    pub fn partitions_for_keys(
+        &self,
+        keys: &[&str],
+        partitions: i32,
+        properties: &BTreeMap<String, String>,
+    ) -> Result<Vec<i32>, String> {
+        static PROBES: AtomicU32 = AtomicU32::new(0);
+        let topic = format!("probe-{}", PROBES.fetch_add(1, Ordering::Relaxed));
+        self.create_topic(&topic, partitions)?;
+        let mut cc = ClientConfig::new();
+        for (k, v) in properties {
+            cc.set(k, v);
+        }
+        let producer: BaseProducer = cc
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .map_err(|e| format!("probe producer: {e}"))?;
+        for k in keys {
+            producer
+                .send(BaseRecord::to(&topic).key(*k).payload(*k))
+                .map_err(|(e, _)| format!("probe produce: {e}"))?;
+        }
+        producer
+            .flush(Duration::from_secs(30))
+            .map_err(|e| format!("probe flush: {e}"))?;
+        let read = self.read_records(&topic, keys.len(), Duration::from_secs(30))?;
+        keys.iter()
+            .map(|k| {
+                read.iter()
+                    .find(|r| r.key == *k)
+                    .map(|r| r.partition)
+                    .ok_or_else(|| format!("probe key {k} not read back from {topic}"))
+            })
+            .collect()
+    }
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRecord {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key (lossy UTF-8; empty if none).
+    pub key: String,
+    /// Its value (lossy UTF-8; empty if none).
+    pub value: String,
+}
+
+/// A plain consumer in a group, next to the bridges under test: it joins, takes what the
+/// group assigns it, discards what it reads, commits nothing, and leaves (closing its
+/// consumer) on [`leave`](Self::leave) or drop. Tests use it to force rebalances and to
+/// see when one has completed.
+#[derive(Debug)]
+pub struct GroupMember {
+    stop: Arc<AtomicBool>,
+    assigned: Arc<Mutex<Vec<i32>>>,
+    left: mpsc::Receiver<()>,
+}
+
+impl GroupMember {
+    /// Joins `group` on `bootstrap`, subscribed to `topic`, with the consumer `properties`
+    /// (the group protocol and assignor of the members it joins).
+    pub fn join(
+        bootstrap: &str,
+        group: &str,
+        topic: &str,
+        properties: &BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let mut cc = ClientConfig::new();
+        for (k, v) in properties {
+            cc.set(k, v);
+        }
+        let consumer: BaseConsumer = cc
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| format!("group member: {e}"))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| format!("group member subscribe {topic}: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let assigned = Arc::new(Mutex::new(Vec::new()));
+        let (tx, left) = mpsc::channel();
+        let (s, a) = (stop.clone(), assigned.clone());
+        std::thread::spawn(move || {
+            // Polling serves the group's rebalances (the default context assigns).
+            while !s.load(Ordering::SeqCst) {
+                let _ = consumer.poll(Duration::from_millis(100));
+                if let Ok(tpl) = consumer.assignment() {
+                    let parts = tpl.elements().iter().map(|e| e.partition()).collect();
+                    *a.lock().unwrap_or_else(|p| p.into_inner()) = parts;
+                }
+            }
+            drop(consumer);
+            let _ = tx.send(());
+        });
+        Ok(Self {
+            stop,
+            assigned,
+            left,
+        })
+    }
+
+    /// The partitions assigned to it now.
+    pub fn assigned(&self) -> Vec<i32> {
+        self.assigned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits (at most `timeout`) until it has partitions; returns them (empty: none came).
+    pub fn wait_assigned(&self, timeout: Duration) -> Vec<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let a = self.assigned();
+            if !a.is_empty() || Instant::now() >= deadline {
+                return a;
+            }
+            // Its thread updates the assignment after every poll (100 ms).
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Leaves the group (closes the consumer) and waits, at most `timeout`, until it has.
+    pub fn leave(self, timeout: Duration) -> Result<(), String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.left
+            .recv_timeout(timeout)
+            .map_err(|_| format!("group member did not leave within {timeout:?}"))
+    }
+}
+
+impl Drop for GroupMember {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 

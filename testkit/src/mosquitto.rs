@@ -162,6 +162,23 @@ impl Mosquitto {
         self.spawn()
     }
 
+    /// Its process id (`None` while it is not running).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Freezes it (SIGSTOP): connections stay open and the kernel still accepts new ones
+    /// and buffers what clients send, but nothing is read, acknowledged or forwarded until
+    /// [`resume`](Self::resume). A dropped `Mosquitto` is resumed before it is killed.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a [`pause`](Self::pause)d broker run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
     /// Sends a signal (e.g. "STOP", "CONT") to the process.
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
