@@ -1129,6 +1129,21 @@ mod tests {
     }
 
     #[test]
+    fn l3_held_records_are_bounded_by_bytes() {
+        let now = Instant::now();
+        let mut f = flow(now);
+        f.handle_assigned(vec![(tp(0), None)]);
+        run(&mut f, now, sink_takes_all);
+        let big = |o: i64| Record::new(tp(0), o, Some("k"), Some(vec![0u8; 1 << 20]));
+        f.handle_records(now, (0..3).map(big));
+        run(&mut f, now, sink_full);
+        assert!(f.room() > 0, "3 MiB held: room for more");
+        f.handle_records(now, [big(3)]);
+        assert_eq!(f.room(), 0, "4 MiB held: the consumer must not be polled");
+        assert!(!f.may_poll_consumer(now));
+    }
+
+    #[test]
     fn a_timed_out_checkpoint_commits_what_is_safe_and_keeps_the_rest() {
         let now = Instant::now();
         let mut f = flow(now);

@@ -455,3 +455,26 @@ where
         .map_err(|e| BridgeError::Kafka(format!("subscribe {topics:?}: {e}")))?;
     Ok((sink, consumer, flow))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// L9: a callback that panicked while holding the flow poisons its lock; the bridge
+    /// (and the next revoke callback) still reach the flow instead of skipping it.
+    #[test]
+    fn a_poisoned_flow_lock_is_still_taken() {
+        let kafka = KafkaConfig::new("b", "g", vec!["t".into()]);
+        #[allow(clippy::disallowed_methods)]
+        let flow: SharedFlow = Arc::new(Mutex::new(BridgeFlow::new(&kafka, Instant::now())));
+        let f = flow.clone();
+        let panicked = std::thread::spawn(move || {
+            let _g = f.lock();
+            panic!("a callback panicked");
+        })
+        .join();
+        assert!(panicked.is_err() && flow.is_poisoned());
+        lock(&flow).handle_assigned(vec![(TopicPartition::new("t", 0), Some(3))]);
+        assert_eq!(lock(&flow).assigned(), vec![TopicPartition::new("t", 0)]);
+    }
+}
