@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mqtt_sink_core::{
-    ActionReport, BridgeAction, CommitOffsets, ConfigError, ConfigErrors, DeadLetterFn, Event,
-    FlushOutcome, Hooks, PushRefusal, Record, Sink, SinkParts, SinkRuntime,
+    ActionReport, BridgeAction, CommitOffsets, ConfigErrors, DeadLetterFn, Event, FlushOutcome,
+    Hooks, PushRefusal, Record, Sink, SinkParts, SinkRuntime,
 };
 use rustls::ClientConnection;
 
@@ -61,13 +61,7 @@ impl SinkRuntime for Blocking {
             .name("mqtt-sink".into())
             .spawn(move || driver.run(&rx))
             .map_err(|e| {
-                let (option, value) = ("(thread)".to_string(), String::new());
-                let rule = format!("cannot start the sink thread: {e}");
-                ConfigErrors(vec![ConfigError {
-                    option,
-                    value,
-                    rule,
-                }])
+                ConfigErrors::one("(thread)", format!("cannot start the sink thread: {e}"))
             })?;
         Ok(MqttSink {
             client: SinkClient { tx },

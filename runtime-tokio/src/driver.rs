@@ -46,9 +46,7 @@ impl Driver {
         tx: mpsc::WeakUnboundedSender<Cmd>,
         rx: mpsc::UnboundedReceiver<Cmd>,
     ) -> Result<Self, ConfigErrors> {
-        let c = &parts.config;
-        let tls = c.tls_enabled.then(|| tls::client_config(c)).transpose();
-        let tls = tls.map_err(|rule| ConfigErrors::one("tls", rule))?;
+        let tls = tls::sink_client_config(&parts.config)?;
         Ok(Self {
             sink: Sink::new(parts.config, parts.mapper, StdInstant::now())?,
             tls,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mqtt_sink_core::{Config, ConfigError, ConfigErrors};
+use mqtt_sink_core::{Config, ConfigErrors};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -13,14 +13,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 /// problem is a config error of `tls` (as a sink builder's `start` reports it).
 pub fn sink_client_config(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigErrors> {
     let made = cfg.tls_enabled.then(|| client_config(cfg)).transpose();
-    made.map_err(|rule| {
-        let (option, value) = ("tls".to_string(), String::new());
-        ConfigErrors(vec![ConfigError {
-            option,
-            value,
-            rule,
-        }])
-    })
+    made.map_err(|rule| ConfigErrors::one("tls", rule))
 }
 
 /// Builds the rustls client config for `cfg`; errors name the option and file.
