@@ -43,6 +43,7 @@ fn reason_label(r: &RejectReason) -> &'static str {
         RejectReason::InvalidProperties(_) => "invalid_properties",
         RejectReason::Broker { .. } => "broker_reason_code",
         RejectReason::DeadLetterFailed(_) => "dead_letter_failed",
+        RejectReason::Poison { .. } => "poison",
         _ => "other",
     }
 }

@@ -53,9 +53,31 @@ impl Backoff {
     }
 }
 
+/// A jitter seed from a client id (FNV-1a): replicas have distinct ids (the runtimes add
+/// a per-instance suffix), so distinct jitter sequences.
+pub(crate) fn seed_from(client_id: &str) -> u64 {
+    client_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_draw_different_jitter_by_default() {
+        let delays = |id: &str| {
+            let mut b = Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(30),
+                seed_from(id),
+            );
+            (0..6).map(|_| b.next_delay()).collect::<Vec<_>>()
+        };
+        assert_ne!(delays("sink-101-a"), delays("sink-102-b"));
+        assert_eq!(delays("sink-101-a"), delays("sink-101-a"));
+    }
 
     #[test]
     fn grows_to_max_within_jitter_and_replays_by_seed() {

@@ -102,6 +102,35 @@ impl fmt::Display for ErrorPolicy {
     }
 }
 
+/// What the sink does with a string holding a character MQTT lets a broker refuse
+/// (U+0001-U+001F, U+007F-U+009F, Unicode non-characters; U+0000 is always refused) in a
+/// topic or an MQTT 5 property.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum StringPolicy {
+    /// The record is rejected (the error policy applies), with the character and its
+    /// position in the reason. The default: Mosquitto, for one, closes the connection on
+    /// such a string, and the record would be resent forever.
+    #[default]
+    Reject,
+    /// Topics: each such character is percent-escaped (`\t` becomes `%09`). Properties are
+    /// still rejected.
+    Escape,
+    /// Sent as they are (for brokers known to accept them); U+0000 is still rejected.
+    Allow,
+}
+
+impl fmt::Display for StringPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Reject => "reject",
+            Self::Escape => "escape",
+            Self::Allow => "allow",
+        })
+    }
+}
+
 /// A secret string (the password). Its `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -155,8 +184,9 @@ fn bytes_from_str<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::E
 }
 
 impl PublishProperties {
-    /// Problems with these properties, each as (field, value, rule).
-    pub(crate) fn problems(&self) -> Vec<(&'static str, String, String)> {
+    /// Problems with these properties, each as (field, value, rule). Strings holding a
+    /// [`topic::refusable`] character are problems unless `allow_refusable` (NUL always).
+    pub(crate) fn problems(&self, allow_refusable: bool) -> Vec<(&'static str, String, String)> {
         let mut out = Vec::new();
         if let Some(p) = self.payload_format_indicator {
             if p > 1 {
@@ -168,8 +198,34 @@ impl PublishProperties {
             }
         }
         if let Some(t) = &self.response_topic {
-            if let Err(e) = topic::check_topic(t) {
-                out.push(("response_topic", format!("{t:?}"), e.to_string()));
+            if let Err(e) = topic::check_topic_allowing(t, allow_refusable) {
+                out.push((
+                    "response_topic",
+                    format!("{:?}", truncate(t, 40)),
+                    e.to_string(),
+                ));
+            }
+        }
+        let refused = |c: char| c == '\0' || (!allow_refusable && topic::refusable(c));
+        let mut strings: Vec<(&'static str, &str)> = Vec::new();
+        if let Some(c) = &self.content_type {
+            strings.push(("content_type", c));
+        }
+        for (k, v) in &self.user_properties {
+            strings.push(("user_properties", k));
+            strings.push(("user_properties", v));
+        }
+        for (field, s) in strings {
+            if let Some((at, c)) = s.char_indices().find(|&(_, c)| refused(c)) {
+                out.push((
+                    field,
+                    format!("{:?}", truncate(s, 40)),
+                    format!(
+                        "contains {} at byte {at}; {}",
+                        topic::describe(c),
+                        topic::REFUSABLE_WHY
+                    ),
+                ));
             }
         }
         let long = |s: &str| s.len() > 65_535;
@@ -382,9 +438,11 @@ pub struct Config {
     /// Longest reconnect delay. Default: 30 s.
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub reconnect_backoff_max: Duration,
-    /// Seed of the reconnect jitter (deterministic for a given seed). Default: 0.
+    /// Seed of the reconnect jitter (a given seed replays the same delays). Default: none,
+    /// the seed is derived from the client id with its per-instance suffix, so replicas
+    /// do not reconnect in lockstep.
     #[serde(default)]
-    pub reconnect_jitter_seed: u64,
+    pub reconnect_jitter_seed: Option<u64>,
     /// Largest PUBLISH packet the sink sends, in bytes; larger records are rejected before
     /// sending. The broker's MQTT 5 Maximum Packet Size lowers it. Default: MQTT's maximum.
     #[serde(default = "default_max_packet_size")]
@@ -393,6 +451,17 @@ pub struct Config {
     /// "dead-letter".
     #[serde(default)]
     pub error_policy: ErrorPolicy,
+    /// Give up on a QoS 1/2 record when the broker closed the connection this many times in
+    /// a row right after it was sent, with no acknowledgement in between: the error policy
+    /// applies to it (a broker that refuses a string or a size without a reason code would
+    /// otherwise get it resent forever). 0 never gives up. Default: 3.
+    #[serde(default = "default_poison_after")]
+    pub poison_after: u32,
+    /// Strings holding characters MQTT lets a broker refuse (control characters, Unicode
+    /// non-characters): `"reject"` the record (default), `"escape"` them in topics (`%09`),
+    /// or `"allow"` them (U+0000 is always rejected).
+    #[serde(default)]
+    pub string_policy: StringPolicy,
     /// Kafka topic for dead letters; required with `error_policy = "dead-letter"`.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
@@ -436,6 +505,9 @@ fn default_backoff_min() -> Duration {
 }
 fn default_backoff_max() -> Duration {
     Duration::from_secs(30)
+}
+fn default_poison_after() -> u32 {
+    3
 }
 fn default_max_packet_size() -> u32 {
     MAX_MQTT_PACKET
@@ -482,9 +554,11 @@ impl Config {
             max_buffered_bytes: default_max_buffered_bytes(),
             reconnect_backoff_min: default_backoff_min(),
             reconnect_backoff_max: default_backoff_max(),
-            reconnect_jitter_seed: 0,
+            reconnect_jitter_seed: None,
             max_packet_size: default_max_packet_size(),
             error_policy: ErrorPolicy::default(),
+            string_policy: StringPolicy::default(),
+            poison_after: default_poison_after(),
             dead_letter_topic: None,
         }
     }
@@ -539,7 +613,27 @@ impl Config {
                 "must be 1..=65535 (1883 plain, 8883 TLS)",
             );
         }
-        if let Err(e) = topic::check_topic_prefix(&self.topic_root) {
+        let allow_refusable = self.string_policy == StringPolicy::Allow;
+        let connect_strings = [
+            ("client_id", Some(&self.client_id)),
+            ("username", self.username.as_ref()),
+        ];
+        for (option, value) in connect_strings {
+            let Some(v) = value else { continue };
+            let refused = |c: char| c == '\0' || (!allow_refusable && topic::refusable(c));
+            if let Some((at, c)) = v.char_indices().find(|&(_, c)| refused(c)) {
+                bad(
+                    option,
+                    format!("{v:?}"),
+                    &format!(
+                        "contains {} at byte {at}; {}",
+                        topic::describe(c),
+                        topic::REFUSABLE_WHY
+                    ),
+                );
+            }
+        }
+        if let Err(e) = topic::check_topic_prefix(&self.topic_root, allow_refusable) {
             bad(
                 "topic_root",
                 format!("{:?}", self.topic_root),
@@ -619,7 +713,8 @@ impl Config {
                     ),
                 );
             }
-            for (field, value, rule) in props.problems() {
+            let allow = self.string_policy == StringPolicy::Allow;
+            for (field, value, rule) in props.problems(allow) {
                 bad(&format!("properties.{field}"), value, &rule);
             }
         }

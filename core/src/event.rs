@@ -312,6 +312,13 @@ pub enum RejectReason {
     Unencodable(String),
     /// The topic template cannot render for this record.
     Template(String),
+    /// The broker closed the connection this many times in a row right after this publish,
+    /// with no acknowledgement in between (`poison_after`): a string or size it refuses
+    /// without saying so.
+    Poison {
+        /// How many connections ended right after it.
+        closes: u32,
+    },
 }
 
 impl fmt::Display for RejectReason {
@@ -347,6 +354,12 @@ impl fmt::Display for RejectReason {
             Self::DeadLetterFailed(e) => write!(f, "the dead-letter produce failed: {e}"),
             Self::Unencodable(e) => write!(f, "the PUBLISH cannot be encoded: {e}"),
             Self::Template(e) => write!(f, "the topic template cannot render: {e}"),
+            Self::Poison { closes } => write!(
+                f,
+                "the broker closed the connection {closes} times right after this publish \
+                 (poison_after = {closes}); it refuses something in it without saying what \
+                 (a character, the size, a property)"
+            ),
         }
     }
 }

@@ -15,6 +15,11 @@ use crate::QoS;
 /// How long new publishes wait for a batch of free window slots (see `hold_for_batch`).
 pub(crate) const REFILL_DELAY: Duration = Duration::from_millis(1);
 
+/// A connection that lived at least this long resets the reconnect backoff when it ends;
+/// one that a broker closes sooner (a refused publish, a session takeover) does not, so a
+/// broker that hangs up right after CONNACK is not hammered at the minimum delay.
+pub(crate) const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
 /// Connection state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Conn {
@@ -112,6 +117,7 @@ impl Sink {
             Conn::Connected => {
                 self.events
                     .push_back(Event::ConnectionLost(LostReason::Transport(reason)));
+                self.broker_closed(now);
                 self.drop_connection(now, false);
             }
             Conn::Closing => self.drop_connection(now, false),
@@ -176,6 +182,22 @@ impl Sink {
                 }
                 other => Err(format!("expected CONNACK, got {other:?}")),
             };
+        }
+        if let Incoming::PubAck { pkid, .. }
+        | Incoming::PubRec { pkid, .. }
+        | Incoming::PubComp { pkid, .. } = &p
+        {
+            let acked = self
+                .by_pkid
+                .get(pkid)
+                .and_then(|&seq| self.inflight.get(seq));
+            if let (Some(e), Some((suspect, _))) = (acked, self.suspect) {
+                // The broker answered the suspect or a publish sent after it: the suspect
+                // is not what made it hang up. (Answers to earlier publishes prove nothing.)
+                if e.msg.id >= suspect {
+                    self.suspect = None;
+                }
+            }
         }
         match p {
             Incoming::ConnAck { .. } => return Err("a second CONNACK".into()),
@@ -248,6 +270,7 @@ impl Sink {
                     self.drop_connection(now, true);
                 } else {
                     self.events.push_back(Event::ConnectionLost(lost));
+                    self.broker_closed(now);
                     self.drop_connection(now, true);
                 }
             }
@@ -285,7 +308,7 @@ impl Sink {
             }
         }
         self.conn = Conn::Connected;
-        self.backoff.reset();
+        self.connected_at = Some(now);
         self.stats.connects += 1;
         self.window = props.receive_maximum.map_or(self.cfg.max_inflight, |r| {
             self.cfg.max_inflight.min(u32::from(r).max(1))
@@ -350,6 +373,47 @@ impl Sink {
         }
     }
 
+    /// The broker closed a connected session (EOF, reset, DISCONNECT). If the oldest
+    /// unacknowledged publish went out on this connection shortly before, it is a suspect;
+    /// `poison_after` closes in a row on the same suspect, with no acknowledgement in
+    /// between, give up on it: the error policy applies and the rest resend without it.
+    fn broker_closed(&mut self, now: Instant) {
+        let limit = self.cfg.poison_after;
+        let since = self.connected_at.unwrap_or(now);
+        let oldest = self.inflight.keys().find_map(|seq| {
+            let e = self.inflight.get(seq)?;
+            (!e.released).then_some((seq, e))
+        });
+        let Some((seq, e)) = oldest else {
+            self.suspect = None;
+            return;
+        };
+        // Not sent on this connection yet (a resend still queued), or sent long before
+        // (the close is not "right after" it): no evidence either way.
+        let unsent = self.resend.contains(&seq) || e.sent_at < since;
+        if limit == 0 || unsent || now.saturating_duration_since(e.sent_at) > self.cfg.ack_timeout {
+            return;
+        }
+        let id = e.msg.id;
+        let closes = match self.suspect {
+            Some((s, n)) if s == id => n + 1,
+            _ => 1,
+        };
+        self.suspect = Some((id, closes));
+        if closes < limit {
+            return;
+        }
+        self.suspect = None;
+        let e = self.take_inflight(seq);
+        self.free(&e.msg);
+        self.reject(
+            e.msg.coords,
+            e.msg.id,
+            RejectReason::Poison { closes },
+            e.msg.record.map(|r| *r),
+        );
+    }
+
     fn take_inflight(&mut self, seq: u64) -> Inflight {
         let e = self.inflight.remove(seq).expect("indexed entry");
         self.by_pkid.remove(&e.pkid);
@@ -401,6 +465,13 @@ impl Sink {
         // else belonged to the old connection.
         if !close_transport {
             self.control.clear();
+        }
+        if self
+            .connected_at
+            .take()
+            .is_some_and(|at| now.saturating_duration_since(at) >= STABLE_CONNECTION)
+        {
+            self.backoff.reset();
         }
         self.conn = Conn::Backoff;
         let delay = self.backoff.next_delay();

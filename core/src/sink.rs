@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::bridge::{ActionReport, BridgeAction};
-use crate::config::{Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion};
+use crate::config::{Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion, StringPolicy};
 use crate::event::{CommitOffsets, Event, FlushInProgress, PushError, PushRefusal, RejectReason};
 use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
 use crate::mapper::RecordMapper;
@@ -70,6 +70,11 @@ pub struct Sink {
     pub(crate) client_id: String,
     pub(crate) backoff: Backoff,
     pub(crate) timers: TimerTable,
+    /// When the current connection's CONNACK arrived.
+    pub(crate) connected_at: Option<Instant>,
+    /// The publish that was the oldest unacknowledged one when the broker closed the last
+    /// connections, and how many closes in a row (see `poison_after`).
+    pub(crate) suspect: Option<(RecordId, u32)>,
 
     // The ledger.
     pub(crate) ledger: Ledger,
@@ -170,9 +175,12 @@ impl Sink {
             backoff: Backoff::new(
                 cfg.reconnect_backoff_min,
                 cfg.reconnect_backoff_max,
-                cfg.reconnect_jitter_seed,
+                cfg.reconnect_jitter_seed
+                    .unwrap_or_else(|| crate::backoff::seed_from(&cfg.client_id)),
             ),
             timers: TimerTable::default(),
+            connected_at: None,
+            suspect: None,
             ledger: Ledger::default(),
             next_id: 0,
             flush: None,
@@ -344,8 +352,14 @@ impl Sink {
     }
 
     fn encode(&self, r: &Record) -> Result<(wire::EncodedPublish, bool), RejectReason> {
-        let topic = self.mapper.topic(r)?;
-        if let Err(error) = topic::check_topic(&topic) {
+        let mut topic = self.mapper.topic(r)?;
+        let policy = self.cfg.string_policy;
+        if policy == StringPolicy::Escape {
+            if let Some(escaped) = topic::escape_refusable(&topic) {
+                topic = escaped;
+            }
+        }
+        if let Err(error) = topic::check_topic_allowing(&topic, policy == StringPolicy::Allow) {
             let mut cut = topic;
             if cut.len() > 200 {
                 let mut end = 200;
@@ -362,7 +376,9 @@ impl Sink {
         self.mapper.with_properties(r, |props| {
             let props = props.filter(|_| version == MqttVersion::V5);
             if let Some(p) = props {
-                if let Some((field, value, rule)) = p.problems().into_iter().next() {
+                if let Some((field, value, rule)) =
+                    p.problems(policy == StringPolicy::Allow).into_iter().next()
+                {
                     return Err(RejectReason::InvalidProperties(format!(
                         "{field} = {value}: {rule}"
                     )));

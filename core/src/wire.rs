@@ -220,7 +220,8 @@ pub(crate) fn publish_len(p: &PublishParts<'_>) -> usize {
 
 /// Encodes a PUBLISH with packet id 1 as a placeholder (QoS > 0).
 pub(crate) fn encode_publish(p: PublishParts<'_>) -> Result<EncodedPublish, WireError> {
-    topic::check_topic(p.topic).map_err(|e| WireError(e.to_string()))?;
+    // The sink applied `string_policy` to the topic before; here only what MQTT forbids.
+    topic::check_topic_allowing(p.topic, true).map_err(|e| WireError(e.to_string()))?;
     let remaining = publish_remaining(&p);
     if remaining > MAX_REMAINING {
         return Err(WireError(format!(
@@ -249,7 +250,7 @@ pub(crate) fn encode_publish(p: PublishParts<'_>) -> Result<EncodedPublish, Wire
         MqttVersion::V5 => {
             let properties = match p.properties {
                 Some(pp) => {
-                    if let Some((field, _, rule)) = pp.problems().into_iter().next() {
+                    if let Some((field, _, rule)) = pp.problems(true).into_iter().next() {
                         return Err(WireError(format!("property {field}: {rule}")));
                     }
                     Some(v5::PublishProperties {
