@@ -294,7 +294,7 @@ impl BridgeHarness {
         cfg.max_inflight = s.max_inflight.max(1);
         cfg.flush_timeout = s.flush_timeout;
         cfg.ack_timeout = Duration::from_secs(1);
-        cfg.reconnect_jitter_seed = s.seed.wrapping_add(u64::from(incarnation));
+        cfg.reconnect_jitter_seed = Some(s.seed.wrapping_add(u64::from(incarnation)));
         cfg.error_policy = s.policy;
         if s.policy == ErrorPolicy::DeadLetter {
             cfg.dead_letter_topic = Some(DLQ_TOPIC.into());

@@ -74,6 +74,14 @@ pub struct BrokerKnobs {
     pub keep_sessions: bool,
     /// Answer PINGREQ with PINGRESP; false never answers.
     pub answer_pings: bool,
+    /// Close the connection, without a reason and without answering, on a PUBLISH to
+    /// one of these topics (a broker refusing something it does not explain: a poison
+    /// record). Not a violation.
+    pub close_on_topics: BTreeSet<String>,
+    /// Mosquitto's strictness: a PUBLISH whose topic or property strings hold a character
+    /// MQTT lets a receiver refuse (U+0001-U+001F, U+007F-U+009F, non-characters) closes
+    /// the connection (a violation: the sink should have refused it first).
+    pub refuse_control_chars: bool,
 }
 
 impl Default for BrokerKnobs {
@@ -95,6 +103,8 @@ impl Default for BrokerKnobs {
             assigned_client_id: None,
             keep_sessions: true,
             answer_pings: true,
+            close_on_topics: BTreeSet::new(),
+            refuse_control_chars: false,
         }
     }
 }
@@ -741,6 +751,17 @@ impl SimBroker {
         if let Some((code, m)) = problem {
             return self.fail(now, code, BrokerError::Violation(m));
         }
+        if self.knobs.refuse_control_chars {
+            if let Some(m) = refusable_string(&p) {
+                self.note(m);
+                self.close(now, None);
+                return Ok(());
+            }
+        }
+        if self.knobs.close_on_topics.contains(&p.topic) {
+            self.close(now, None);
+            return Ok(());
+        }
 
         let in_flight = conn.inflight_q1.contains(&p.pkid)
             || conn.inflight_q2.contains(&p.pkid)
@@ -905,6 +926,23 @@ fn publish_problem(p: &Pub, limits: &Limits) -> Option<(u8, String)> {
     } else {
         None
     }
+}
+
+/// The first string of a PUBLISH holding a character Mosquitto refuses, described.
+fn refusable_string(p: &Pub) -> Option<String> {
+    let bad = |s: &str| s.chars().any(mqtt_sink_core::topic::refusable);
+    let pr = &p.props;
+    let mut strings: Vec<(&str, &str)> = vec![("topic", &p.topic)];
+    strings.extend(pr.content_type.as_deref().map(|c| ("content type", c)));
+    strings.extend(pr.response_topic.as_deref().map(|c| ("response topic", c)));
+    for (k, v) in &pr.user_properties {
+        strings.push(("user property", k));
+        strings.push(("user property", v));
+    }
+    let (what, s) = strings.into_iter().find(|(_, s)| bad(s))?;
+    Some(format!(
+        "PUBLISH with a refusable character in its {what}: {s:?}"
+    ))
 }
 
 /// Encodes with rumqttc; its writers only fail on impossible sizes here.

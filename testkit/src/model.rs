@@ -230,7 +230,11 @@ fn config(s: &Scenario) -> Config {
     cfg.max_inflight = s.max_inflight;
     cfg.max_buffered_records = s.max_buffered;
     cfg.clean_session = false;
-    cfg.reconnect_jitter_seed = s.seed;
+    cfg.reconnect_jitter_seed = Some(s.seed);
+    // The cuts here are link faults at random moments, not a broker refusing a publish:
+    // with poison detection on, three cuts in a row after the same publish would give up on
+    // a healthy record. Poison detection has its own property (`poison_records_are_...`).
+    cfg.poison_after = 0;
     cfg.flush_timeout = Duration::from_secs(30);
     cfg
 }

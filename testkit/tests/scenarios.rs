@@ -1147,3 +1147,198 @@ fn v5_topic_aliases_within_the_broker_maximum() {
     assert_eq!(h.broker.delivered().last().unwrap().topic, "sensors/k1");
     assert_no_violations(&h);
 }
+
+/// H4: strings MQTT lets a broker refuse (Mosquitto closes the connection on them) are
+/// refused by the sink first, with the record and the character's position, and the
+/// records after them are delivered; with `string_policy = "escape"` topics are escaped.
+#[test]
+fn refusable_characters_are_rejected_before_sending_or_escaped() {
+    use mqtt_sink_core::{HeaderSelection, StringPolicy};
+    let keys: [&[u8]; 5] = [
+        b"dev\t7",
+        b"\x01\x02\x03\x04",
+        b"a\x7f",
+        "x\u{85}".as_bytes(),
+        b"fine",
+    ];
+    for policy in [StringPolicy::Reject, StringPolicy::Escape] {
+        let mut cfg = test_config(MqttVersion::V5, 1);
+        cfg.error_policy = ErrorPolicy::Skip;
+        cfg.string_policy = policy;
+        cfg.headers_as_user_properties = HeaderSelection::All;
+        // Mosquitto's strictness: had the sink sent one, the broker would hang up (and
+        // note a violation).
+        let knobs = BrokerKnobs {
+            refuse_control_chars: true,
+            ..BrokerKnobs::default()
+        };
+        let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+        connected(&mut h);
+        let tp = TopicPartition::new("readings", 2);
+        for (off, key) in keys.iter().enumerate() {
+            h.push(Record::new(
+                tp.clone(),
+                off as i64,
+                Some(Bytes::copy_from_slice(key)),
+                Some("v"),
+            ))
+            .unwrap();
+        }
+        // A header value in the ASCII range holding control characters and a NUL.
+        let mut bad_header = Record::new(tp.clone(), 5, Some("ok"), Some("v"));
+        bad_header.headers.push(mqtt_sink_core::Header {
+            key: "h".into(),
+            value: Some(Bytes::from_static(b"\x01\x00\x02")),
+        });
+        h.push(bad_header).unwrap();
+        h.push(Record::new(tp.clone(), 6, Some("last"), Some("v")))
+            .unwrap();
+        assert_eq!(
+            h.flush(),
+            Event::FlushCompleted {
+                offsets: vec![(tp.clone(), 7)]
+            }
+        );
+        let rejected: Vec<String> = h
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::RecordRejected { .. }))
+            .map(|(_, e)| e.to_string())
+            .collect();
+        let topics: Vec<String> = h
+            .broker
+            .received()
+            .iter()
+            .map(|d| d.topic.clone())
+            .collect();
+        match policy {
+            StringPolicy::Reject => {
+                assert_eq!(rejected.len(), 5, "{rejected:?}");
+                for (i, at) in [
+                    (0, "U+0009 (a control character) at byte 11"),
+                    (1, "U+0001"),
+                    (2, "U+007F"),
+                    (3, "U+0085"),
+                ] {
+                    assert!(
+                        rejected[i].contains(&format!("readings/2@{i}")),
+                        "{}",
+                        rejected[i]
+                    );
+                    assert!(rejected[i].contains(at), "{}", rejected[i]);
+                }
+                assert!(
+                    rejected[4].contains("readings/2@5") && rejected[4].contains("user_properties"),
+                    "{}",
+                    rejected[4]
+                );
+                assert_eq!(topics, ["sensors/fine", "sensors/last"]);
+            }
+            _ => {
+                assert_eq!(rejected.len(), 1, "{rejected:?}");
+                assert!(rejected[0].contains("readings/2@5"), "{}", rejected[0]);
+                assert_eq!(
+                    topics,
+                    [
+                        "sensors/dev%097",
+                        "sensors/%01%02%03%04",
+                        "sensors/a%7F",
+                        "sensors/x%C2%85",
+                        "sensors/fine",
+                        "sensors/last"
+                    ]
+                );
+            }
+        }
+        assert_no_violations(&h);
+    }
+}
+
+/// H4's defence in depth: a broker that hangs up right after one publish, without a
+/// reason, gets it `poison_after` times; then the sink gives up on it (the policy applies
+/// once, the reason names the record) and the rest are delivered. Without the rule the
+/// sink reconnects and resends it forever.
+#[test]
+fn a_publish_the_broker_hangs_up_on_is_given_up_after_poison_after_closes() {
+    for (version, qos) in [
+        (MqttVersion::V311, 1),
+        (MqttVersion::V5, 2),
+        (MqttVersion::V31, 1),
+    ] {
+        let mut cfg = test_config(version, qos);
+        cfg.error_policy = ErrorPolicy::Skip;
+        let knobs = BrokerKnobs {
+            close_on_topics: ["sensors/bad".to_string()].into(),
+            ..BrokerKnobs::default()
+        };
+        let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+        connected(&mut h);
+        let keys = ["k0", "k1", "bad", "k2", "k3", "k4"];
+        for (off, key) in keys.iter().enumerate() {
+            h.push(record("readings", 0, off as i64, key, &format!("v{off}")))
+                .unwrap();
+        }
+        let tp = TopicPartition::new("readings", 0);
+        assert_eq!(
+            h.flush(),
+            Event::FlushCompleted {
+                offsets: vec![(tp, 6)]
+            },
+            "{version:?}"
+        );
+        let rejected: Vec<String> = h
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::RecordRejected { .. }))
+            .map(|(_, e)| e.to_string())
+            .collect();
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert!(rejected[0].contains("readings/0@2"), "{}", rejected[0]);
+        assert!(
+            rejected[0].contains("closed the connection 3 times right after"),
+            "{}",
+            rejected[0]
+        );
+        let mut topics: Vec<String> = h
+            .broker
+            .delivered()
+            .iter()
+            .map(|d| d.topic.clone())
+            .collect();
+        topics.sort();
+        topics.dedup();
+        assert_eq!(
+            topics,
+            [
+                "sensors/k0",
+                "sensors/k1",
+                "sensors/k2",
+                "sensors/k3",
+                "sensors/k4"
+            ]
+        );
+        // The first connection and one per close: poison_after + 1.
+        assert_eq!(h.broker.connects().len(), 4, "{version:?}");
+        assert_no_violations(&h);
+    }
+}
+
+/// L6: a broker that hangs up right after every CONNACK is not hammered at the minimum
+/// delay: a connection shorter than 10 s does not reset the backoff. (Before: every
+/// CONNACK reset it, 50-100 ms apart here, hundreds of connections in 20 s.)
+#[test]
+fn connections_that_die_right_after_connack_keep_backing_off() {
+    let mut cfg = test_config(MqttVersion::V311, 1);
+    cfg.poison_after = 0; // never give up: the broker keeps hanging up
+    let knobs = BrokerKnobs {
+        close_on_topics: ["sensors/bad".to_string()].into(),
+        ..BrokerKnobs::default()
+    };
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+    connected(&mut h);
+    h.push(record("readings", 0, 0, "bad", "v")).unwrap();
+    h.run_for(Duration::from_secs(20));
+    let n = h.broker.connects().len();
+    // 50 ms doubling to the 2 s maximum (with jitter): about a dozen in 20 s.
+    assert!((5..=20).contains(&n), "{n} connections in 20 s");
+}
