@@ -192,6 +192,8 @@ fn log_event(e: &Event) {
         }
         Event::Connected(_) | Event::Closed => tracing::info!("{e}"),
         Event::ConnectionLost(LostReason::AckTimeout { .. }) => tracing::warn!("{e}"),
+        Event::Fatal(_) => tracing::error!("{e}"),
+        Event::QosDowngraded { .. } => tracing::warn!("{e}"),
         Event::ConnectFailed(_)
         | Event::ConnectionLost(_)
         | Event::RecordRejected { .. }

@@ -457,6 +457,12 @@ pub struct Config {
     /// otherwise get it resent forever). 0 never gives up. Default: 3.
     #[serde(default = "default_poison_after")]
     pub poison_after: u32,
+    /// A broker that does not honour `qos = 2` (it answers a QoS 2 PUBLISH with PUBACK, or
+    /// its MQTT 5 Maximum QoS is 1): `false` (default) stops the sink with an error naming
+    /// the broker; `true` continues at QoS 1 and says so once. Never lowers to QoS 0: that
+    /// would give up at-least-once (set `qos = 0` for that).
+    #[serde(default)]
+    pub qos_downgrade: bool,
     /// Strings holding characters MQTT lets a broker refuse (control characters, Unicode
     /// non-characters): `"reject"` the record (default), `"escape"` them in topics (`%09`),
     /// or `"allow"` them (U+0000 is always rejected).
@@ -559,6 +565,7 @@ impl Config {
             error_policy: ErrorPolicy::default(),
             string_policy: StringPolicy::default(),
             poison_after: default_poison_after(),
+            qos_downgrade: false,
             dead_letter_topic: None,
         }
     }

@@ -73,6 +73,20 @@ pub enum Event {
     },
     /// `close` finished: DISCONNECT was sent (if connected) and the sink takes no records.
     Closed,
+    /// The sink cannot go on (a broker that does not honour the configured QoS, without
+    /// `qos_downgrade`): it closes for good (`Closed` follows), takes no more records, and a
+    /// flush in progress ends with this. Nothing unacknowledged is committed.
+    Fatal(String),
+    /// The broker does not honour the configured QoS and `qos_downgrade = true`: publishes
+    /// continue at QoS `to` (reported once).
+    QosDowngraded {
+        /// The configured QoS.
+        from: u8,
+        /// The QoS publishes continue at.
+        to: u8,
+        /// What the broker (named by address) did.
+        why: String,
+    },
 }
 
 /// A successful CONNACK and what it negotiated.
@@ -112,14 +126,6 @@ pub enum ConnectFailure {
     Transport(String),
     /// No CONNACK within `connect_timeout`.
     Timeout,
-    /// The broker's MQTT 5 Maximum QoS is below the configured `qos`; publishing at a
-    /// lower QoS would break the promised guarantee, so the sink does not.
-    QosNotSupported {
-        /// What the broker allows.
-        broker_max: u8,
-        /// What the config asks for.
-        configured: u8,
-    },
     /// The broker sent something other than a valid CONNACK.
     Protocol(String),
 }
@@ -143,14 +149,6 @@ impl fmt::Display for ConnectFailure {
             }
             Self::Transport(e) => write!(f, "could not reach the broker: {e}"),
             Self::Timeout => f.write_str("no CONNACK from the broker within connect_timeout"),
-            Self::QosNotSupported {
-                broker_max,
-                configured,
-            } => write!(
-                f,
-                "the broker allows QoS {broker_max} at most but qos = {configured} is configured; \
-                 lower qos or allow it on the broker"
-            ),
             Self::Protocol(e) => write!(f, "protocol error during connect: {e}"),
         }
     }
@@ -378,6 +376,7 @@ impl Event {
                 message: self.to_string(),
                 offsets: offsets.clone(),
             })),
+            Self::Fatal(reason) => Some(Err(SinkError::Fatal(reason.clone()))),
             _ => None,
         }
     }
@@ -426,6 +425,11 @@ impl fmt::Display for Event {
                 fmt_offsets(offsets)
             ),
             Self::Closed => f.write_str("closed"),
+            Self::Fatal(reason) => write!(f, "the sink stops: {reason}"),
+            Self::QosDowngraded { from, to, why } => write!(
+                f,
+                "{why}; qos_downgrade = true: publishing at QoS {to} instead of {from} from now on"
+            ),
         }
     }
 }
@@ -572,6 +576,8 @@ pub enum SinkError {
     Push(String),
     /// The sink's task or thread has stopped.
     Closed,
+    /// The sink stopped for good (see [`Event::Fatal`]).
+    Fatal(String),
 }
 
 impl fmt::Display for SinkError {
@@ -584,6 +590,7 @@ impl fmt::Display for SinkError {
             Self::FlushFailed { message, .. } => write!(f, "flush failed: {message}"),
             Self::Push(e) => write!(f, "{e}"),
             Self::Closed => f.write_str("the sink is closed"),
+            Self::Fatal(reason) => write!(f, "the sink stopped: {reason}"),
         }
     }
 }

@@ -206,7 +206,11 @@ impl Sink {
                     return Ok(()); // a late duplicate: nothing awaits it
                 };
                 if self.qos != QoS::AtLeastOnce {
-                    return Err(format!("PUBACK for QoS 2 packet id {pkid}"));
+                    // RabbitMQ's MQTT plugin answers QoS 2 with PUBACK: it does QoS 1.
+                    let why = format!("it answered a QoS 2 PUBLISH (packet id {pkid}) with PUBACK");
+                    if !self.qos_not_honoured(now, QoS::AtLeastOnce, why) {
+                        return Ok(());
+                    }
                 }
                 let e = self.take_inflight(seq);
                 self.finish(e.msg, reason);
@@ -295,15 +299,14 @@ impl Sink {
             self.drop_connection(now, true);
             return;
         }
-        if let Some(max) = props.maximum_qos {
-            if max < self.qos as u8 {
-                wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
-                self.events
-                    .push_back(Event::ConnectFailed(ConnectFailure::QosNotSupported {
-                        broker_max: max,
-                        configured: self.qos as u8,
-                    }));
-                self.drop_connection(now, true);
+        if let Some(max) = props.maximum_qos.filter(|m| *m < self.qos as u8) {
+            let why = format!("its CONNACK says Maximum QoS {max}");
+            let to = if max == 1 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            };
+            if !self.qos_not_honoured(now, to, why) {
                 return;
             }
         }
@@ -736,5 +739,62 @@ impl Sink {
     /// True after `Event::Closed`.
     pub fn is_closed(&self) -> bool {
         self.conn == Conn::Closed
+    }
+
+    /// Why the sink stopped for good, after `Event::Fatal`: the runtime ends and reports it.
+    pub fn fatal_error(&self) -> Option<&str> {
+        self.fatal.as_deref()
+    }
+
+    /// The broker gives QoS `to` at most where the config asks for more. With
+    /// `qos_downgrade` (and `to` at least 1) publishes go on at `to`: true. Otherwise the
+    /// sink stops for good (never a silent downgrade, never a reconnect loop): false.
+    fn qos_not_honoured(&mut self, now: Instant, to: QoS, why: String) -> bool {
+        if self.fatal.is_some() {
+            return false; // said once; the rest of the window's answers change nothing
+        }
+        let (from, addr) = (
+            self.qos as u8,
+            format!("{}:{}", self.cfg.server, self.cfg.port),
+        );
+        if self.cfg.qos_downgrade && to != QoS::AtMostOnce {
+            self.events.push_back(Event::QosDowngraded {
+                from,
+                to: to as u8,
+                why: format!("the MQTT broker at {addr} does not honour QoS {from}: {why}"),
+            });
+            self.qos = to;
+            // Queued and in-flight publishes go on (and are resent) at the new QoS.
+            for msg in self.pending.iter_mut() {
+                wire::set_qos(&mut msg.packet, to);
+            }
+            let seqs: Vec<u64> = self.inflight.keys().collect();
+            for seq in seqs {
+                if let Some(e) = self.inflight.get_mut(seq) {
+                    wire::set_qos(&mut e.msg.packet, to);
+                }
+            }
+            return true;
+        }
+        let fix = if to == QoS::AtMostOnce {
+            "allow QoS 1 on the broker, or set qos = 0 if at-most-once is acceptable".to_string()
+        } else {
+            format!(
+                "set qos = {}, or qos_downgrade = true to continue at QoS {}",
+                to as u8, to as u8
+            )
+        };
+        let reason =
+            format!("the MQTT broker at {addr} does not honour qos = {from}: {why}; {fix}");
+        self.fatal = Some(reason.clone());
+        self.events.push_back(Event::Fatal(reason));
+        self.flush = None;
+        self.timers.stop(Timer::Flush);
+        if self.conn == Conn::AwaitConnAck {
+            // Close from here, as `close` does once connected (DISCONNECT, then Closed).
+            self.conn = Conn::Connected;
+        }
+        self.close(now);
+        false
     }
 }

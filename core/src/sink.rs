@@ -75,6 +75,8 @@ pub struct Sink {
     /// The publish that was the oldest unacknowledged one when the broker closed the last
     /// connections, and how many closes in a row (see `poison_after`).
     pub(crate) suspect: Option<(RecordId, u32)>,
+    /// Why the sink stopped for good (see `Event::Fatal`).
+    pub(crate) fatal: Option<String>,
 
     // The ledger.
     pub(crate) ledger: Ledger,
@@ -181,6 +183,7 @@ impl Sink {
             timers: TimerTable::default(),
             connected_at: None,
             suspect: None,
+            fatal: None,
             ledger: Ledger::default(),
             next_id: 0,
             flush: None,
@@ -540,6 +543,11 @@ impl Sink {
     pub fn begin_flush(&mut self, _now: Instant, deadline: Instant) -> Result<(), FlushInProgress> {
         if self.flush.is_some() {
             return Err(FlushInProgress);
+        }
+        if let Some(reason) = &self.fatal {
+            // Stopped for good: the flush ends at once, as the one in progress did.
+            self.events.push_back(Event::Fatal(reason.clone()));
+            return Ok(());
         }
         self.flush = Some(self.ledger.target());
         self.flush_dirty = true;

@@ -351,6 +351,14 @@ pub(crate) fn set_dup(p: &mut EncodedPublish, dup: bool) {
     }
 }
 
+/// Lowers an encoded QoS 2 PUBLISH to QoS 1 (or raises it back): the packet id stays.
+/// QoS 0 has no packet id, so a packet never changes to or from it here.
+pub(crate) fn set_qos(p: &mut EncodedPublish, qos: QoS) {
+    if p.pkid_at.is_some() && qos != QoS::AtMostOnce {
+        p.bytes[0] = (p.bytes[0] & !0x06) | ((qos as u8) << 1);
+    }
+}
+
 /// Appends a PUBREL.
 pub(crate) fn encode_pubrel(pkid: u16, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0x62, 0x02]);

@@ -91,7 +91,9 @@ impl Bridge {
             let now = Instant::now();
             let f = lock(&self.flow);
             if let Some(e) = f.fatal_error() {
-                return Err(BridgeError::Sink(e.to_string()));
+                let e = e.to_string();
+                drop(f);
+                return Err(self.stopped(e));
             }
             if stop.load(Ordering::Relaxed) {
                 break;
@@ -106,7 +108,11 @@ impl Bridge {
             // be polled: to hold more, or paused, to serve the group's callbacks) then
             // takes only what is ready. With neither, wait out the flow's timeout (a
             // backoff after a failed checkpoint: the consumer must not deliver meanwhile).
-            if waits && self.sink.wait_room(wait).map_err(sink_error)? {
+            let room_now = match waits.then(|| self.sink.wait_room(wait)) {
+                Some(Err(e)) => return Err(self.stopped(e.to_string())),
+                r => r.is_some_and(|r| r.is_ok_and(|r| r)),
+            };
+            if room_now {
                 lock(&self.flow).handle_room();
             }
             if may_poll {
@@ -121,6 +127,15 @@ impl Bridge {
         let stats = lock(&self.flow).stats().clone();
         self.sink.close().map_err(sink_error)?;
         Ok(stats)
+    }
+
+    /// The sink stopped under the flow: its own error (why it stopped for good, naming
+    /// the broker) says more than `e`, what the flow saw.
+    fn stopped(self, e: String) -> BridgeError {
+        match self.sink.close() {
+            Err(fatal @ SinkError::Fatal(_)) => sink_error(fatal),
+            _ => BridgeError::Sink(e),
+        }
     }
 
     /// Polls the consumer, waiting up to `wait` for the first message, then takes what

@@ -163,7 +163,7 @@ impl SinkClient {
 #[derive(Debug)]
 pub struct MqttSink {
     client: SinkClient,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), SinkError>>>,
 }
 
 impl std::ops::Deref for MqttSink {
@@ -194,7 +194,7 @@ impl MqttSink {
         let close: Job = Box::new(|d, now| d.sink.close(now));
         let _ = self.client.tx.send(close);
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| SinkError::Closed),
+            Some(t) => t.join().map_err(|_| SinkError::Closed)?,
             None => Ok(()),
         }
     }
@@ -225,14 +225,18 @@ struct Driver {
 }
 
 impl Driver {
-    fn run(mut self, rx: &Receiver<Job>) {
+    /// Ends when the sink closed: `Err(Fatal)` when it stopped for good on its own.
+    fn run(mut self, rx: &Receiver<Job>) -> Result<(), SinkError> {
         loop {
             self.drain(Instant::now());
             if let Ok(mut g) = self.read_after.lock() {
                 *g = self.sink.defer_input_until();
             }
             if self.sink.is_closed() {
-                return;
+                return self
+                    .sink
+                    .fatal_error()
+                    .map_or(Ok(()), |r| Err(SinkError::Fatal(r.into())));
             }
             let job = match self.sink.poll_timeout() {
                 Some(t) => rx.recv_timeout(t.saturating_duration_since(Instant::now())),
@@ -242,7 +246,7 @@ impl Driver {
             match job {
                 Ok(job) => job(&mut self, now),
                 Err(RecvTimeoutError::Timeout) => self.sink.handle_timeout(now),
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
         }
     }

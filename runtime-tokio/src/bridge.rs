@@ -17,7 +17,7 @@ use mqtt_sink_kafka::{execute, lock, offer, FlowContext, SharedFlow, SinkPort};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::task::block_in_place;
 
-use crate::{BridgeError, MqttSink, SinkClient, Tokio};
+use crate::{BridgeError, MqttSink, SinkClient, SinkError, Tokio};
 
 pub use mqtt_sink_kafka::StatsHandle;
 
@@ -109,14 +109,19 @@ impl Bridge {
         let mut topics = BTreeMap::new();
         loop {
             self.drain().await;
-            let (may_poll, waits, deadline) = {
+            let (fatal, may_poll, waits, deadline) = {
                 let f = lock(&self.flow);
-                if let Some(e) = f.fatal_error() {
-                    return Err(BridgeError::Sink(e.to_string()));
-                }
+                let fatal = f.fatal_error().map(str::to_string);
                 let may_poll = f.may_poll_consumer(Instant::now());
-                (may_poll, f.waits_for_room(), f.poll_timeout())
+                (fatal, may_poll, f.waits_for_room(), f.poll_timeout())
             };
+            if let Some(e) = fatal {
+                // The sink's own error (why it stopped, naming the broker) says more.
+                return Err(match self.sink.close().await {
+                    Err(fatal @ SinkError::Fatal(_)) => BridgeError::Sink(fatal.to_string()),
+                    _ => BridgeError::Sink(e),
+                });
+            }
             // While paused, `recv()` delivers nothing but still serves the group's callbacks.
             tokio::select! {
                 _ = &mut stop => break,

@@ -70,7 +70,8 @@ impl Driver {
         self.base.1 + t.saturating_duration_since(self.base.0)
     }
 
-    pub(crate) async fn run(mut self) {
+    /// Ends when the sink closed: `Err(Fatal)` when it stopped for good on its own.
+    pub(crate) async fn run(mut self) -> Result<(), SinkError> {
         let mut conn: Option<Stream> = None;
         let mut connecting: Option<Connecting> = None;
         let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
@@ -115,8 +116,11 @@ impl Driver {
             if !self.sink.is_full() {
                 self.room_waiters.drain(..).for_each(|w| _ = w.send(()));
             }
-            if self.sink.is_closed() && self.closing {
-                return;
+            if self.sink.is_closed() && (self.closing || self.sink.fatal_error().is_some()) {
+                return self
+                    .sink
+                    .fatal_error()
+                    .map_or(Ok(()), |r| Err(SinkError::Fatal(r.into())));
             }
             if conn.is_none() && connecting.is_none() {
                 (out_pos, _) = (0, out.clear());

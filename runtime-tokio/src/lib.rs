@@ -164,7 +164,7 @@ impl SinkClient {
 #[derive(Debug)]
 pub struct MqttSink {
     client: SinkClient,
-    task: JoinHandle<()>,
+    task: JoinHandle<Result<(), SinkError>>,
 }
 
 impl std::ops::Deref for MqttSink {
@@ -188,6 +188,6 @@ impl MqttSink {
     /// Sends DISCONNECT and stops the task. Flush first: unacknowledged records are dropped.
     pub async fn close(self) -> Result<(), SinkError> {
         let _ = self.client.tell(Cmd::Close);
-        self.task.await.map_err(|_| SinkError::Closed)
+        self.task.await.map_err(|_| SinkError::Closed)?
     }
 }

@@ -82,6 +82,9 @@ pub struct BrokerKnobs {
     /// MQTT lets a receiver refuse (U+0001-U+001F, U+007F-U+009F, non-characters) closes
     /// the connection (a violation: the sink should have refused it first).
     pub refuse_control_chars: bool,
+    /// RabbitMQ's MQTT plugin: a QoS 2 PUBLISH is handled as QoS 1 (delivered, answered
+    /// with PUBACK).
+    pub qos2_as_qos1: bool,
 }
 
 impl Default for BrokerKnobs {
@@ -105,6 +108,7 @@ impl Default for BrokerKnobs {
             answer_pings: true,
             close_on_topics: BTreeSet::new(),
             refuse_control_chars: false,
+            qos2_as_qos1: false,
         }
     }
 }
@@ -761,6 +765,9 @@ impl SimBroker {
         if self.knobs.close_on_topics.contains(&p.topic) {
             self.close(now, None);
             return Ok(());
+        }
+        if self.knobs.qos2_as_qos1 && p.qos == 2 {
+            p.qos = 1;
         }
 
         let in_flight = conn.inflight_q1.contains(&p.pkid)

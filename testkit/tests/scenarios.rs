@@ -847,18 +847,21 @@ fn broker_limits_maximum_qos_and_retain_available() {
         maximum_qos: Some(0),
         ..BrokerKnobs::default()
     };
-    let mut h = harness(MqttVersion::V5, 1, knobs);
-    h.run_for(Duration::from_secs(1));
-    assert!(!h.sink.is_connected());
-    assert!(
-        h.count_events(|e| matches!(
-            e,
-            Event::ConnectFailed(ConnectFailure::QosNotSupported {
-                broker_max: 0,
-                configured: 1
-            })
-        )) > 0
-    );
+    // Maximum QoS 0 under qos = 1: stops (never a silent or an at-most-once downgrade).
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.qos_downgrade = true;
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+    h.run_for(Duration::from_secs(5));
+    assert!(h.sink.is_closed());
+    assert_eq!(h.broker.connects().len(), 1);
+    let fatal: Vec<String> = h
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Fatal(_)))
+        .map(|(_, e)| e.to_string())
+        .collect();
+    assert_eq!(fatal.len(), 1, "{fatal:?}");
+    assert!(fatal[0].contains("Maximum QoS 0"), "{}", fatal[0]);
 
     let knobs = BrokerKnobs {
         retain_available: Some(false),
@@ -1341,4 +1344,106 @@ fn connections_that_die_right_after_connack_keep_backing_off() {
     let n = h.broker.connects().len();
     // 50 ms doubling to the 2 s maximum (with jitter): about a dozen in 20 s.
     assert!((5..=20).contains(&n), "{n} connections in 20 s");
+}
+
+/// Point 4 of the "never stalls" issue: a broker that does not honour qos = 2 (RabbitMQ
+/// answers a QoS 2 PUBLISH with PUBACK; an MQTT 5 Maximum QoS of 1). Before: "protocol
+/// error: PUBACK for QoS 2", a reconnect and a resend of the window, forever (hundreds of
+/// connections, hundreds of thousands of copies, nothing committed); a Maximum QoS below
+/// the configured one was a connect failure retried forever. Now the sink stops once with
+/// an error naming the broker, or with `qos_downgrade` goes on at QoS 1 and says so once.
+#[test]
+fn a_broker_that_does_not_honour_qos_2_stops_the_sink_or_downgrades_once() {
+    let cases = [
+        (
+            MqttVersion::V311,
+            BrokerKnobs {
+                qos2_as_qos1: true,
+                ..BrokerKnobs::default()
+            },
+            "answered a QoS 2 PUBLISH",
+        ),
+        (
+            MqttVersion::V5,
+            BrokerKnobs {
+                maximum_qos: Some(1),
+                ..BrokerKnobs::default()
+            },
+            "Maximum QoS 1",
+        ),
+    ];
+    let tp = TopicPartition::new("readings", 0);
+    for (version, knobs, why) in cases {
+        for downgrade in [false, true] {
+            let mut cfg = test_config(version, 2);
+            cfg.qos_downgrade = downgrade;
+            let addr = format!("{}:{}", cfg.server, cfg.port);
+            let mut h = Harness::new(cfg, knobs.clone(), LinkKnobs::default(), 1);
+            h.run_until(Duration::from_secs(5), |h| {
+                h.sink.is_connected() || h.sink.is_closed()
+            });
+            for off in 0..50 {
+                match h.push(record("readings", 0, off, "k", &format!("v{off}"))) {
+                    Ok(()) => {}
+                    Err(_) if !downgrade => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            let outcome = h.flush();
+            h.run_for(Duration::from_secs(60));
+            let mut said: Vec<String> = h
+                .events
+                .iter()
+                .filter(|(_, e)| matches!(e, Event::Fatal(_) | Event::QosDowngraded { .. }))
+                .map(|(_, e)| e.to_string())
+                .collect();
+            // A flush begun after the sink stopped ends with the same Fatal event.
+            said.dedup();
+            let case = format!("{version:?} downgrade={downgrade}");
+            assert_eq!(said.len(), 1, "{case}: {said:?}");
+            assert!(
+                said[0].contains(why) && said[0].contains(&addr),
+                "{case}: {}",
+                said[0]
+            );
+            assert_eq!(
+                h.broker.connects().len(),
+                1,
+                "{case}: one connection, no loop"
+            );
+            if downgrade {
+                assert!(matches!(
+                    &h.events
+                        .iter()
+                        .find(|(_, e)| matches!(e, Event::QosDowngraded { .. }))
+                        .unwrap()
+                        .1,
+                    Event::QosDowngraded { from: 2, to: 1, .. }
+                ));
+                assert_eq!(
+                    outcome,
+                    Event::FlushCompleted {
+                        offsets: vec![(tp.clone(), 50)]
+                    },
+                    "{case}"
+                );
+                let delivered = h.broker.delivered().len();
+                assert_eq!(delivered, 50, "{case}: each record once");
+            } else {
+                assert!(matches!(outcome, Event::Fatal(_)), "{case}: {outcome:?}");
+                assert!(
+                    said[0].contains("qos_downgrade = true"),
+                    "{case}: {}",
+                    said[0]
+                );
+                assert!(h.sink.is_closed(), "{case}");
+                assert!(
+                    h.committed_of(&tp).is_none()
+                        && h.sink.commit_positions().iter().all(|(_, o)| *o == 0),
+                    "{case}: nothing committed"
+                );
+            }
+            assert_no_violations(&h);
+        }
+    }
 }
