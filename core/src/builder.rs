@@ -7,7 +7,7 @@ use std::marker::PhantomData;
 
 use crate::bridge::Transform;
 use crate::config::{Config, ConfigErrors};
-use crate::event::{ConnectFailure, Connected, Event, RejectReason};
+use crate::event::{ConnectFailure, Connected, Event, RejectReason, SinkError};
 use crate::kafka_config::KafkaConfig;
 use crate::mapper::RecordMapper;
 use crate::record::Record;
@@ -203,6 +203,18 @@ impl fmt::Display for BridgeError {
 }
 
 impl std::error::Error for BridgeError {}
+
+impl BridgeError {
+    /// The sink stopped under the bridge, which saw `seen`; `closed` is what closing the
+    /// sink returned. The sink's own fatal error (why it stopped for good, naming the
+    /// broker) says more than what the bridge saw.
+    pub fn sink_stopped(closed: Result<(), SinkError>, seen: String) -> Self {
+        match closed {
+            Err(fatal @ SinkError::Fatal(_)) => Self::Sink(fatal.to_string()),
+            _ => Self::Sink(seen),
+        }
+    }
+}
 
 /// A runtime that runs Kafka bridges.
 pub trait BridgeRuntime: Sized {

@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use crate::config::MqttVersion;
-use crate::event::{ConnectFailure, Connected, Event, LostReason, ProtocolError, RejectReason};
+use crate::event::{
+    ConnectFailure, Connected, Event, LostReason, ProtocolError, RejectReason, SinkError,
+};
 use crate::ledger::RecordId;
 use crate::record::{Record, RecordCoords};
 use crate::sink::{connect_limit, Sink};
@@ -744,6 +746,14 @@ impl Sink {
     /// Why the sink stopped for good, after `Event::Fatal`: the runtime ends and reports it.
     pub fn fatal_error(&self) -> Option<&str> {
         self.fatal.as_deref()
+    }
+
+    /// What a runtime whose sink closed returns: `Err(Fatal)` when it stopped for good on
+    /// its own, else `Ok`.
+    pub fn stop_result(&self) -> Result<(), SinkError> {
+        self.fatal
+            .as_ref()
+            .map_or(Ok(()), |r| Err(SinkError::Fatal(r.clone())))
     }
 
     /// The broker gives QoS `to` at most where the config asks for more. With

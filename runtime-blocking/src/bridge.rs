@@ -129,13 +129,9 @@ impl Bridge {
         Ok(stats)
     }
 
-    /// The sink stopped under the flow: its own error (why it stopped for good, naming
-    /// the broker) says more than `e`, what the flow saw.
+    /// The sink stopped under the flow, which saw `e`.
     fn stopped(self, e: String) -> BridgeError {
-        match self.sink.close() {
-            Err(fatal @ SinkError::Fatal(_)) => sink_error(fatal),
-            _ => BridgeError::Sink(e),
-        }
+        BridgeError::sink_stopped(self.sink.close(), e)
     }
 
     /// Polls the consumer, waiting up to `wait` for the first message, then takes what

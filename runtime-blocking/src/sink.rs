@@ -233,10 +233,7 @@ impl Driver {
                 *g = self.sink.defer_input_until();
             }
             if self.sink.is_closed() {
-                return self
-                    .sink
-                    .fatal_error()
-                    .map_or(Ok(()), |r| Err(SinkError::Fatal(r.into())));
+                return self.sink.stop_result();
             }
             let job = match self.sink.poll_timeout() {
                 Some(t) => rx.recv_timeout(t.saturating_duration_since(Instant::now())),

@@ -17,7 +17,7 @@ use mqtt_sink_kafka::{execute, lock, offer, FlowContext, SharedFlow, SinkPort};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::task::block_in_place;
 
-use crate::{BridgeError, MqttSink, SinkClient, SinkError, Tokio};
+use crate::{BridgeError, MqttSink, SinkClient, Tokio};
 
 pub use mqtt_sink_kafka::StatsHandle;
 
@@ -116,11 +116,7 @@ impl Bridge {
                 (fatal, may_poll, f.waits_for_room(), f.poll_timeout())
             };
             if let Some(e) = fatal {
-                // The sink's own error (why it stopped, naming the broker) says more.
-                return Err(match self.sink.close().await {
-                    Err(fatal @ SinkError::Fatal(_)) => BridgeError::Sink(fatal.to_string()),
-                    _ => BridgeError::Sink(e),
-                });
+                return Err(BridgeError::sink_stopped(self.sink.close().await, e));
             }
             // While paused, `recv()` delivers nothing but still serves the group's callbacks.
             tokio::select! {

@@ -117,10 +117,7 @@ impl Driver {
                 self.room_waiters.drain(..).for_each(|w| _ = w.send(()));
             }
             if self.sink.is_closed() && (self.closing || self.sink.fatal_error().is_some()) {
-                return self
-                    .sink
-                    .fatal_error()
-                    .map_or(Ok(()), |r| Err(SinkError::Fatal(r.into())));
+                return self.sink.stop_result();
             }
             if conn.is_none() && connecting.is_none() {
                 (out_pos, _) = (0, out.clear());

@@ -63,6 +63,15 @@ fn records(n: i64, partitions: i32) -> Vec<Record> {
         .collect()
 }
 
+/// The sink's rejections so far, as it states them.
+fn rejections(h: &Harness) -> Vec<String> {
+    h.events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::RecordRejected { .. }))
+        .map(|(_, e)| e.to_string())
+        .collect()
+}
+
 fn delivered(h: &Harness) -> Vec<(String, Bytes)> {
     h.broker
         .delivered()
@@ -742,12 +751,7 @@ fn bad_keys_case(version: MqttVersion, qos: u8) {
             offsets: vec![(tp, 6)]
         }
     );
-    let rejected: Vec<String> = h
-        .events
-        .iter()
-        .filter(|(_, e)| matches!(e, Event::RecordRejected { .. }))
-        .map(|(_, e)| e.to_string())
-        .collect();
+    let rejected = rejections(&h);
     assert_eq!(rejected.len(), 5, "{rejected:?}");
     for (i, text) in rejected.iter().enumerate() {
         assert!(text.contains(&format!("readings/4@{i}")), "{text}");
@@ -1202,12 +1206,7 @@ fn refusable_characters_are_rejected_before_sending_or_escaped() {
                 offsets: vec![(tp.clone(), 7)]
             }
         );
-        let rejected: Vec<String> = h
-            .events
-            .iter()
-            .filter(|(_, e)| matches!(e, Event::RecordRejected { .. }))
-            .map(|(_, e)| e.to_string())
-            .collect();
+        let rejected = rejections(&h);
         let topics: Vec<String> = h
             .broker
             .received()
@@ -1289,12 +1288,7 @@ fn a_publish_the_broker_hangs_up_on_is_given_up_after_poison_after_closes() {
             },
             "{version:?}"
         );
-        let rejected: Vec<String> = h
-            .events
-            .iter()
-            .filter(|(_, e)| matches!(e, Event::RecordRejected { .. }))
-            .map(|(_, e)| e.to_string())
-            .collect();
+        let rejected = rejections(&h);
         assert_eq!(rejected.len(), 1, "{rejected:?}");
         assert!(rejected[0].contains("readings/0@2"), "{}", rejected[0]);
         assert!(
