@@ -89,6 +89,15 @@ impl MockKafka {
         produce_all(&self.producer, topic, records)
     }
 
+    /// The end offset (high watermark) of `topic`/`partition`: how many records it holds.
+    pub fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, String> {
+        self.producer
+            .client()
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map(|(_, high)| high)
+            .map_err(|e| format!("watermarks of {topic}/{partition}: {e}"))
+    }
+
     /// The group's committed positions for `topic`'s partitions (None: nothing committed).
     pub fn committed(
         &self,

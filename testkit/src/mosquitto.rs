@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// What to put in the generated `mosquitto.conf`.
@@ -44,6 +44,8 @@ pub struct Mosquitto {
     /// Its working directory (config, persistence).
     pub dir: PathBuf,
     opts: MosquittoOptions,
+    /// Every line it logged, across restarts.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
@@ -68,6 +70,7 @@ impl Mosquitto {
             tls_port,
             dir,
             opts,
+            log: Arc::default(),
         };
         m.spawn()?;
         Ok(m)
@@ -121,8 +124,12 @@ impl Mosquitto {
             })?;
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let (tx, rx) = mpsc::channel();
+        let kept = self.log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut l) = kept.lock() {
+                    l.push(line.clone());
+                }
                 let _ = tx.send(line);
             }
         });
@@ -160,6 +167,21 @@ impl Mosquitto {
     pub fn restart(&mut self) -> Result<(), String> {
         self.kill();
         self.spawn()
+    }
+
+    /// Every line it logged so far (notice and information included), across restarts.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// How many connections it accepted from clients whose id starts with `client_id`
+    /// (its "New client connected ... as <id>" lines).
+    pub fn connections(&self, client_id: &str) -> usize {
+        let tag = format!(" as {client_id}");
+        self.log()
+            .iter()
+            .filter(|l| l.contains("New client connected") && l.contains(&tag))
+            .count()
     }
 
     /// Its process id (`None` while it is not running).
