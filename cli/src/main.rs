@@ -191,7 +191,9 @@ fn log_event(e: &Event) {
             tracing::debug!("{e}")
         }
         Event::Connected(_) | Event::Closed => tracing::info!("{e}"),
-        Event::ConnectionLost(LostReason::AckTimeout { .. }) => tracing::warn!("{e}"),
+        Event::ConnectionLost(LostReason::AckTimeout { .. } | LostReason::WriteStalled { .. }) => {
+            tracing::warn!("{e}")
+        }
         Event::Fatal(_) => tracing::error!("{e}"),
         Event::QosDowngraded { .. } => tracing::warn!("{e}"),
         Event::ConnectFailed(_)

@@ -1,6 +1,7 @@
 //! What the core tells its runtime: events (facts and requests) and errors.
 
 use std::fmt;
+use std::time::Duration;
 
 use crate::config::ErrorPolicy;
 use crate::record::{Record, RecordCoords, TopicPartition};
@@ -239,6 +240,13 @@ pub enum LostReason {
         /// The record waiting longest.
         coords: RecordCoords,
     },
+    /// Output waited `ack_timeout` with no byte written: the link or the broker stalled.
+    WriteStalled {
+        /// Bytes the runtime held unwritten.
+        unwritten: u64,
+        /// How long no byte was written.
+        waited: Duration,
+    },
     /// The broker broke the protocol.
     Protocol(String),
 }
@@ -261,6 +269,11 @@ impl fmt::Display for LostReason {
             Self::AckTimeout { coords } => write!(
                 f,
                 "record {coords} unacknowledged for ack_timeout; reconnecting to resend it"
+            ),
+            Self::WriteStalled { unwritten, waited } => write!(
+                f,
+                "no byte could be written for {waited:.1?} ({unwritten} bytes waiting, more \
+                 than ack_timeout): the link or the broker stalled; reconnecting"
             ),
             Self::Protocol(e) => write!(f, "protocol error: {e}"),
         }

@@ -16,7 +16,10 @@
 //! (acting on each event may feed the sink again: loop until both are empty), then read
 //! `poll_timeout` and call `handle_timeout` when it passes. Optionally, leave the socket
 //! unread until `defer_input_until` (at most a millisecond, while the sink waits for a batch
-//! of acknowledgements): fewer, larger reads, the same outcome.
+//! of acknowledgements): fewer, larger reads, the same outcome. Report every write with
+//! `handle_written` (bytes written, in order): the sink hands out at most
+//! [`MAX_UNWRITTEN`] bytes of publishes ahead of the transport, and a publish's ack timeout
+//! starts when its last byte was written, so a slow link is not mistaken for a dead broker.
 //!
 //! ```
 //! use std::time::{Duration, Instant};
@@ -36,6 +39,7 @@
 //! sink.handle_connected(now);
 //! assert!(sink.poll_transmit(now, &mut out));
 //! assert_eq!(&out[..2], &[0x10, 18]); // CONNECT, 18 bytes follow: socket.write_all(&out)
+//! sink.handle_written(now, out.len());
 //! out.clear();
 //!
 //! // The broker answers CONNACK (accepted): the sink is connected.
@@ -48,6 +52,7 @@
 //! sink.push_record(now, record).expect("room in the buffer");
 //! sink.begin_flush(now, sink.flush_deadline(now)).expect("no flush running");
 //! assert!(sink.poll_transmit(now, &mut out));
+//! sink.handle_written(now, out.len());
 //!
 //! // PUBACK for packet id 1: the record is acknowledged and the flush completes with
 //! // the position to commit, one past offset 42.
@@ -178,7 +183,7 @@ pub use event::{
 pub use kafka_config::KafkaConfig;
 pub use mapper::{KeySerializer, Properties, RecordMapper, Retain, ValueSerializer};
 pub use record::{Header, Record, RecordCoords, TopicPartition};
-pub use sink::{Sink, Stats};
+pub use sink::{Sink, Stats, MAX_UNWRITTEN};
 
 /// MQTT quality of service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

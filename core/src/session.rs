@@ -1,6 +1,7 @@
 //! The MQTT session of [`Sink`]: connect, CONNACK, publish window and packet ids,
 //! acknowledgement flows, keep-alive, resend after reconnect, close.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::config::MqttVersion;
@@ -59,8 +60,28 @@ pub(crate) struct Inflight {
     pub(crate) pkid: u16,
     /// QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP.
     pub(crate) released: bool,
-    /// When the PUBLISH was last written (send order, so the first entry is the oldest).
-    pub(crate) sent_at: Instant,
+    /// When the last byte of its PUBLISH (or PUBREL) was last written to the transport
+    /// (`None` while it waits in the runtime's buffer); in send order, so the first entry
+    /// is the oldest. The ack timeout counts from here.
+    pub(crate) sent_at: Option<Instant>,
+}
+
+/// What this connection's output became: bytes handed to the runtime by `poll_transmit`,
+/// bytes it reported written (`handle_written`), and the publishes waiting to be written.
+#[derive(Debug, Default)]
+pub(crate) struct Output {
+    pub(crate) handed: u64,
+    pub(crate) written: u64,
+    /// Since when bytes wait unwritten with no progress (`None`: all written).
+    pub(crate) stalled_since: Option<Instant>,
+    /// In-flight entries (send-order key) and where their packet ends in the output.
+    pub(crate) unwritten: VecDeque<(u64, u64)>,
+}
+
+impl Output {
+    pub(crate) fn unwritten_bytes(&self) -> u64 {
+        self.handed - self.written
+    }
 }
 
 impl Sink {
@@ -78,6 +99,7 @@ impl Sink {
         if self.conn != Conn::Opening {
             return;
         }
+        self.output = Output::default();
         self.decoder.reset();
         self.control.clear();
         let clean = !self.connected_once || self.cfg.clean_session;
@@ -395,8 +417,11 @@ impl Sink {
         };
         // Not sent on this connection yet (a resend still queued), or sent long before
         // (the close is not "right after" it): no evidence either way.
-        let unsent = self.resend.contains(&seq) || e.sent_at < since;
-        if limit == 0 || unsent || now.saturating_duration_since(e.sent_at) > self.cfg.ack_timeout {
+        let sent = e
+            .sent_at
+            .filter(|t| *t >= since && !self.resend.contains(&seq));
+        let recent = sent.is_some_and(|t| now.saturating_duration_since(t) <= self.cfg.ack_timeout);
+        if limit == 0 || !recent {
             return;
         }
         let id = e.msg.id;
@@ -452,6 +477,7 @@ impl Sink {
             self.events.push_back(Event::CloseTransport);
         }
         self.resend.clear();
+        self.output = Output::default();
         self.decoder.reset();
         self.ping_outstanding = false;
         self.timers.stop(Timer::ConnAck);
@@ -525,13 +551,20 @@ impl Sink {
         }
     }
 
-    /// Arms the ack timer for the oldest in-flight publish (or stops it).
+    /// When the connection counts as lost, if nothing changes: the oldest in-flight
+    /// publish unacknowledged `ack_timeout` after it was written, or output waiting that
+    /// long with no byte written.
+    fn ack_deadline(&self) -> Option<Instant> {
+        let acked = self.inflight.first().and_then(|e| e.sent_at);
+        let wrote = self.output.stalled_since;
+        let t = acked.into_iter().chain(wrote).min()?;
+        Some(t + self.cfg.ack_timeout)
+    }
+
+    /// Arms the ack timer (or stops it).
     pub(crate) fn arm_ack_timer(&mut self) {
-        match self.inflight.first() {
-            Some(e) if self.conn == Conn::Connected => {
-                self.timers
-                    .set(Timer::Ack, e.sent_at + self.cfg.ack_timeout);
-            }
+        match self.ack_deadline() {
+            Some(t) if self.conn == Conn::Connected => self.timers.set(Timer::Ack, t),
             _ => self.timers.stop(Timer::Ack),
         }
     }
@@ -540,18 +573,50 @@ impl Sink {
         if self.conn != Conn::Connected {
             return;
         }
-        let Some(e) = self.inflight.first() else {
-            return;
-        };
-        if e.sent_at + self.cfg.ack_timeout > now {
+        if self.ack_deadline().is_none_or(|t| t > now) {
             self.arm_ack_timer();
             return;
         }
-        let coords = e.msg.coords.clone();
+        let reason = match self.output.stalled_since {
+            Some(t) if t + self.cfg.ack_timeout <= now => LostReason::WriteStalled {
+                unwritten: self.output.unwritten_bytes(),
+                waited: now.saturating_duration_since(t),
+            },
+            _ => {
+                let Some(e) = self.inflight.first() else {
+                    return;
+                };
+                LostReason::AckTimeout {
+                    coords: e.msg.coords.clone(),
+                }
+            }
+        };
         wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
-        self.events
-            .push_back(Event::ConnectionLost(LostReason::AckTimeout { coords }));
+        self.events.push_back(Event::ConnectionLost(reason));
         self.drop_connection(now, true);
+    }
+
+    /// The runtime wrote `n` more bytes of the output: publishes whose last byte is out
+    /// start their ack timeout now.
+    pub(crate) fn on_written(&mut self, now: Instant, n: usize) {
+        if self.conn != Conn::Connected && self.conn != Conn::AwaitConnAck {
+            return;
+        }
+        let o = &mut self.output;
+        o.written = (o.written + n as u64).min(o.handed);
+        if n > 0 {
+            o.stalled_since = (o.written < o.handed).then_some(now);
+        }
+        while let Some(&(seq, end)) = o.unwritten.front() {
+            if end > o.written {
+                break;
+            }
+            o.unwritten.pop_front();
+            if let Some(e) = self.inflight.get_mut(seq) {
+                e.sent_at = Some(now);
+            }
+        }
+        self.arm_ack_timer();
     }
 
     /// Bytes went out at `now`: the keep-alive restarts, and a finished close ends.
@@ -568,15 +633,17 @@ impl Sink {
         }
     }
 
-    /// Fills `buf` up to about `limit` bytes: control packets, then resends, then new
-    /// publishes within the window.
-    pub(crate) fn transmit(&mut self, now: Instant, buf: &mut Vec<u8>, limit: usize) {
+    /// Fills `buf` (from `start`, where this call's output begins) up to about `limit`
+    /// bytes: control packets, then resends, then new publishes within the window.
+    pub(crate) fn transmit(&mut self, now: Instant, buf: &mut Vec<u8>, start: usize, limit: usize) {
         if !self.control.is_empty() {
             buf.append(&mut self.control);
         }
         if self.conn != Conn::Connected {
             return;
         }
+        // Where a byte appended to `buf` ends up in this connection's output.
+        let base = self.output.handed.wrapping_sub(start as u64);
         while buf.len() < limit {
             let Some(seq) = self.resend.pop_front() else {
                 break;
@@ -584,7 +651,7 @@ impl Sink {
             let Some(e) = self.inflight.get_mut(seq) else {
                 continue;
             };
-            e.sent_at = now;
+            e.sent_at = None;
             if e.released {
                 wire::encode_pubrel(e.pkid, buf);
             } else {
@@ -592,6 +659,8 @@ impl Sink {
                 buf.extend_from_slice(&e.msg.packet.bytes);
                 self.stats.resent += 1;
             }
+            let end = base.wrapping_add(buf.len() as u64);
+            self.output.unwritten.push_back((seq, end));
         }
         if !self.resend.is_empty() {
             return; // resends go first, in order
@@ -639,13 +708,15 @@ impl Sink {
             let seq = self.next_seq;
             self.next_seq += 1;
             self.by_pkid.insert(pkid, seq);
+            let end = base.wrapping_add(buf.len() as u64);
+            self.output.unwritten.push_back((seq, end));
             self.inflight.insert(
                 seq,
                 Inflight {
                     msg,
                     pkid,
                     released: false,
-                    sent_at: now,
+                    sent_at: None,
                 },
             );
         }

@@ -11,7 +11,7 @@ use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
 use crate::mapper::RecordMapper;
 use crate::record::{Record, RecordCoords, TopicPartition};
 use crate::send_order::SendOrder;
-use crate::session::{Conn, Inflight, Msg};
+use crate::session::{Conn, Inflight, Msg, Output};
 use crate::timer::{Timer, TimerTable};
 use crate::topic;
 use crate::wire::{self, Decoder, PublishParts};
@@ -72,6 +72,8 @@ pub struct Sink {
     pub(crate) timers: TimerTable,
     /// When the current connection's CONNACK arrived.
     pub(crate) connected_at: Option<Instant>,
+    /// This connection's output, written or not.
+    pub(crate) output: Output,
     /// The publish that was the oldest unacknowledged one when the broker closed the last
     /// connections, and how many closes in a row (see `poison_after`).
     pub(crate) suspect: Option<(RecordId, u32)>,
@@ -133,6 +135,11 @@ pub struct Stats {
 /// Publishes per `poll_transmit` call are coalesced up to about this many bytes.
 const TRANSMIT_BUDGET: usize = 64 * 1024;
 
+/// At most this many bytes of publishes wait in the runtime's output unwritten: the rest
+/// of the window waits in the core, unsent, its ack timeouts not running, so that a slow
+/// link never makes a whole window look unacknowledged.
+pub const MAX_UNWRITTEN: usize = 64 * 1024;
+
 impl Sink {
     /// Validates `cfg` (and that per-record properties come with MQTT 5) and creates the
     /// sink. Its first event asks the runtime to open the transport.
@@ -182,6 +189,7 @@ impl Sink {
             ),
             timers: TimerTable::default(),
             connected_at: None,
+            output: Output::default(),
             suspect: None,
             fatal: None,
             ledger: Ledger::default(),
@@ -633,16 +641,33 @@ impl Sink {
     }
 
     /// Writes the bytes to send next into `buf` (appending). Returns false when there is
-    /// nothing to send now. Several publishes are coalesced into one call.
+    /// nothing to send now. Several publishes are coalesced into one call. Publishes are
+    /// handed out only while less than [`MAX_UNWRITTEN`] bytes wait unwritten: report
+    /// what reached the transport with [`handle_written`](Self::handle_written).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> bool {
         let start = buf.len();
-        self.transmit(now, buf, start + TRANSMIT_BUDGET);
+        let room = MAX_UNWRITTEN.saturating_sub(self.output.unwritten_bytes() as usize);
+        self.transmit(now, buf, start, start + room.min(TRANSMIT_BUDGET));
         let wrote = buf.len() > start;
         if wrote {
+            let o = &mut self.output;
+            if o.handed == o.written {
+                o.stalled_since = Some(now);
+            }
+            o.handed += (buf.len() - start) as u64;
             self.on_transmitted(now);
         }
         self.arm_ack_timer();
         wrote
+    }
+
+    /// The runtime wrote `n` more bytes of what `poll_transmit` returned to the
+    /// transport (in order; a TLS runtime counts plaintext). A publish's ack timeout
+    /// starts when its last byte is written; output that waits `ack_timeout` with no byte
+    /// written loses the connection (`LostReason::WriteStalled`). Call it after every
+    /// write, then drain.
+    pub fn handle_written(&mut self, now: Instant, n: usize) {
+        self.on_written(now, n);
     }
 }
 

@@ -24,20 +24,31 @@ proptest! {
         let mut out = Vec::new();
         while sink.poll_event().is_some() {}
         sink.handle_connected(now);
-        while sink.poll_transmit(now, &mut out) {}
+        transmit(&mut sink, now, &mut out);
         if sel & 0x80 != 0 {
             let _ = sink.handle_input(now, &[0x20, 0x02, 0x00, 0x00]);
             for off in 0..5 {
                 let r = Record::new(TopicPartition::new("k", 0), off, Some("key"), Some("v"));
                 let _ = sink.push_record(now, r);
             }
-            while sink.poll_transmit(now, &mut out) {}
+            transmit(&mut sink, now, &mut out);
         }
         for c in bytes.chunks(chunk) {
             let _ = sink.handle_input(now, c);
-            while sink.poll_transmit(now, &mut out) {}
+            transmit(&mut sink, now, &mut out);
             while sink.poll_event().is_some() {}
             sink.handle_timeout(now + Duration::from_secs(100));
         }
+    }
+}
+
+/// Drains the sink's output as a runtime that writes everything at once does.
+fn transmit(sink: &mut Sink, now: Instant, out: &mut Vec<u8>) {
+    for _ in 0..10_000 {
+        let before = out.len();
+        if !sink.poll_transmit(now, out) {
+            return;
+        }
+        sink.handle_written(now, out.len() - before);
     }
 }

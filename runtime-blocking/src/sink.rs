@@ -255,10 +255,13 @@ impl Driver {
             while self.sink.poll_transmit(now, &mut self.out) {}
             let mut any = !self.out.is_empty();
             // Dropped while not connected: the core sends it again after a reconnect.
-            let written = self.conn.as_mut().map_or(Ok(()), |c| c.write(&self.out));
+            let written = self.conn.as_mut().map(|c| c.write(&self.out));
+            let n = self.out.len();
             self.out.clear();
-            if let Err(e) = written {
-                self.lose(now, e);
+            match written {
+                Some(Ok(())) => self.sink.handle_written(Instant::now(), n),
+                Some(Err(e)) => self.lose(now, e),
+                None => {}
             }
             while let Some(e) = self.sink.poll_event() {
                 any = true;

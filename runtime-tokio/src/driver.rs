@@ -6,7 +6,7 @@ use mqtt_sink_core::{
     BridgeAction, CommitOffsets, ConfigErrors, DeadLetterFn, Event, Hooks, PushError, Sink,
     SinkParts,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -72,7 +72,8 @@ impl Driver {
 
     /// Ends when the sink closed: `Err(Fatal)` when it stopped for good on its own.
     pub(crate) async fn run(mut self) -> Result<(), SinkError> {
-        let mut conn: Option<Stream> = None;
+        // Read and write halves: acknowledgements are read while a write waits.
+        let mut conn: Option<(ReadHalf<Stream>, WriteHalf<Stream>)> = None;
         let mut connecting: Option<Connecting> = None;
         let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
         let mut out_pos = 0;
@@ -104,7 +105,7 @@ impl Driver {
                 }
             }
             // The DISCONNECT (if any) goes out before the close; bounded by a second.
-            if let Some(mut s) = conn.take_if(|_| close) {
+            if let Some((_, mut s)) = conn.take_if(|_| close) {
                 let pending = &out[out_pos..];
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
                     s.write_all(pending).await?;
@@ -123,7 +124,11 @@ impl Driver {
                 (out_pos, _) = (0, out.clear());
             }
             let deadline = self.sink.poll_timeout().map(|t| self.tokio_time(t));
-            let writing = out_pos < out.len();
+            let (mut rd, mut wr) = match conn.as_mut() {
+                Some((r, w)) => (Some(r), Some(w)),
+                None => (None, None),
+            };
+            let writing = wr.is_some() && out_pos < out.len();
             // The core is waiting for a batch of acks: read them all at once, then.
             let read_after = self.sink.defer_input_until().map(|t| self.tokio_time(t));
             tokio::select! {
@@ -131,47 +136,37 @@ impl Driver {
                     connecting = None;
                     match res {
                         Ok(s) => {
-                            conn = Some(s);
+                            conn = Some(tokio::io::split(s));
                             self.sink.handle_connected(self.now());
                         }
                         Err(e) => self.sink.handle_disconnected(self.now(), e),
                     }
                 }
-                // (wrote, result): a write while there is output, else a read.
-                res = async {
-                    let c = conn.as_mut().expect("guarded");
-                    if writing {
-                        return (true, c.write(&out[out_pos..]).await);
+                res = async { wr.as_mut().expect("guarded").write(&out[out_pos..]).await }, if writing => {
+                    let now = self.now();
+                    match res {
+                        Ok(n) if n > 0 => {
+                            out_pos += n;
+                            if out_pos == out.len() {
+                                (out_pos, _) = (0, out.clear());
+                            }
+                            self.sink.handle_written(now, n);
+                        }
+                        Ok(_) => self.lose(&mut conn, now, "write failed: wrote 0 bytes".into()),
+                        Err(e) => self.lose(&mut conn, now, format!("write failed: {e}")),
                     }
+                }
+                res = async {
                     if let Some(t) = read_after {
                         tokio::time::sleep_until(t).await;
                     }
-                    (false, c.read(&mut rbuf).await)
-                }, if conn.is_some() => {
+                    rd.as_mut().expect("guarded").read(&mut rbuf).await
+                }, if rd.is_some() => {
                     let now = self.now();
-                    let lost = match res {
-                        (false, Ok(0)) => Some("the broker closed the connection".to_string()),
-                        (false, Ok(n)) => {
-                            let _ = self.sink.handle_input(now, &rbuf[..n]);
-                            None
-                        }
-                        (true, Ok(n)) if n > 0 => {
-                            out_pos += n;
-                            None
-                        }
-                        (true, Ok(_)) => Some("write failed: wrote 0 bytes".to_string()),
-                        (wrote, Err(e)) => {
-                            Some(format!("{} failed: {e}", if wrote { "write" } else { "read" }))
-                        }
-                    };
-                    if out_pos == out.len() {
-                        (out_pos, _) = (0, out.clear());
-                    }
-                    if let Some(why) = lost {
-                        conn = None;
-                        let c = self.sink.config();
-                        let why = format!("{}:{}: {why}", c.server, c.port);
-                        self.sink.handle_disconnected(now, why);
+                    match res {
+                        Ok(0) => self.lose(&mut conn, now, "the broker closed the connection".into()),
+                        Ok(n) => _ = self.sink.handle_input(now, &rbuf[..n]),
+                        Err(e) => self.lose(&mut conn, now, format!("read failed: {e}")),
                     }
                 }
                 cmd = self.rx.recv(), if !self.closing => self.command(cmd),
@@ -180,6 +175,14 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// The connection failed (`why`): the sink hears it, naming the broker.
+    fn lose<C>(&mut self, conn: &mut Option<C>, now: StdInstant, why: String) {
+        *conn = None;
+        let c = self.sink.config();
+        let why = format!("{}:{}: {why}", c.server, c.port);
+        self.sink.handle_disconnected(now, why);
     }
 
     fn command(&mut self, cmd: Option<Cmd>) {

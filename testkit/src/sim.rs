@@ -139,7 +139,9 @@ impl Harness {
                 progressed = true;
             }
             if !buf.is_empty() {
+                let n = buf.len();
                 self.send_to_broker(buf);
+                self.sink.handle_written(self.now, n);
             }
             while let Some(e) = self.sink.poll_event() {
                 progressed = true;
