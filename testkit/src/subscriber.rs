@@ -1,4 +1,5 @@
-//! An independent MQTT 5 subscriber (rumqttc) that records everything it receives.
+//! An independent MQTT 5 (or 3.1.1, for brokers without 5) subscriber (rumqttc) that
+//! records everything it receives.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,12 +25,19 @@ pub struct Message {
     pub content_type: Option<String>,
 }
 
+/// The client of either protocol version.
+#[derive(Debug)]
+enum Client {
+    V5(AsyncClient),
+    V311(rumqttc::AsyncClient),
+}
+
 /// A subscriber to `filter` on a broker at 127.0.0.1:`port`, recording arrivals.
 #[derive(Debug)]
 pub struct Subscriber {
     messages: Arc<Mutex<Vec<Message>>>,
     notify: Arc<Notify>,
-    client: AsyncClient,
+    client: Client,
     task: tokio::task::JoinHandle<()>,
     subacks: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -105,7 +113,76 @@ impl Subscriber {
         Ok(Self {
             messages,
             notify,
-            client,
+            client: Client::V5(client),
+            task,
+            subacks,
+        })
+    }
+
+    /// [`Subscriber::start_at`] speaking MQTT 3.1.1 (QoS 2 subscription; no properties
+    /// recorded), for brokers without MQTT 5.
+    pub async fn start_v311_at(host: &str, port: u16, filter: &str) -> Result<Self, String> {
+        use rumqttc::{Event, Packet, QoS};
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("checker4-{}-{port}-{n}", std::process::id());
+        let mut opts = rumqttc::MqttOptions::new(id, host, port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(64 << 20, 64 << 20);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 1024);
+        client
+            .subscribe(filter, QoS::ExactlyOnce)
+            .await
+            .map_err(|e| format!("subscribe {filter}: {e}"))?;
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let notify = Arc::new(Notify::new());
+        let subscribed = Arc::new(Notify::new());
+        let subacks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (m, n, s, count) = (
+            messages.clone(),
+            notify.clone(),
+            subscribed.clone(),
+            subacks.clone(),
+        );
+        let (again, filter_again) = (client.clone(), filter.to_string());
+        let task = tokio::spawn(async move {
+            let mut connacks = 0u64;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        s.notify_one();
+                        n.notify_waiters();
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                        connacks += 1;
+                        if connacks > 1 && !c.session_present {
+                            let _ = again.try_subscribe(filter_again.clone(), QoS::ExactlyOnce);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let msg = Message {
+                            topic: p.topic,
+                            payload: p.payload,
+                            retain: p.retain,
+                            user_properties: Vec::new(),
+                            content_type: None,
+                        };
+                        m.lock().expect("lock").push(msg);
+                        n.notify_waiters();
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
+            .await
+            .map_err(|_| format!("no SUBACK for {filter} within 10 s"))?;
+        Ok(Self {
+            messages,
+            notify,
+            client: Client::V311(client),
             task,
             subacks,
         })
@@ -171,7 +248,10 @@ impl Subscriber {
 
     /// Disconnects.
     pub async fn stop(self) {
-        let _ = self.client.disconnect().await;
+        let _ = match &self.client {
+            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Client::V311(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        };
         self.task.abort();
     }
 }
@@ -191,13 +271,25 @@ impl SyncSubscriber {
 
     /// [`SyncSubscriber::start`] on `host:port` (see [`Subscriber::start_at`]).
     pub fn start_at(host: &str, port: u16, filter: &str) -> Self {
+        Self::start_with(|| Subscriber::start_at(host, port, filter))
+    }
+
+    /// [`SyncSubscriber::start`] speaking MQTT 3.1.1 (see [`Subscriber::start_v311_at`]).
+    pub fn start_v311(port: u16, filter: &str) -> Self {
+        Self::start_with(|| Subscriber::start_v311_at("127.0.0.1", port, filter))
+    }
+
+    fn start_with<F>(start: impl FnOnce() -> F) -> Self
+    where
+        F: std::future::Future<Output = Result<Subscriber, String>>,
+    {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("tokio runtime");
         let inner = rt
-            .block_on(Subscriber::start_at(host, port, filter))
+            .block_on(start())
             .unwrap_or_else(|e| panic!("subscriber: {e}"));
         Self {
             rt,
