@@ -76,6 +76,10 @@ pub(crate) struct Output {
     pub(crate) stalled_since: Option<Instant>,
     /// In-flight entries (send-order key) and where their packet ends in the output.
     pub(crate) unwritten: VecDeque<(u64, u64)>,
+    /// QoS 0 publishes handed out, and where each ends: done once written.
+    pub(crate) qos0: VecDeque<(u64, Msg)>,
+    /// In-flight entries whose PUBREL waits in the control queue.
+    pub(crate) releases: Vec<u64>,
 }
 
 impl Output {
@@ -99,7 +103,7 @@ impl Sink {
         if self.conn != Conn::Opening {
             return;
         }
-        self.output = Output::default();
+        self.reset_output();
         self.decoder.reset();
         self.control.clear();
         let clean = !self.connected_once || self.cfg.clean_session;
@@ -255,7 +259,10 @@ impl Sink {
                     self.finish(e.msg, reason);
                 } else {
                     wire::encode_pubrel(pkid, &mut self.control);
+                    self.output.releases.push(seq);
                     let e = self.inflight.get_mut(seq).expect("indexed entry");
+                    // Its ack timeout restarts when the PUBREL is written.
+                    e.sent_at = None;
                     // MQTT says the broker owns the message from PUBREC on (4.3.3), but a
                     // broker that loses its state (Mosquitto killed between snapshots) loses
                     // it too, and Mosquitto forwards QoS 2 messages only at PUBREL. The
@@ -477,7 +484,7 @@ impl Sink {
             self.events.push_back(Event::CloseTransport);
         }
         self.resend.clear();
-        self.output = Output::default();
+        self.reset_output();
         self.decoder.reset();
         self.ping_outstanding = false;
         self.timers.stop(Timer::ConnAck);
@@ -596,8 +603,17 @@ impl Sink {
         self.drop_connection(now, true);
     }
 
+    /// A new connection's output starts empty; QoS 0 publishes that never left are sent
+    /// again (first, in order) on the next one.
+    fn reset_output(&mut self) {
+        let old = std::mem::take(&mut self.output);
+        for (_, msg) in old.qos0.into_iter().rev() {
+            self.pending.push_front(msg);
+        }
+    }
+
     /// The runtime wrote `n` more bytes of the output: publishes whose last byte is out
-    /// start their ack timeout now.
+    /// start their ack timeout now; QoS 0 ones are done.
     pub(crate) fn on_written(&mut self, now: Instant, n: usize) {
         if self.conn != Conn::Connected && self.conn != Conn::AwaitConnAck {
             return;
@@ -615,6 +631,18 @@ impl Sink {
             if let Some(e) = self.inflight.get_mut(seq) {
                 e.sent_at = Some(now);
             }
+        }
+        while self
+            .output
+            .qos0
+            .front()
+            .is_some_and(|(end, _)| *end <= self.output.written)
+        {
+            let Some((_, msg)) = self.output.qos0.pop_front() else {
+                break;
+            };
+            self.free(&msg);
+            self.acknowledged(msg.coords, msg.id);
         }
         self.arm_ack_timer();
     }
@@ -636,14 +664,18 @@ impl Sink {
     /// Fills `buf` (from `start`, where this call's output begins) up to about `limit`
     /// bytes: control packets, then resends, then new publishes within the window.
     pub(crate) fn transmit(&mut self, now: Instant, buf: &mut Vec<u8>, start: usize, limit: usize) {
+        // Where a byte appended to `buf` ends up in this connection's output.
+        let base = self.output.handed.wrapping_sub(start as u64);
         if !self.control.is_empty() {
             buf.append(&mut self.control);
+            let end = base.wrapping_add(buf.len() as u64);
+            let o = &mut self.output;
+            o.unwritten
+                .extend(o.releases.drain(..).map(|seq| (seq, end)));
         }
         if self.conn != Conn::Connected {
             return;
         }
-        // Where a byte appended to `buf` ends up in this connection's output.
-        let base = self.output.handed.wrapping_sub(start as u64);
         while buf.len() < limit {
             let Some(seq) = self.resend.pop_front() else {
                 break;
@@ -697,9 +729,10 @@ impl Sink {
                 continue;
             }
             if self.qos == QoS::AtMostOnce {
+                // Done once written (`on_written`); memory stays bounded by the buffer.
                 self.write_publish(&msg.packet, buf);
-                self.free(&msg);
-                self.acknowledged(msg.coords, msg.id);
+                let end = base.wrapping_add(buf.len() as u64);
+                self.output.qos0.push_back((end, msg));
                 continue;
             }
             let pkid = self.alloc_pkid();

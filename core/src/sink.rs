@@ -120,6 +120,9 @@ pub struct Stats {
     pub inflight: usize,
     /// The in-flight window in force.
     pub window: u16,
+    /// Bytes handed to the runtime and not yet reported written (at most about
+    /// [`MAX_UNWRITTEN`] plus a control packet or two).
+    pub unwritten_bytes: u64,
     /// Records pushed.
     pub pushed: u64,
     /// Records acknowledged by the broker.
@@ -229,6 +232,7 @@ impl Sink {
             buffered_bytes: self.buffered_bytes,
             inflight: self.inflight.len(),
             window: self.window,
+            unwritten_bytes: self.output.unwritten_bytes(),
             ..self.stats
         }
     }

@@ -3,7 +3,7 @@
 use std::sync::mpsc;
 
 use mqtt_sink_blocking::{MqttSink, SinkError};
-use mqtt_sink_core::{CommitOffsets, Config, Event, Record, RecordMapper};
+use mqtt_sink_core::{CommitOffsets, Config, Event, Record, RecordMapper, Stats, TrySendError};
 use mqtt_sink_testkit::suite::{Runtime, SinkHandle, SuiteError};
 
 fn suite_err(e: SinkError) -> SuiteError {
@@ -19,6 +19,16 @@ struct Sink(MqttSink);
 impl SinkHandle for Sink {
     fn send(&self, record: Record) -> Result<(), SuiteError> {
         self.0.send(record).map_err(suite_err)
+    }
+    fn try_send(&self, record: Record) -> Result<bool, SuiteError> {
+        match self.0.try_send(record) {
+            Ok(()) => Ok(true),
+            Err(TrySendError::Full(_)) => Ok(false),
+            Err(TrySendError::Refused(e)) => Err(suite_err(e)),
+        }
+    }
+    fn stats(&self) -> Result<Stats, SuiteError> {
+        self.0.stats().map_err(suite_err)
     }
     fn flush(&self) -> Result<CommitOffsets, SuiteError> {
         self.0.flush().map_err(suite_err)

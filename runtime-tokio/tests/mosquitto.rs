@@ -2,7 +2,7 @@
 
 use std::sync::mpsc;
 
-use mqtt_sink_core::{CommitOffsets, Config, Event, Record, RecordMapper};
+use mqtt_sink_core::{CommitOffsets, Config, Event, Record, RecordMapper, Stats, TrySendError};
 use mqtt_sink_testkit::suite::{Runtime, SinkHandle, SuiteError};
 use mqtt_sink_tokio::{MqttSink, SinkError};
 
@@ -23,6 +23,16 @@ fn suite_err(e: SinkError) -> SuiteError {
 impl SinkHandle for TokioSink {
     fn send(&self, record: Record) -> Result<(), SuiteError> {
         self.rt.block_on(self.sink.send(record)).map_err(suite_err)
+    }
+    fn try_send(&self, record: Record) -> Result<bool, SuiteError> {
+        match self.rt.block_on(self.sink.try_send(record)) {
+            Ok(()) => Ok(true),
+            Err(TrySendError::Full(_)) => Ok(false),
+            Err(TrySendError::Refused(e)) => Err(suite_err(e)),
+        }
+    }
+    fn stats(&self) -> Result<Stats, SuiteError> {
+        self.sink.stats_blocking().map_err(suite_err)
     }
     fn flush(&self) -> Result<CommitOffsets, SuiteError> {
         self.rt.block_on(self.sink.flush()).map_err(suite_err)

@@ -1,13 +1,13 @@
 //! A chaos proxy between the sink and a real broker, on 127.0.0.1: cut every connection,
 //! blackhole (accept, never answer), add latency, and, decoding MQTT frames from the broker,
-//! drop a share of PUBACK / PUBREC packets. Std threads only; everything is bounded and
-//! stops when the proxy is dropped.
+//! drop a share of PUBACK / PUBREC packets, and cap the bandwidth (a slow link). Std threads
+//! only; everything is bounded and stops when the proxy is dropped.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::rng::SplitMix;
 
@@ -16,6 +16,8 @@ struct State {
     blackhole: AtomicBool,
     latency_ms: AtomicU64,
     drop_acks_percent: AtomicU32,
+    /// Bytes per second in each direction of each connection; 0 = unlimited.
+    bandwidth: AtomicU64,
     dropped: AtomicU64,
     stopped: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
@@ -82,6 +84,18 @@ impl ChaosProxy {
             .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// Caps the bandwidth at `bytes_per_sec` in each direction of each connection (`None`:
+    /// unlimited, the default): a slow link. The forwarding threads write at most ~20 ms
+    /// worth of bytes at a time (1 byte to 8 KiB) and sleep between writes to keep the
+    /// pace, and read nothing while they sleep, so the sender feels the backpressure once
+    /// the kernel socket buffers in front of the proxy are full (they still hold some
+    /// data, as on a real link). Takes effect from the next write; `Some(0)` is treated as
+    /// 1 byte/s.
+    pub fn set_bandwidth(&self, bytes_per_sec: Option<u64>) {
+        let rate = bytes_per_sec.map_or(0, |r| r.max(1));
+        self.state.bandwidth.store(rate, Ordering::Relaxed);
+    }
+
     /// Drop this percentage of PUBACK and PUBREC packets from the broker.
     pub fn drop_acks(&self, percent: u32) {
         self.state
@@ -128,8 +142,55 @@ fn delay(st: &State) {
     }
 }
 
-/// Client to broker: bytes as they come.
+/// Paces one direction of one connection at [`State::bandwidth`]: a virtual clock that
+/// each write advances by its length / rate; a write waits until the clock is due. An idle
+/// link does not save up credit (the clock is never behind now), so there are no bursts.
+struct Pacer {
+    next: Instant,
+}
+
+impl Pacer {
+    fn new() -> Self {
+        Self {
+            next: Instant::now(),
+        }
+    }
+
+    /// Writes `data` to `to`, at most the configured rate; `Err` if the write fails.
+    fn write(&mut self, st: &State, to: &mut TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let rate = st.bandwidth.load(Ordering::Relaxed);
+            if rate == 0 {
+                self.next = Instant::now();
+                return to.write_all(data);
+            }
+            // About 20 ms worth per write, so the pace is smooth.
+            let chunk = usize::try_from(rate / 50)
+                .unwrap_or(usize::MAX)
+                .clamp(1, 8192);
+            let (now_part, rest) = data.split_at(chunk.min(data.len()));
+            let now = Instant::now();
+            if self.next > now {
+                // The bandwidth cap being simulated: at most one chunk's time (~20 ms).
+                std::thread::sleep(self.next - now);
+            } else {
+                self.next = now;
+            }
+            if st.stopped.load(Ordering::Relaxed) {
+                return Err(std::io::ErrorKind::ConnectionAborted.into());
+            }
+            to.write_all(now_part)?;
+            let nanos = (now_part.len() as u128 * 1_000_000_000) / u128::from(rate);
+            self.next += Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+            data = rest;
+        }
+        Ok(())
+    }
+}
+
+/// Client to broker: bytes as they come (paced by the bandwidth cap).
 fn pump_up(mut from: TcpStream, mut to: TcpStream, st: &State) {
+    let mut pacer = Pacer::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -140,7 +201,7 @@ fn pump_up(mut from: TcpStream, mut to: TcpStream, st: &State) {
             continue;
         }
         delay(st);
-        if to.write_all(&buf[..n]).is_err() {
+        if pacer.write(st, &mut to, &buf[..n]).is_err() {
             break;
         }
     }
@@ -148,8 +209,10 @@ fn pump_up(mut from: TcpStream, mut to: TcpStream, st: &State) {
     let _ = from.shutdown(Shutdown::Both);
 }
 
-/// Broker to client: whole MQTT frames, some acknowledgements dropped.
+/// Broker to client: whole MQTT frames, some acknowledgements dropped (paced by the
+/// bandwidth cap).
 fn pump_down(mut from: TcpStream, mut to: TcpStream, st: &State, seed: u64) {
+    let mut pacer = Pacer::new();
     let mut rng = SplitMix::new(seed);
     let mut buf = [0u8; 16 * 1024];
     let mut pending: Vec<u8> = Vec::new();
@@ -182,7 +245,7 @@ fn pump_down(mut from: TcpStream, mut to: TcpStream, st: &State, seed: u64) {
             continue;
         }
         delay(st);
-        if to.write_all(&out).is_err() {
+        if pacer.write(st, &mut to, &out).is_err() {
             break;
         }
     }
@@ -206,7 +269,55 @@ fn frame_len(b: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::frame_len;
+    use super::{frame_len, ChaosProxy};
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    /// 60,000 bytes through a 200,000 B/s cap: 15 writes of 4,000 bytes, 20 ms apart, so
+    /// about 0.3 s (the sender's write returns at once: the kernel buffers take it all).
+    #[test]
+    fn the_bandwidth_cap_paces_the_bytes() {
+        let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let upstream = server.local_addr().expect("local addr").port();
+        server.set_nonblocking(true).expect("non-blocking");
+        let proxy = ChaosProxy::start(upstream, 1).expect("proxy");
+        proxy.set_bandwidth(Some(200_000));
+        let reader = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut s = loop {
+                match server.accept() {
+                    Ok((s, _)) => break s,
+                    Err(_) if Instant::now() < deadline => {
+                        // Polling the listener: nothing to wait on but the clock.
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("the proxy never connected: {e}"),
+                }
+            };
+            s.set_nonblocking(false).expect("blocking");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("read timeout");
+            let (mut got, mut buf) = (0usize, [0u8; 8192]);
+            while got < 60_000 && Instant::now() < deadline {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            got
+        });
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).expect("connect");
+        let start = Instant::now();
+        c.write_all(&[7u8; 60_000]).expect("write");
+        let got = reader.join().expect("reader");
+        let took = start.elapsed();
+        assert_eq!(got, 60_000);
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+    }
 
     #[test]
     fn frames_are_delimited() {

@@ -2,8 +2,8 @@
 //! runtime drives it (drain transmit, drain events, honour `poll_timeout`).
 //!
 //! Time is simulated: [`Harness::step`] jumps to the next deadline (the sink's, the
-//! broker's, or a delivery on the link), so a test of minutes runs in microseconds and no
-//! test ever sleeps.
+//! broker's, a delivery on the link, or room on a bandwidth-limited link), so a test of
+//! minutes runs in microseconds and no test ever sleeps.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -26,6 +26,18 @@ pub struct LinkKnobs {
     pub max_chunk: usize,
     /// Transport opens that fail (as a refused TCP connect) before one succeeds.
     pub failing_opens: u32,
+    /// Bandwidth from sink to broker, in bytes per millisecond of simulated time; `None`
+    /// (the default) is unlimited: every write is accepted, and reported written, at once.
+    ///
+    /// With a limit the harness plays a runtime whose socket is full: what `poll_transmit`
+    /// returns waits in the runtime's buffer, the link takes it at this rate (capacity
+    /// unused while the buffer is empty is not saved up), and only bytes the link took are
+    /// reported with `Sink::handle_written`. While bytes wait the harness wakes each time
+    /// another millisecond's worth (or the rest) can go. A closed or cut link drops what
+    /// was unwritten (a graceful close first writes what the link carries in a second, as
+    /// the tokio runtime does). `Some(0)` takes nothing: a socket stalled for good. The
+    /// broker-to-sink direction is never limited.
+    pub bytes_per_ms: Option<u32>,
 }
 
 impl Default for LinkKnobs {
@@ -34,6 +46,7 @@ impl Default for LinkKnobs {
             latency: Duration::from_millis(1),
             max_chunk: 0,
             failing_opens: 0,
+            bytes_per_ms: None,
         }
     }
 }
@@ -59,6 +72,11 @@ pub struct Harness {
     rng: SplitMix,
     to_broker: VecDeque<Packet>,
     to_sink: VecDeque<Packet>,
+    /// Bytes `poll_transmit` returned that the link has not taken yet (only with
+    /// `LinkKnobs::bytes_per_ms`).
+    unwritten: VecDeque<u8>,
+    /// With `bytes_per_ms`: the link's capacity is used up to this instant.
+    link_free_at: Instant,
     open: bool,
     /// Every event the sink emitted, with the simulated time since start.
     pub events: Vec<(Duration, Event)>,
@@ -111,6 +129,8 @@ impl Harness {
             rng: SplitMix::new(seed),
             to_broker: VecDeque::new(),
             to_sink: VecDeque::new(),
+            unwritten: VecDeque::new(),
+            link_free_at: start,
             open: false,
             events: Vec::new(),
             protocol_errors: Vec::new(),
@@ -139,9 +159,10 @@ impl Harness {
                 progressed = true;
             }
             if !buf.is_empty() {
-                let n = buf.len();
-                self.send_to_broker(buf);
-                self.sink.handle_written(self.now, n);
+                self.hand_to_link(buf);
+            }
+            if self.write_unwritten() {
+                progressed = true;
             }
             while let Some(e) = self.sink.poll_event() {
                 progressed = true;
@@ -170,8 +191,10 @@ impl Harness {
                 }
             }
             Event::CloseTransport => {
-                // What was written before the close still reaches the broker.
+                // What was written before the close still reaches the broker, and the
+                // runtime's last write (bounded by a second) may carry some of the rest.
                 self.flush_link_to_broker();
+                self.write_before_close();
                 self.close_link();
             }
             Event::FlushCompleted { offsets }
@@ -251,6 +274,83 @@ impl Harness {
         }
     }
 
+    /// Bytes `poll_transmit` returned: without a bandwidth limit the link takes them at
+    /// once; with one they wait in the runtime's buffer for [`write_unwritten`].
+    ///
+    /// [`write_unwritten`]: Self::write_unwritten
+    fn hand_to_link(&mut self, bytes: Vec<u8>) {
+        if self.link.bytes_per_ms.is_none() || !self.open {
+            let n = bytes.len();
+            self.send_to_broker(bytes);
+            self.sink.handle_written(self.now, n);
+            return;
+        }
+        if self.unwritten.is_empty() {
+            // An idle link saves no capacity for later.
+            self.link_free_at = self.link_free_at.max(self.now);
+        }
+        self.unwritten.extend(bytes);
+    }
+
+    /// The link takes what its bandwidth allows of the unwritten bytes by now, and the
+    /// sink learns they were written. Returns whether any were.
+    fn write_unwritten(&mut self) -> bool {
+        if self.unwritten.is_empty() {
+            return false;
+        }
+        let n = match self.link.bytes_per_ms {
+            None => self.unwritten.len(),
+            Some(0) => return false,
+            Some(rate) => {
+                let rate = u128::from(rate);
+                let elapsed = self.now.saturating_duration_since(self.link_free_at);
+                let can = elapsed.as_nanos() * rate / 1_000_000;
+                let n = can.min(self.unwritten.len() as u128);
+                // Rounded down, so the link never runs ahead of `now`.
+                let took = u64::try_from(n * 1_000_000 / rate).unwrap_or(u64::MAX);
+                self.link_free_at += Duration::from_nanos(took);
+                n as usize
+            }
+        };
+        if n == 0 {
+            return false;
+        }
+        let bytes: Vec<u8> = self.unwritten.drain(..n).collect();
+        self.send_to_broker(bytes);
+        self.sink.handle_written(self.now, n);
+        true
+    }
+
+    /// When the link can take another millisecond's worth of the unwritten bytes (or all
+    /// of them, if fewer), if any wait.
+    fn write_deadline(&self) -> Option<Instant> {
+        if self.unwritten.is_empty() {
+            return None;
+        }
+        let rate = match self.link.bytes_per_ms {
+            None => return Some(self.now),
+            Some(0) => return None,
+            Some(rate) => u128::from(rate),
+        };
+        let want = rate.min(self.unwritten.len() as u128);
+        // Rounded up, so that at the deadline at least `want` bytes fit.
+        let nanos = (want * 1_000_000).div_ceil(rate);
+        let nanos = u64::try_from(nanos).unwrap_or(u64::MAX);
+        Some(self.link_free_at + Duration::from_nanos(nanos))
+    }
+
+    /// A graceful close: the runtime writes what it still holds for at most a second
+    /// (what the link carries in that time reaches the broker), then drops the rest.
+    fn write_before_close(&mut self) {
+        let rate = self.link.bytes_per_ms.map_or(usize::MAX, |r| r as usize);
+        let n = rate.saturating_mul(1000).min(self.unwritten.len());
+        if n > 0 && self.open {
+            let bytes: Vec<u8> = self.unwritten.drain(..n).collect();
+            let _ = self.broker.handle_input(self.now, &bytes);
+        }
+        self.unwritten.clear();
+    }
+
     fn flush_link_to_broker(&mut self) {
         while let Some(p) = self.to_broker.pop_front() {
             let _ = self.broker.handle_input(self.now, &p.bytes);
@@ -262,6 +362,7 @@ impl Harness {
             self.open = false;
             self.to_broker.clear();
             self.to_sink.clear();
+            self.unwritten.clear();
             self.broker.handle_disconnect(self.now);
         }
     }
@@ -289,6 +390,7 @@ impl Harness {
         self.close_link();
         self.to_broker.clear();
         self.to_sink.clear();
+        self.unwritten.clear();
         self.dead_letter_requests.clear();
         let mapper = RecordMapper::from_config(&cfg);
         self.sink = match Sink::new(cfg, mapper, self.now) {
@@ -305,6 +407,7 @@ impl Harness {
             self.broker.poll_timeout(),
             self.to_broker.front().map(|p| p.due),
             self.to_sink.front().map(|p| p.due),
+            self.write_deadline(),
         ]
         .into_iter()
         .flatten()

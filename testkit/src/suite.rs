@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use mqtt_sink_core::{
     CommitOffsets, Config, ConnectFailure, Event, MqttVersion, PublishProperties, Record,
-    RecordMapper, Secret, TopicPartition,
+    RecordMapper, Secret, Stats, TopicPartition, MAX_UNWRITTEN,
 };
 
 use crate::checker::{check, Expected};
@@ -33,6 +33,10 @@ pub enum SuiteError {
 pub trait SinkHandle: Send {
     /// Sends a record (blocking while the sink is full).
     fn send(&self, record: Record) -> Result<(), SuiteError>;
+    /// Sends a record if there is room now: false when the sink is full.
+    fn try_send(&self, record: Record) -> Result<bool, SuiteError>;
+    /// The sink's counters and gauges.
+    fn stats(&self) -> Result<Stats, SuiteError>;
     /// Flushes; returns the positions to commit.
     fn flush(&self) -> Result<CommitOffsets, SuiteError>;
     /// Disconnects and stops.
@@ -464,6 +468,64 @@ pub fn stopped_broker_times_out_the_flush_then_recovers<R: Runtime>() {
     sink.close().expect("close");
 }
 
+/// QoS 0 against a frozen broker (SIGSTOP, connection open, nothing read): the sink takes
+/// records only up to `max_buffered_bytes` plus what fits unwritten ahead of the socket
+/// (`MAX_UNWRITTEN`) and the kernel's socket buffers, then refuses more (review M1: QoS 0
+/// records counted as done when handed to the runtime, whose output buffer grew without
+/// limit). Records of 4 kB are offered until the sink stays full for 2 s, at most 256 MiB.
+pub fn qos0_memory_is_bounded_against_a_frozen_broker<R: Runtime>() {
+    const LIMIT: usize = 1 << 20;
+    const RECORD: usize = 4096;
+    const OFFERED: usize = 256 << 20;
+    // Loopback socket buffers grow to a few MiB each way (tcp_wmem / tcp_rmem maxima).
+    const KERNEL: usize = 24 << 20;
+    let b = broker(MosquittoOptions::default());
+    let mut cfg = config(b.port, MqttVersion::V311, 0);
+    cfg.max_buffered_bytes = LIMIT;
+    cfg.flush_timeout = Duration::from_secs(2);
+    let (sink, _e) = start::<R>(cfg, None);
+    let tp = TopicPartition::new("readings", 0);
+    let payload = "x".repeat(RECORD);
+    sink.send(record("readings", 0, 0, "k", &payload))
+        .expect("send");
+    assert_eq!(sink.flush().expect("connected"), vec![(tp, 1)]);
+    b.signal("STOP");
+    let (mut accepted, mut offset) = (0usize, 1i64);
+    let mut full_since: Option<std::time::Instant> = None;
+    while accepted < OFFERED {
+        let r = record("readings", 0, offset, "k", &payload);
+        if sink.try_send(r).expect("try_send") {
+            (accepted, offset, full_since) = (accepted + RECORD, offset + 1, None);
+            continue;
+        }
+        let since = *full_since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        // Full: the condition is "stays full for 2 s", so time is what is waited on.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stats = sink.stats().expect("stats");
+    b.signal("CONT");
+    eprintln!(
+        "qos 0, frozen broker: took {} KiB; {stats:?}",
+        accepted >> 10
+    );
+    assert!(
+        accepted <= LIMIT + MAX_UNWRITTEN + KERNEL,
+        "took {} MiB of QoS 0 records into a frozen broker's connection (limit {} MiB)",
+        accepted >> 20,
+        (LIMIT + MAX_UNWRITTEN + KERNEL) >> 20
+    );
+    // The record that reaches the limit is taken whole.
+    assert!(stats.buffered_bytes <= LIMIT + 2 * RECORD, "{stats:?}");
+    assert!(
+        stats.unwritten_bytes as usize <= MAX_UNWRITTEN + RECORD + 1024,
+        "{stats:?}"
+    );
+    sink.close().expect("close");
+}
+
 /// Broker killed (SIGKILL) and restarted mid-run, with and without persistence: every
 /// record arrives at least once, and no position passes a record that did not arrive.
 pub fn killed_broker_restarts_without_loss<R: Runtime>() {
@@ -854,6 +916,10 @@ macro_rules! real_broker_suite {
         #[test]
         fn stopped_broker_times_out_the_flush_then_recovers() {
             $crate::suite::stopped_broker_times_out_the_flush_then_recovers::<$rt>();
+        }
+        #[test]
+        fn qos0_memory_is_bounded_against_a_frozen_broker() {
+            $crate::suite::qos0_memory_is_bounded_against_a_frozen_broker::<$rt>();
         }
         #[test]
         fn killed_broker_restarts_without_loss() {

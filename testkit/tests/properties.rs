@@ -130,3 +130,201 @@ mod poison {
         }
     }
 }
+
+/// Review finding H5: on a healthy but slow link the ack timeout must count from when a
+/// publish was written, not from when it was handed to the runtime. The window (10..=1000
+/// records of 1 B..=8 KiB) takes 3..=6 ack timeouts to write at the link's bandwidth
+/// (`LinkKnobs::bytes_per_ms`), yet no connection may be lost (no ack timeout, no stalled
+/// write), every record arrives exactly once (nothing is resent) and the flush completes
+/// at the end offset. Shown to catch: with the harness reporting every byte written when
+/// `poll_transmit` returns it (the ack timer starting at hand-out, a runtime buffer without
+/// bound), it fails with an ack timeout.
+mod slow_link {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use mqtt_sink_core::{Event, MqttVersion, Record, TopicPartition};
+    use mqtt_sink_testkit::broker::BrokerKnobs;
+    use mqtt_sink_testkit::checker::{check, Expected};
+    use mqtt_sink_testkit::sim::{test_config, Harness, LinkKnobs};
+    use proptest::prelude::*;
+
+    /// Simulated time the whole stream should take at most (it bounds the run time: the
+    /// harness steps about once per simulated millisecond while bytes wait).
+    const TOTAL_MS: u64 = 20_000;
+
+    fn config() -> ProptestConfig {
+        // Each case simulates up to ~20 s of a saturated link: fewer cases by default,
+        // PROPTEST_CASES still decides when set.
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(32);
+        ProptestConfig {
+            cases,
+            ..super::config()
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        version: MqttVersion,
+        window: u32,
+        /// Payload bytes per record.
+        size: usize,
+        /// Records.
+        n: i64,
+        /// How many ack timeouts writing the window takes.
+        timeouts_per_window: u64,
+        seed: u64,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            prop_oneof![
+                Just(MqttVersion::V31),
+                Just(MqttVersion::V311),
+                Just(MqttVersion::V5)
+            ],
+            10u32..=1000,
+            1usize..=8192,
+            200i64..=2000,
+            3u64..=6,
+            any::<u64>(),
+        )
+            .prop_map(
+                |(version, window, size, n, timeouts_per_window, seed)| Case {
+                    version,
+                    window,
+                    size,
+                    n,
+                    timeouts_per_window,
+                    seed,
+                },
+            )
+    }
+
+    /// Record `o`: key `k{o % 3}`, a payload of `size` bytes (at least its offset's digits,
+    /// which make it unique).
+    fn slow_record(o: i64, size: usize) -> Record {
+        let mut value = o.to_string().into_bytes();
+        value.resize(size.max(value.len()), b'.');
+        Record::new(
+            TopicPartition::new("readings", 0),
+            o,
+            Some(Bytes::from(format!("k{}", o % 3))),
+            Some(Bytes::from(value)),
+        )
+    }
+
+    fn run(c: &Case, qos: u8) -> Result<(), TestCaseError> {
+        // A lower bound of a publish's size on the wire (payload, topic or alias, packet
+        // id, headers), so the window takes at least this long to write.
+        let window_bytes = u64::from(c.window) * (c.size as u64 + 6);
+        let k = c.timeouts_per_window;
+        // The ack timeout: at most 2 s, short enough for the whole stream to take about
+        // TOTAL_MS, and at least 20 ms (well above the 2 ms round trip).
+        let ack_ms = (TOTAL_MS * u64::from(c.window) / (c.n as u64 * k))
+            .min(window_bytes / k)
+            .clamp(20, 2000);
+        let bytes_per_ms = (window_bytes / (k * ack_ms)).max(1);
+        // The test's own premise: the window takes several ack timeouts to write.
+        prop_assert!(window_bytes / bytes_per_ms >= 3 * ack_ms);
+
+        let mut cfg = test_config(c.version, qos);
+        cfg.max_inflight = c.window;
+        cfg.ack_timeout = Duration::from_millis(ack_ms);
+        cfg.reconnect_jitter_seed = Some(c.seed);
+        let link = LinkKnobs {
+            bytes_per_ms: Some(u32::try_from(bytes_per_ms).unwrap_or(u32::MAX)),
+            ..LinkKnobs::default()
+        };
+        let mut h = Harness::new(cfg, BrokerKnobs::default(), link, c.seed);
+        prop_assert!(h.run_until(Duration::from_secs(30), |h| h.sink.is_connected()));
+        let records: Vec<Record> = (0..c.n).map(|o| slow_record(o, c.size)).collect();
+        for r in &records {
+            h.push(r.clone())
+                .map_err(|e| TestCaseError::fail(format!("push: {e}")))?;
+        }
+        let deadline = h.now + Duration::from_secs(3600);
+        h.sink
+            .begin_flush(h.now, deadline)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        // Ends early at a lost connection: with the defect the sink would resend forever,
+        // and this test only needs the first loss.
+        let lost = |e: &Event| matches!(e, Event::ConnectionLost(_));
+        let limit = Duration::from_millis(10 * TOTAL_MS + 10 * ack_ms);
+        h.run_until(limit, |h| {
+            h.events
+                .iter()
+                .any(|(_, e)| e.flush_result().is_some() || lost(e))
+        });
+        let losses: Vec<String> = h
+            .events
+            .iter()
+            .filter(|(_, e)| lost(e))
+            .map(|(t, e)| format!("{t:?}: {e}"))
+            .collect();
+        prop_assert!(
+            losses.is_empty(),
+            "connection lost on a healthy link ({} B/ms, ack_timeout {} ms): {:?}",
+            bytes_per_ms,
+            ack_ms,
+            losses
+        );
+        let outcome = h
+            .events
+            .iter()
+            .find(|(_, e)| e.flush_result().is_some())
+            .map(|(_, e)| e.clone());
+        let tp = TopicPartition::new("readings", 0);
+        prop_assert_eq!(
+            outcome,
+            Some(Event::FlushCompleted {
+                offsets: vec![(tp.clone(), c.n)]
+            })
+        );
+        prop_assert_eq!(h.committed_of(&tp), Some(c.n));
+        let expected: Vec<Expected> = records
+            .iter()
+            .map(|r| Expected {
+                topic: format!("sensors/k{}", r.offset % 3),
+                payload: r.value.clone().unwrap_or_default(),
+            })
+            .collect();
+        let delivered: Vec<(String, Bytes)> = h
+            .broker
+            .delivered()
+            .iter()
+            .map(|d| (d.topic.clone(), d.payload.clone()))
+            .collect();
+        check(&expected, &delivered, false).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(delivered.len(), c.n as usize);
+        prop_assert_eq!(h.sink.stats().resent, 0);
+        prop_assert_eq!(h.broker.connects().len(), 1);
+        prop_assert!(
+            h.broker.violations().is_empty(),
+            "{:?}",
+            h.broker.violations()
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn a_slow_healthy_link_never_times_out_and_delivers_once_qos1(c in case()) {
+            run(&c, 1)?;
+        }
+
+        /// The same for QoS 2: a PUBREL goes out behind up to `MAX_UNWRITTEN` bytes handed
+        /// out earlier, so its ack timeout starts when it is written (it failed while the
+        /// timer kept counting from when the PUBLISH was written: V31, window 10, 1-byte
+        /// records, lost at 66 ms with ack_timeout 23 ms).
+        #[test]
+        fn a_slow_healthy_link_never_times_out_and_delivers_once_qos2(c in case()) {
+            run(&c, 2)?;
+        }
+    }
+}
