@@ -14,6 +14,7 @@ use bytes::Bytes;
 use mqtt_sink_testkit::checker::{check, Expected};
 use mqtt_sink_testkit::kafka::MockKafka;
 use mqtt_sink_testkit::mosquitto::{free_port, Mosquitto, MosquittoOptions};
+use mqtt_sink_testkit::proxy::ChaosProxy;
 use mqtt_sink_testkit::subscriber::SyncSubscriber;
 
 const TOPIC: &str = "readings";
@@ -269,5 +270,157 @@ fn an_oversized_record_on_mqtt_3_1_1_is_given_up_after_poison_after_closes() {
             "{conns} connections:\n{}",
             d.log()
         );
+    });
+}
+
+/// `n` records of `size` bytes for partition 0 of [`TOPIC`], keys `dev0`..`dev7`; each
+/// value starts with `{tag}-{i}-` (unique) and is padded to `size`.
+fn sized_records(tag: &str, n: usize, size: usize) -> Vec<(i32, String, String)> {
+    (0..n)
+        .map(|i| {
+            let mut v = format!("{tag}-{i}-");
+            v.extend(std::iter::repeat_n('x', size.saturating_sub(v.len())));
+            (0, format!("dev{}", i % 8), v)
+        })
+        .collect()
+}
+
+/// Produces `recs` to [`TOPIC`] in batches of [`BATCH`], keeping at most [`AHEAD`] records
+/// beyond those the subscriber has seen, until all arrived or `deadline`; returns how many
+/// distinct ones arrived.
+///
+/// MockCluster keeps at most 5 MiB per partition and deletes the oldest message sets
+/// beyond that: 2,000 records of 4 kB produced at once would start the log at offset ~730.
+/// A record the sink has not consumed yet is among the last `AHEAD` (4.5 MB) produced,
+/// and the cluster keeps the last ~1,220 (5 MiB less one batch), so none is deleted
+/// unread. `AHEAD` is more than the default window (1000), which therefore fills.
+fn produce_paced(
+    kafka: &MockKafka,
+    sub: &SyncSubscriber,
+    recs: &[(i32, String, String)],
+    want: &[Bytes],
+    deadline: Instant,
+) -> usize {
+    const BATCH: usize = 50;
+    const AHEAD: usize = 1100;
+    let (mut produced, mut arrived) = (0, 0);
+    loop {
+        while produced < recs.len() && produced + BATCH <= arrived + AHEAD {
+            let end = (produced + BATCH).min(recs.len());
+            kafka.produce(TOPIC, &recs[produced..end]).unwrap();
+            produced = end;
+        }
+        if arrived == recs.len() || Instant::now() > deadline {
+            return arrived;
+        }
+        // Returns early once everything produced so far arrived.
+        arrived = sub.wait_for_all(&want[..produced], Duration::from_millis(250));
+    }
+}
+
+/// The indices of `expected` that are not among `msgs`, as ranges ("12-40, 77").
+fn missing(expected: &[Expected], msgs: &[mqtt_sink_testkit::subscriber::Message]) -> String {
+    let got: std::collections::BTreeSet<&Bytes> = msgs.iter().map(|m| &m.payload).collect();
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for (i, e) in expected.iter().enumerate() {
+        if got.contains(&e.payload) {
+            continue;
+        }
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == i => *end = i,
+            _ => ranges.push((i, i)),
+        }
+    }
+    let ranges: Vec<String> = ranges
+        .iter()
+        .map(|(a, b)| match a == b {
+            true => a.to_string(),
+            false => format!("{a}-{b}"),
+        })
+        .collect();
+    ranges.join(", ")
+}
+
+/// A slow link (a proxy capped at 200 KB/s) in front of Mosquitto, 2,000 records of 4 kB,
+/// the default window (`max_inflight` = 1000: 4 MB, 20 s of link) and the default
+/// `ack_timeout` (5 s). The sink used to queue the whole window into its output buffer;
+/// writing it took longer than `ack_timeout`, so every connection ended in an ack timeout
+/// and resent the same window: 282 distinct records of 2,000 in 42 s, each many times
+/// (review H5). Now it keeps at most 64 KiB ahead of the socket and starts a publish's
+/// ack timer when its last byte is written: one connection, each record once, in order.
+///
+/// Still fails (issue 12, point 5 open): the daemon's own kernel send buffer grows to 4 MB
+/// on loopback (`ss -tmi`: 3.77 MB unsent, ~19 s of this link), so a publish counted as
+/// written waits there past `ack_timeout`: all 2,000 arrive in ~44 s on both runtimes, but
+/// with 7 ack timeouts, 8 connections and 17-55 duplicates (before the core change, tokio:
+/// 376 of 2,000 in 120 s over 35 connections). Run it with `--ignored`.
+#[test]
+#[ignore = "open defect: the kernel send buffer holds ~19 s of this link (issue 12, point 5)"]
+fn a_slow_link_delivers_every_record_once() {
+    each_runtime(|runtime| {
+        let (n, size, tag) = (2000, 4096, format!("slow-{runtime}"));
+        let group = format!("slow-link-{runtime}");
+        let kafka = MockKafka::start().unwrap();
+        kafka.create_topic(TOPIC, 1).unwrap();
+        kafka.create_topic(DLQ, 1).unwrap();
+        let recs = sized_records(&tag, n, size);
+        let expected: Vec<Expected> = recs
+            .iter()
+            .map(|(_, key, value)| Expected {
+                topic: format!("sensors/{key}"),
+                payload: Bytes::from(value.clone()),
+            })
+            .collect();
+        let want: Vec<Bytes> = expected.iter().map(|e| e.payload.clone()).collect();
+        let broker = Mosquitto::start(MosquittoOptions::default()).unwrap();
+        let sub = SyncSubscriber::start(broker.port, "sensors/#");
+        let proxy = ChaosProxy::start(broker.port, 5).unwrap();
+        proxy.set_bandwidth(Some(200_000));
+        let started = Instant::now();
+        let mut d = Daemon::start(runtime, &kafka, &group, proxy.port, "");
+        // ~8.3 MB at 200 KB/s: ~42 s.
+        let arrived = produce_paced(
+            &kafka,
+            &sub,
+            &recs,
+            &want,
+            started + Duration::from_secs(120),
+        );
+        let took = started.elapsed();
+        let committed = wait_committed(&kafka, &group, n as i64, &sub);
+        let status = d.stop();
+        let log = d.log();
+        let msgs = sub.messages();
+        let distinct: std::collections::BTreeSet<&Bytes> =
+            msgs.iter().map(|m| &m.payload).collect();
+        let conns = broker.connections(&group);
+        let timeouts = log.matches("unacknowledged for ack_timeout").count();
+        eprintln!(
+            "{runtime}: {arrived} of {n} in {took:?}, {} messages, {} distinct, \
+             {conns} connections, {timeouts} ack timeouts",
+            msgs.len(),
+            distinct.len()
+        );
+        let gaps = missing(&expected, &msgs);
+        assert_eq!(
+            (arrived, msgs.len(), distinct.len()),
+            (n, n, n),
+            "(arrived, messages, distinct) after {took:?}, {conns} connections, {timeouts} \
+             ack timeouts, missing [{gaps}]:\n{log}"
+        );
+        let arrivals: Vec<_> = msgs.into_iter().map(|m| (m.topic, m.payload)).collect();
+        if let Err(e) = check(&expected, &arrivals, false) {
+            panic!("{e}:\n{log}");
+        }
+        assert_eq!(
+            committed,
+            Some(n as i64),
+            "end offset not committed:\n{log}"
+        );
+        assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{log}");
+        for bad in ["unacknowledged for ack_timeout", "connection lost"] {
+            assert!(!log.contains(bad), "the log has {bad:?}:\n{log}");
+        }
+        assert_eq!(conns, 1, "{conns} connections:\n{log}");
     });
 }
