@@ -452,7 +452,9 @@ pub struct Config {
     #[serde(default)]
     pub error_policy: ErrorPolicy,
     /// Give up on a QoS 1/2 record when the broker closed the connection this many times in
-    /// a row right after it was sent, with no acknowledgement in between: the error policy
+    /// a row right after it was sent, with no acknowledgement of it or anything after it in
+    /// between (from the second close on, publishes go one at a time to tell which one the
+    /// broker refuses; see README "Poison records"): the error policy
     /// applies to it (a broker that refuses a string or a size without a reason code would
     /// otherwise get it resent forever). 0 never gives up. Default: 3.
     #[serde(default = "default_poison_after")]

@@ -64,6 +64,24 @@ pub(crate) struct Inflight {
     /// (`None` while it waits in the runtime's buffer); in send order, so the first entry
     /// is the oldest. The ack timeout counts from here.
     pub(crate) sent_at: Option<Instant>,
+    /// When its PUBLISH was last handed to the runtime (written or not).
+    pub(crate) handed_at: Option<Instant>,
+}
+
+/// The publishes, one of which made the broker close the last `closes` connections:
+/// `first..=last` by record id. A broker reads publishes in order and hangs up on the one
+/// it refuses (the poison), so the poison is the oldest unacknowledged publish or one sent
+/// after it on that connection; and a publish the broker answered came before the poison.
+/// Each close narrows the range to what it has in common with the new one, each answer
+/// cuts off its front. Answers to publishes read just before the poison are often lost
+/// with the connection (Mosquitto drops what it has not written yet), so a range does not
+/// shrink to one record by itself: the last close before giving up is provoked with one
+/// publish in flight at a time (see [`Sink::probing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Suspect {
+    pub(crate) first: RecordId,
+    pub(crate) last: RecordId,
+    pub(crate) closes: u32,
 }
 
 /// What this connection's output became: bytes handed to the runtime by `poll_transmit`,
@@ -219,11 +237,13 @@ impl Sink {
                 .by_pkid
                 .get(pkid)
                 .and_then(|&seq| self.inflight.get(seq));
-            if let (Some(e), Some((suspect, _))) = (acked, self.suspect) {
-                // The broker answered the suspect or a publish sent after it: the suspect
-                // is not what made it hang up. (Answers to earlier publishes prove nothing.)
-                if e.msg.id >= suspect {
+            if let (Some(e), Some(s)) = (acked, self.suspect.as_mut()) {
+                // The broker read this publish: the poison came after it. (Answers to
+                // publishes before the range prove nothing.)
+                if e.msg.id >= s.last {
                     self.suspect = None;
+                } else if e.msg.id >= s.first {
+                    s.first = e.msg.id + 1;
                 }
             }
         }
@@ -343,6 +363,7 @@ impl Sink {
         }
         self.conn = Conn::Connected;
         self.connected_at = Some(now);
+        (self.last_handed, self.probe) = (None, None);
         self.stats.connects += 1;
         self.window = props.receive_maximum.map_or(self.cfg.max_inflight, |r| {
             self.cfg.max_inflight.min(u32::from(r).max(1))
@@ -408,9 +429,10 @@ impl Sink {
     }
 
     /// The broker closed a connected session (EOF, reset, DISCONNECT). If the oldest
-    /// unacknowledged publish went out on this connection shortly before, it is a suspect;
-    /// `poison_after` closes in a row on the same suspect, with no acknowledgement in
-    /// between, give up on it: the error policy applies and the rest resend without it.
+    /// unacknowledged publish went out on this connection shortly before, the close is
+    /// evidence against it and the publishes sent after it (a [`Suspect`] range);
+    /// `poison_after` closes in a row whose ranges overlap, with the range down to one
+    /// publish, give up on it: the error policy applies and the rest resend without it.
     fn broker_closed(&mut self, now: Instant) {
         let limit = self.cfg.poison_after;
         let since = self.connected_at.unwrap_or(now);
@@ -418,26 +440,34 @@ impl Sink {
             let e = self.inflight.get(seq)?;
             (!e.released).then_some((seq, e))
         });
-        let Some((seq, e)) = oldest else {
+        let (Some((seq, e)), Some(last)) = (oldest, self.last_handed) else {
             self.suspect = None;
             return;
         };
-        // Not sent on this connection yet (a resend still queued), or sent long before
-        // (the close is not "right after" it): no evidence either way.
-        let sent = e
-            .sent_at
-            .filter(|t| *t >= since && !self.resend.contains(&seq));
-        let recent = sent.is_some_and(|t| now.saturating_duration_since(t) <= self.cfg.ack_timeout);
-        if limit == 0 || !recent {
+        // Not handed out on this connection (a resend still queued), or long before (the
+        // close is not "right after" it): no evidence either way. Handed out, not written:
+        // a broker refusing a packet by its size hangs up after reading its header.
+        let recent = e.handed_at.is_some_and(|t| {
+            t >= since && now.saturating_duration_since(t) <= self.cfg.ack_timeout
+        });
+        if limit == 0 || !recent || last < e.msg.id {
             return;
         }
-        let id = e.msg.id;
-        let closes = match self.suspect {
-            Some((s, n)) if s == id => n + 1,
-            _ => 1,
+        let (first, id) = (e.msg.id, e.msg.id);
+        let s = match self.suspect {
+            Some(s) if s.first.max(first) <= s.last.min(last) => Suspect {
+                first: s.first.max(first),
+                last: s.last.min(last),
+                closes: s.closes + 1,
+            },
+            _ => Suspect {
+                first,
+                last,
+                closes: 1,
+            },
         };
-        self.suspect = Some((id, closes));
-        if closes < limit {
+        if s.closes < limit || s.first != s.last || s.first != id {
+            self.suspect = Some(s);
             return;
         }
         self.suspect = None;
@@ -446,9 +476,25 @@ impl Sink {
         self.reject(
             e.msg.coords,
             e.msg.id,
-            RejectReason::Poison { closes },
+            RejectReason::Poison { closes: s.closes },
             e.msg.record.map(|r| *r),
         );
+    }
+
+    /// One publish at a time on this connection: the next close, if it comes, is
+    /// `poison_after`'th against the suspect range and must name one publish.
+    pub(crate) fn probing(&self) -> bool {
+        self.suspect
+            .is_some_and(|s| s.closes + 1 >= self.cfg.poison_after && self.cfg.poison_after > 0)
+    }
+
+    /// While probing, whether a publish may go out: the one sent alone was answered.
+    fn probe_free(&self) -> bool {
+        !self.probing()
+            || self
+                .probe
+                .and_then(|seq| self.inflight.get(seq))
+                .is_none_or(|e| e.released)
     }
 
     fn take_inflight(&mut self, seq: u64) -> Inflight {
@@ -677,9 +723,14 @@ impl Sink {
             return;
         }
         while buf.len() < limit {
-            let Some(seq) = self.resend.pop_front() else {
+            let Some(&seq) = self.resend.front() else {
                 break;
             };
+            let released = self.inflight.get(seq).map(|e| e.released);
+            if released == Some(false) && !self.probe_free() {
+                break;
+            }
+            self.resend.pop_front();
             let Some(e) = self.inflight.get_mut(seq) else {
                 continue;
             };
@@ -690,6 +741,9 @@ impl Sink {
                 wire::set_dup(&mut e.msg.packet, true);
                 buf.extend_from_slice(&e.msg.packet.bytes);
                 self.stats.resent += 1;
+                e.handed_at = Some(now);
+                self.last_handed = self.last_handed.max(Some(e.msg.id));
+                self.probe = Some(seq);
             }
             let end = base.wrapping_add(buf.len() as u64);
             self.output.unwritten.push_back((seq, end));
@@ -701,7 +755,9 @@ impl Sink {
             return;
         }
         while buf.len() < limit {
-            if self.qos != QoS::AtMostOnce && self.inflight.len() >= usize::from(self.window) {
+            if self.qos != QoS::AtMostOnce
+                && (self.inflight.len() >= usize::from(self.window) || !self.probe_free())
+            {
                 break;
             }
             let Some(mut msg) = self.pending.pop_front() else {
@@ -743,6 +799,8 @@ impl Sink {
             self.by_pkid.insert(pkid, seq);
             let end = base.wrapping_add(buf.len() as u64);
             self.output.unwritten.push_back((seq, end));
+            self.last_handed = self.last_handed.max(Some(msg.id));
+            self.probe = Some(seq);
             self.inflight.insert(
                 seq,
                 Inflight {
@@ -750,6 +808,7 @@ impl Sink {
                     pkid,
                     released: false,
                     sent_at: None,
+                    handed_at: Some(now),
                 },
             );
         }

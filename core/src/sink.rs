@@ -11,7 +11,7 @@ use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
 use crate::mapper::RecordMapper;
 use crate::record::{Record, RecordCoords, TopicPartition};
 use crate::send_order::SendOrder;
-use crate::session::{Conn, Inflight, Msg, Output};
+use crate::session::{Conn, Inflight, Msg, Output, Suspect};
 use crate::timer::{Timer, TimerTable};
 use crate::topic;
 use crate::wire::{self, Decoder, PublishParts};
@@ -74,9 +74,13 @@ pub struct Sink {
     pub(crate) connected_at: Option<Instant>,
     /// This connection's output, written or not.
     pub(crate) output: Output,
-    /// The publish that was the oldest unacknowledged one when the broker closed the last
-    /// connections, and how many closes in a row (see `poison_after`).
-    pub(crate) suspect: Option<(RecordId, u32)>,
+    /// The publishes one of which made the broker close the last connections (see
+    /// `poison_after` and [`Suspect`]).
+    pub(crate) suspect: Option<Suspect>,
+    /// The newest publish handed out on this connection.
+    pub(crate) last_handed: Option<RecordId>,
+    /// While probing (see [`Sink::probing`]): the in-flight entry sent alone.
+    pub(crate) probe: Option<u64>,
     /// Why the sink stopped for good (see `Event::Fatal`).
     pub(crate) fatal: Option<String>,
 
@@ -194,6 +198,8 @@ impl Sink {
             connected_at: None,
             output: Output::default(),
             suspect: None,
+            last_handed: None,
+            probe: None,
             fatal: None,
             ledger: Ledger::default(),
             next_id: 0,

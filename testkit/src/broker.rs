@@ -76,7 +76,8 @@ pub struct BrokerKnobs {
     pub answer_pings: bool,
     /// Close the connection, without a reason and without answering, on a PUBLISH to
     /// one of these topics (a broker refusing something it does not explain: a poison
-    /// record). Not a violation.
+    /// record). Not a violation. Like Mosquitto, the answers it had not written yet (to
+    /// the publishes read with the poison) are lost with the connection.
     pub close_on_topics: BTreeSet<String>,
     /// Mosquitto's strictness: a PUBLISH whose topic or property strings hold a character
     /// MQTT lets a receiver refuse (U+0001-U+001F, U+007F-U+009F, non-characters) closes
@@ -763,6 +764,7 @@ impl SimBroker {
             }
         }
         if self.knobs.close_on_topics.contains(&p.topic) {
+            self.out.clear();
             self.close(now, None);
             return Ok(());
         }

@@ -121,10 +121,11 @@ mod poison {
                 .filter(|d| !d.topic.starts_with("sensors/bad"))
                 .map(|d| (d.topic.clone(), d.payload.clone())).collect();
             check(&expected, &delivered, true).map_err(TestCaseError::fail)?;
-            // The first connection and poison_after closes per poison record, plus the
-            // few a publish ahead of it can cost while still unacknowledged.
+            // The first connection and poison_after closes per poison record, however
+            // many publishes were in flight ahead of it (their answers lost with the
+            // connection).
             let connects = h.broker.connects().len();
-            let bound = 1 + poison.len() * (3 + window as usize);
+            let bound = 1 + poison.len() * 3;
             prop_assert!(connects <= bound, "{} connections > {}", connects, bound);
             prop_assert!(h.broker.violations().is_empty(), "{:?}", h.broker.violations());
         }
