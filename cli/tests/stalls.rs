@@ -347,15 +347,14 @@ fn missing(expected: &[Expected], msgs: &[mqtt_sink_testkit::subscriber::Message
 /// writing it took longer than `ack_timeout`, so every connection ended in an ack timeout
 /// and resent the same window: 282 distinct records of 2,000 in 42 s, each many times
 /// (review H5). Now it keeps at most 64 KiB ahead of the socket and starts a publish's
-/// ack timer when its last byte is written: one connection, each record once, in order.
+/// ack timer when its last byte is written and the publish before it was answered: one
+/// connection, each record once, in order.
 ///
-/// Still fails (issue 12, point 5 open): the daemon's own kernel send buffer grows to 4 MB
-/// on loopback (`ss -tmi`: 3.77 MB unsent, ~19 s of this link), so a publish counted as
-/// written waits there past `ack_timeout`: all 2,000 arrive in ~44 s on both runtimes, but
-/// with 7 ack timeouts, 8 connections and 17-55 duplicates (before the core change, tokio:
-/// 376 of 2,000 in 120 s over 35 connections). Run it with `--ignored`.
+/// Between the two: with the timer starting when the last byte was written, the daemon's
+/// own kernel send buffer (4 MB on loopback, `ss -tmi`: 3.77 MB unsent, ~19 s of this
+/// link) held publishes counted as written past `ack_timeout`: all 2,000 arrived in ~44 s
+/// on both runtimes, but with 7 ack timeouts, 8 connections and 17-55 duplicates.
 #[test]
-#[ignore = "open defect: the kernel send buffer holds ~19 s of this link (issue 12, point 5)"]
 fn a_slow_link_delivers_every_record_once() {
     each_runtime(|runtime| {
         let (n, size, tag) = (2000, 4096, format!("slow-{runtime}"));

@@ -244,7 +244,7 @@ pub enum LostReason {
     WriteStalled {
         /// Bytes the runtime held unwritten.
         unwritten: u64,
-        /// How long no byte was written.
+        /// How long no byte was written and nothing answered.
         waited: Duration,
     },
     /// The broker broke the protocol.
@@ -272,8 +272,9 @@ impl fmt::Display for LostReason {
             ),
             Self::WriteStalled { unwritten, waited } => write!(
                 f,
-                "no byte could be written for {waited:.1?} ({unwritten} bytes waiting, more \
-                 than ack_timeout): the link or the broker stalled; reconnecting"
+                "no byte could be written and nothing was answered for {waited:.1?} \
+                 ({unwritten} bytes waiting, more than ack_timeout): the link or the broker \
+                 stalled; reconnecting"
             ),
             Self::Protocol(e) => write!(f, "protocol error: {e}"),
         }

@@ -66,6 +66,9 @@ pub(crate) struct Inflight {
     pub(crate) sent_at: Option<Instant>,
     /// When its PUBLISH was last handed to the runtime (written or not).
     pub(crate) handed_at: Option<Instant>,
+    /// Where its last packet handed out (PUBLISH or PUBREL) ends in this connection's
+    /// output (`Output::handed`).
+    pub(crate) end: u64,
 }
 
 /// The publishes, one of which made the broker close the last `closes` connections:
@@ -237,6 +240,12 @@ impl Sink {
                 .by_pkid
                 .get(pkid)
                 .and_then(|&seq| self.inflight.get(seq));
+            // An answer to the oldest entry, or to one written before it: what was written
+            // ahead of the oldest is getting through (see `ack_deadline`).
+            let head_end = self.inflight.first().map(|h| h.end);
+            if acked.zip(head_end).is_some_and(|(e, h)| e.end <= h) {
+                self.head_since = Some(now);
+            }
             if let (Some(e), Some(s)) = (acked, self.suspect.as_mut()) {
                 // The broker read this publish: the poison came after it. (Answers to
                 // publishes before the range prove nothing.)
@@ -363,7 +372,7 @@ impl Sink {
         }
         self.conn = Conn::Connected;
         self.connected_at = Some(now);
-        (self.last_handed, self.probe) = (None, None);
+        (self.last_handed, self.probe, self.head_since) = (None, None, None);
         self.stats.connects += 1;
         self.window = props.receive_maximum.map_or(self.cfg.max_inflight, |r| {
             self.cfg.max_inflight.min(u32::from(r).max(1))
@@ -605,13 +614,31 @@ impl Sink {
     }
 
     /// When the connection counts as lost, if nothing changes: the oldest in-flight
-    /// publish unacknowledged `ack_timeout` after it was written, or output waiting that
-    /// long with no byte written.
+    /// publish unacknowledged `ack_timeout` after it was written and the one before it
+    /// answered, or output waiting that long with no byte written.
+    ///
+    /// "Written" is handed to the kernel, whose send buffer can hold many seconds of a slow
+    /// link (4 MB on Linux, 20 s at 200 KB/s); a broker that keeps answering in order is
+    /// alive and the publish at the head of the line is on its way. A broker that stops
+    /// answering, or skips one publish's answer while answering later ones, still times
+    /// out `ack_timeout` after its last answer in order.
     fn ack_deadline(&self) -> Option<Instant> {
-        let acked = self.inflight.first().and_then(|e| e.sent_at);
-        let wrote = self.output.stalled_since;
-        let t = acked.into_iter().chain(wrote).min()?;
+        let acked = self
+            .inflight
+            .first()
+            .and_then(|e| e.sent_at)
+            .map(|t| self.head_since.map_or(t, |h| h.max(t)));
+        let t = acked.into_iter().chain(self.write_stalled_since()).min()?;
         Some(t + self.cfg.ack_timeout)
+    }
+
+    /// Since when output waits with no byte written and no answer from the broker. A
+    /// kernel send buffer that is full wakes its writer only when a good part of it has
+    /// drained (half of 4 MB: 10 s at 200 KB/s), while the broker answering shows the
+    /// link is moving.
+    fn write_stalled_since(&self) -> Option<Instant> {
+        let t = self.output.stalled_since?;
+        Some(self.head_since.map_or(t, |h| h.max(t)))
     }
 
     /// Arms the ack timer (or stops it).
@@ -630,7 +657,7 @@ impl Sink {
             self.arm_ack_timer();
             return;
         }
-        let reason = match self.output.stalled_since {
+        let reason = match self.write_stalled_since() {
             Some(t) if t + self.cfg.ack_timeout <= now => LostReason::WriteStalled {
                 unwritten: self.output.unwritten_bytes(),
                 waited: now.saturating_duration_since(t),
@@ -715,9 +742,12 @@ impl Sink {
         if !self.control.is_empty() {
             buf.append(&mut self.control);
             let end = base.wrapping_add(buf.len() as u64);
-            let o = &mut self.output;
-            o.unwritten
-                .extend(o.releases.drain(..).map(|seq| (seq, end)));
+            for seq in std::mem::take(&mut self.output.releases) {
+                if let Some(e) = self.inflight.get_mut(seq) {
+                    e.end = end;
+                }
+                self.output.unwritten.push_back((seq, end));
+            }
         }
         if self.conn != Conn::Connected {
             return;
@@ -746,6 +776,7 @@ impl Sink {
                 self.probe = Some(seq);
             }
             let end = base.wrapping_add(buf.len() as u64);
+            e.end = end;
             self.output.unwritten.push_back((seq, end));
         }
         if !self.resend.is_empty() {
@@ -809,6 +840,7 @@ impl Sink {
                     released: false,
                     sent_at: None,
                     handed_at: Some(now),
+                    end,
                 },
             );
         }

@@ -81,6 +81,9 @@ pub struct Sink {
     pub(crate) last_handed: Option<RecordId>,
     /// While probing (see [`Sink::probing`]): the in-flight entry sent alone.
     pub(crate) probe: Option<u64>,
+    /// When the broker last answered the oldest in-flight entry on this connection (the
+    /// next one's ack timeout counts from then at the earliest).
+    pub(crate) head_since: Option<Instant>,
     /// Why the sink stopped for good (see `Event::Fatal`).
     pub(crate) fatal: Option<String>,
 
@@ -200,6 +203,7 @@ impl Sink {
             suspect: None,
             last_handed: None,
             probe: None,
+            head_since: None,
             fatal: None,
             ledger: Ledger::default(),
             next_id: 0,

@@ -38,6 +38,11 @@ pub struct LinkKnobs {
     /// the tokio runtime does). `Some(0)` takes nothing: a socket stalled for good. The
     /// broker-to-sink direction is never limited.
     pub bytes_per_ms: Option<u32>,
+    /// With `bytes_per_ms`: a kernel send buffer of this many bytes. Bytes the link has
+    /// not taken yet are reported written as soon as they fit in it (as a socket write
+    /// returns once the kernel holds the bytes), so "written" runs up to this far ahead
+    /// of what reached the broker. 0 (the default): reported only when the link takes them.
+    pub send_buffer: usize,
 }
 
 impl Default for LinkKnobs {
@@ -47,6 +52,7 @@ impl Default for LinkKnobs {
             max_chunk: 0,
             failing_opens: 0,
             bytes_per_ms: None,
+            send_buffer: 0,
         }
     }
 }
@@ -75,6 +81,9 @@ pub struct Harness {
     /// Bytes `poll_transmit` returned that the link has not taken yet (only with
     /// `LinkKnobs::bytes_per_ms`).
     unwritten: VecDeque<u8>,
+    /// How many of the first `unwritten` bytes were reported written already (they sit in
+    /// the simulated kernel send buffer, `LinkKnobs::send_buffer`).
+    buffered: usize,
     /// With `bytes_per_ms`: the link's capacity is used up to this instant.
     link_free_at: Instant,
     open: bool,
@@ -130,6 +139,7 @@ impl Harness {
             to_broker: VecDeque::new(),
             to_sink: VecDeque::new(),
             unwritten: VecDeque::new(),
+            buffered: 0,
             link_free_at: start,
             open: false,
             events: Vec::new(),
@@ -290,6 +300,17 @@ impl Harness {
             self.link_free_at = self.link_free_at.max(self.now);
         }
         self.unwritten.extend(bytes);
+        self.fill_send_buffer();
+    }
+
+    /// Reports written what fits in the simulated kernel send buffer.
+    fn fill_send_buffer(&mut self) {
+        let room = self.link.send_buffer.saturating_sub(self.buffered);
+        let n = room.min(self.unwritten.len() - self.buffered);
+        if n > 0 && self.open {
+            self.buffered += n;
+            self.sink.handle_written(self.now, n);
+        }
     }
 
     /// The link takes what its bandwidth allows of the unwritten bytes by now, and the
@@ -317,7 +338,12 @@ impl Harness {
         }
         let bytes: Vec<u8> = self.unwritten.drain(..n).collect();
         self.send_to_broker(bytes);
-        self.sink.handle_written(self.now, n);
+        let already = n.min(self.buffered);
+        self.buffered -= already;
+        if n > already {
+            self.sink.handle_written(self.now, n - already);
+        }
+        self.fill_send_buffer();
         true
     }
 
@@ -349,6 +375,7 @@ impl Harness {
             let _ = self.broker.handle_input(self.now, &bytes);
         }
         self.unwritten.clear();
+        self.buffered = 0;
     }
 
     fn flush_link_to_broker(&mut self) {
@@ -363,6 +390,7 @@ impl Harness {
             self.to_broker.clear();
             self.to_sink.clear();
             self.unwritten.clear();
+            self.buffered = 0;
             self.broker.handle_disconnect(self.now);
         }
     }
@@ -391,6 +419,7 @@ impl Harness {
         self.to_broker.clear();
         self.to_sink.clear();
         self.unwritten.clear();
+        self.buffered = 0;
         self.dead_letter_requests.clear();
         let mapper = RecordMapper::from_config(&cfg);
         self.sink = match Sink::new(cfg, mapper, self.now) {

@@ -132,14 +132,17 @@ mod poison {
     }
 }
 
-/// Review finding H5: on a healthy but slow link the ack timeout must count from when a
-/// publish was written, not from when it was handed to the runtime. The window (10..=1000
-/// records of 1 B..=8 KiB) takes 3..=6 ack timeouts to write at the link's bandwidth
-/// (`LinkKnobs::bytes_per_ms`), yet no connection may be lost (no ack timeout, no stalled
-/// write), every record arrives exactly once (nothing is resent) and the flush completes
-/// at the end offset. Shown to catch: with the harness reporting every byte written when
-/// `poll_transmit` returns it (the ack timer starting at hand-out, a runtime buffer without
-/// bound), it fails with an ack timeout.
+/// Review finding H5: on a healthy but slow link the ack timeout must not count from when
+/// a publish was handed to the runtime, nor from when a kernel send buffer took it. The
+/// window (10..=1000 records of 1 B..=8 KiB) takes 3..=6 ack timeouts to write at the
+/// link's bandwidth (`LinkKnobs::bytes_per_ms`), with or without a kernel buffer holding
+/// all of it (`LinkKnobs::send_buffer`), yet no connection may be lost (no ack timeout, no
+/// stalled write), every record arrives exactly once (nothing is resent) and the flush
+/// completes at the end offset. Shown to catch: with the harness reporting every byte
+/// written when `poll_transmit` returns it (the ack timer starting at hand-out), and, once
+/// that was fixed, with the timer starting when the last byte was written but not waiting
+/// for the publish before it to be answered (minimal case: a kernel buffer, window 10 of
+/// 1 B records), it fails with an ack timeout.
 mod slow_link {
     use std::time::Duration;
 
@@ -177,6 +180,9 @@ mod slow_link {
         n: i64,
         /// How many ack timeouts writing the window takes.
         timeouts_per_window: u64,
+        /// A kernel send buffer that holds the whole window (the 4 MB of a Linux socket
+        /// on loopback): publishes count as written long before they reach the broker.
+        kernel_buffer: bool,
         seed: u64,
     }
 
@@ -191,15 +197,17 @@ mod slow_link {
             1usize..=8192,
             200i64..=2000,
             3u64..=6,
+            any::<bool>(),
             any::<u64>(),
         )
             .prop_map(
-                |(version, window, size, n, timeouts_per_window, seed)| Case {
+                |(version, window, size, n, timeouts_per_window, kernel_buffer, seed)| Case {
                     version,
                     window,
                     size,
                     n,
                     timeouts_per_window,
+                    kernel_buffer,
                     seed,
                 },
             )
@@ -238,6 +246,11 @@ mod slow_link {
         cfg.reconnect_jitter_seed = Some(c.seed);
         let link = LinkKnobs {
             bytes_per_ms: Some(u32::try_from(bytes_per_ms).unwrap_or(u32::MAX)),
+            send_buffer: if c.kernel_buffer {
+                usize::try_from(2 * window_bytes).unwrap_or(usize::MAX)
+            } else {
+                0
+            },
             ..LinkKnobs::default()
         };
         let mut h = Harness::new(cfg, BrokerKnobs::default(), link, c.seed);

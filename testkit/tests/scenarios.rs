@@ -1116,6 +1116,48 @@ fn lost_acks_are_recovered_by_reconnect_and_resend() {
     }
 }
 
+/// A publish's ack timeout waits for the publish before it to be answered (slow links),
+/// but answers to later publishes do not keep it alive: a broker that skips one answer
+/// while answering the rest (AWS IoT drops over-limit publishes without a PUBACK) costs
+/// the connection `ack_timeout` after that publish was written, not when traffic stops.
+#[test]
+fn a_skipped_answer_times_out_while_later_ones_arrive() {
+    for qos in [1u8, 2] {
+        let mut h = harness(MqttVersion::V311, qos, BrokerKnobs::default());
+        connected(&mut h);
+        let timeout = h.sink.config().ack_timeout;
+        h.broker.knobs_mut().ack_loss = 1.0;
+        h.push(record("readings", 0, 0, "k0", "v0")).unwrap();
+        assert!(h.run_until(Duration::from_secs(1), |h| h.broker.received().len() == 1));
+        h.broker.knobs_mut().ack_loss = 0.0;
+        let deadline = h.elapsed() + timeout;
+        // One record every 100 ms for twice the ack timeout, each answered.
+        let step = Duration::from_millis(100);
+        let n = 2 * (timeout.as_millis() / step.as_millis()) as i64;
+        for offset in 1..=n {
+            h.push(record("readings", 0, offset, "k1", &format!("v{offset}")))
+                .unwrap();
+            h.run_for(step);
+        }
+        let losses: Vec<(Duration, String)> = h
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::ConnectionLost(_)))
+            .map(|(t, e)| (*t, e.to_string()))
+            .collect();
+        assert!(!losses.is_empty(), "qos {qos}: no connection lost");
+        let (at, why) = &losses[0];
+        assert!(
+            why.contains("readings/0@0 unacknowledged for ack_timeout"),
+            "qos {qos}: {why}"
+        );
+        assert!(
+            *at <= deadline + Duration::from_millis(50),
+            "qos {qos}: lost at {at:?}, the deadline was {deadline:?}"
+        );
+    }
+}
+
 #[test]
 fn v5_topic_aliases_within_the_broker_maximum() {
     let knobs = BrokerKnobs {
