@@ -229,7 +229,11 @@ fn a_key_with_a_control_character_is_dead_lettered_once_and_the_rest_arrive() {
         let sub = SyncSubscriber::start(broker.port, "sensors/#");
         let mut d = Daemon::start(runtime, &kafka, &group, broker.port, "");
         assert_handled_once(&kafka, &sub, &mut d, (&group, &tag, n, bad), "U+0009");
-        let conns = broker.connections(&group);
+        // Connections that carried publishes; the daemon's stop adds one, CleanSession=1,
+        // that ends its session on the broker (review M3).
+        let ended = broker.clean_connections(&group);
+        assert_eq!(ended, 1, "sessions ended at stop:\n{}", d.log());
+        let conns = broker.connections(&group) - ended;
         assert!(
             (1..=POISON_AFTER + 1).contains(&conns),
             "{conns} connections:\n{}",
@@ -264,7 +268,11 @@ fn an_oversized_record_on_mqtt_3_1_1_is_given_up_after_poison_after_closes() {
             (&group, &tag, n, bad),
             "closed the connection 3 times",
         );
-        let conns = broker.connections(&group);
+        // Connections that carried publishes; the daemon's stop adds one, CleanSession=1,
+        // that ends its session on the broker (review M3).
+        let ended = broker.clean_connections(&group);
+        assert_eq!(ended, 1, "sessions ended at stop:\n{}", d.log());
+        let conns = broker.connections(&group) - ended;
         assert!(
             conns <= POISON_AFTER + 1,
             "{conns} connections:\n{}",
@@ -392,7 +400,11 @@ fn a_slow_link_delivers_every_record_once() {
         let msgs = sub.messages();
         let distinct: std::collections::BTreeSet<&Bytes> =
             msgs.iter().map(|m| &m.payload).collect();
-        let conns = broker.connections(&group);
+        // Connections that carried publishes; the daemon's stop adds one, CleanSession=1,
+        // that ends its session on the broker (review M3).
+        let ended = broker.clean_connections(&group);
+        assert_eq!(ended, 1, "sessions ended at stop:\n{}", d.log());
+        let conns = broker.connections(&group) - ended;
         let timeouts = log.matches("unacknowledged for ack_timeout").count();
         eprintln!(
             "{runtime}: {arrived} of {n} in {took:?}, {} messages, {} distinct, \

@@ -78,6 +78,14 @@ pub enum Event {
     /// `qos_downgrade`): it closes for good (`Closed` follows), takes no more records, and a
     /// flush in progress ends with this. Nothing unacknowledged is committed.
     Fatal(String),
+    /// MQTT 3.1/3.1.1 with `clean_session = false`: the broker held a session under this
+    /// client id that this sink did not make (an earlier instance with the same id that
+    /// did not stop cleanly). Its QoS 2 packet ids would swallow new publishes, so the sink
+    /// discarded it (one connection with CleanSession=1) and started a persistent one.
+    StaleSessionDiscarded {
+        /// The client id.
+        client_id: String,
+    },
     /// The broker does not honour the configured QoS and `qos_downgrade = true`: publishes
     /// continue at QoS `to` (reported once).
     QosDowngraded {
@@ -440,6 +448,11 @@ impl fmt::Display for Event {
             ),
             Self::Closed => f.write_str("closed"),
             Self::Fatal(reason) => write!(f, "the sink stops: {reason}"),
+            Self::StaleSessionDiscarded { client_id } => write!(
+                f,
+                "discarded the session an earlier instance left under client id {client_id:?} \
+                 (its QoS 2 packet ids would have swallowed new publishes); a new one starts"
+            ),
             Self::QosDowngraded { from, to, why } => write!(
                 f,
                 "{why}; qos_downgrade = true: publishing at QoS {to} instead of {from} from now on"

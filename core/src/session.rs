@@ -40,6 +40,26 @@ pub(crate) enum Conn {
     Closed,
 }
 
+/// Sessions with `clean_session = false` (review M3). MQTT 3.1/3.1.1: a persistent
+/// session is the only kind that survives its connection, and CleanSession=1 the only way
+/// to end one, so the first connection and the close take extra steps. MQTT 5: Clean
+/// Start with a Session Expiry does both on the first connection, and the DISCONNECT of
+/// `close` ends the session (Session Expiry 0); only a close between connections takes
+/// an extra one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum SessionStep {
+    /// Connections are persistent (CleanSession=0).
+    #[default]
+    Persistent,
+    /// The first connection found a session this sink did not make: this connection is
+    /// CleanSession=1, to discard it; a persistent one follows at once.
+    Discarding,
+    /// `close` after a persistent session: this connection is CleanSession=1 (MQTT 5:
+    /// Clean Start, Session Expiry 0), to end the session on the broker (nothing resumes it: the next instance has its own client id
+    /// or discards it); `Closed` follows its CONNACK, or its failure.
+    Ending,
+}
+
 /// A record encoded as a PUBLISH.
 #[derive(Debug)]
 pub(crate) struct Msg {
@@ -127,7 +147,14 @@ impl Sink {
         self.reset_output();
         self.decoder.reset();
         self.control.clear();
-        let clean = !self.connected_once || self.cfg.clean_session;
+        let ending = self.session_step == SessionStep::Ending;
+        let clean = if self.cfg.version == MqttVersion::V5 {
+            // Clean Start with a Session Expiry: discards what an earlier instance left
+            // and persists.
+            !self.connected_once || self.cfg.clean_session || ending
+        } else {
+            self.cfg.clean_session || self.session_step != SessionStep::Persistent
+        };
         let params = ConnectParams {
             version: self.cfg.version,
             client_id: &self.client_id,
@@ -135,7 +162,7 @@ impl Sink {
             keepalive_secs: self.cfg.keepalive.as_secs() as u16,
             username: self.cfg.username.as_deref(),
             password: self.cfg.password.as_ref().map(|p| p.expose()),
-            session_expiry: if self.cfg.clean_session {
+            session_expiry: if self.cfg.clean_session || ending {
                 0
             } else {
                 self.cfg.session_expiry.as_secs() as u32
@@ -359,6 +386,32 @@ impl Sink {
             self.drop_connection(now, true);
             return;
         }
+        if !self.cfg.clean_session {
+            match self.session_step {
+                SessionStep::Persistent
+                    if self.v3_persistent() && session_present && !self.connected_once =>
+                {
+                    self.events.push_back(Event::StaleSessionDiscarded {
+                        client_id: self.client_id.clone(),
+                    });
+                    self.session_step = SessionStep::Discarding;
+                    self.reconnect_now(now);
+                    return;
+                }
+                SessionStep::Discarding => {
+                    self.session_step = SessionStep::Persistent;
+                    self.reconnect_now(now);
+                    return;
+                }
+                SessionStep::Ending => {
+                    self.session_step = SessionStep::Persistent;
+                    wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
+                    self.conn = Conn::Closing;
+                    return;
+                }
+                SessionStep::Persistent => {}
+            }
+        }
         if let Some(max) = props.maximum_qos.filter(|m| *m < self.qos as u8) {
             let why = format!("its CONNACK says Maximum QoS {max}");
             let to = if max == 1 {
@@ -506,6 +559,28 @@ impl Sink {
                 .is_none_or(|e| e.released)
     }
 
+    /// MQTT 3.1/3.1.1 sessions that outlive their connection (see [`SessionStep`]).
+    fn v3_persistent(&self) -> bool {
+        self.cfg.version != MqttVersion::V5 && !self.cfg.clean_session
+    }
+
+    /// `close` should end a persistent session this sink made (MQTT 3.1/3.1.1).
+    fn wants_session_end(&self) -> bool {
+        !self.cfg.clean_session
+            && self.connected_once
+            && self.fatal.is_none()
+            && self.session_step != SessionStep::Ending
+    }
+
+    /// Ends a connection opened for a session step (DISCONNECT) and opens the next one at
+    /// once, without backoff.
+    fn reconnect_now(&mut self, now: Instant) {
+        wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
+        self.conn = Conn::Connected;
+        self.drop_connection(now, true);
+        self.timers.set(Timer::Reconnect, now);
+    }
+
     fn take_inflight(&mut self, seq: u64) -> Inflight {
         let e = self.inflight.remove(seq).expect("indexed entry");
         self.by_pkid.remove(&e.pkid);
@@ -546,10 +621,12 @@ impl Sink {
         self.timers.stop(Timer::Keepalive);
         self.timers.stop(Timer::PingResp);
         self.timers.stop(Timer::Ack);
-        if matches!(self.conn, Conn::Closing | Conn::Closed) {
-            if self.conn == Conn::Closing {
+        let ending = self.session_step == SessionStep::Ending;
+        if ending || matches!(self.conn, Conn::Closing | Conn::Closed) {
+            if self.conn != Conn::Closed {
                 self.events.push_back(Event::Closed);
             }
+            self.session_step = SessionStep::Persistent;
             self.control.clear();
             self.conn = Conn::Closed;
             return;
@@ -725,7 +802,17 @@ impl Sink {
         if self.conn == Conn::Connected {
             self.restart_keepalive(now);
         }
-        if self.conn == Conn::Closing && self.control.is_empty() {
+        if self.conn == Conn::Closing && self.control.is_empty() && self.end_session {
+            // The DISCONNECT goes out and the transport closes; then one more connection,
+            // CleanSession=1, ends the session.
+            self.end_session = false;
+            self.events.push_back(Event::CloseTransport);
+            self.timers.stop(Timer::Keepalive);
+            self.timers.stop(Timer::PingResp);
+            self.session_step = SessionStep::Ending;
+            self.conn = Conn::Backoff;
+            self.timers.set(Timer::Reconnect, now);
+        } else if self.conn == Conn::Closing && self.control.is_empty() {
             self.events.push_back(Event::CloseTransport);
             self.events.push_back(Event::Closed);
             self.conn = Conn::Closed;
@@ -910,14 +997,43 @@ impl Sink {
         match self.conn {
             Conn::Connected => {
                 self.control.clear();
-                wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
+                if self.cfg.version == MqttVersion::V5 && !self.cfg.clean_session {
+                    // Session Expiry Interval 0: the broker ends the session now rather
+                    // than keep it for `session_expiry` for nobody (the next instance has
+                    // its own client id, or starts clean).
+                    wire::encode_disconnect_ending_session(&mut self.control);
+                } else {
+                    wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
+                }
+                // MQTT 3.1/3.1.1: a persistent session lasts until a CleanSession=1
+                // connection ends it; one more connection does, after this one (not after
+                // a fatal error: no more connections to a broker that broke the rules).
+                self.end_session = self.v3_persistent() && self.wants_session_end();
                 self.conn = Conn::Closing;
                 self.timers.stop(Timer::Keepalive);
                 self.timers.stop(Timer::PingResp);
             }
+            Conn::Opening | Conn::AwaitConnAck | Conn::Backoff if self.wants_session_end() => {
+                // Between connections, or opening one that would resume the session: the
+                // session is still on the broker; a CleanSession=1 connection ends it.
+                if self.conn != Conn::Backoff {
+                    self.events.push_back(Event::CloseTransport);
+                    self.control.clear();
+                    self.decoder.reset();
+                    self.reset_output();
+                    self.timers.stop(Timer::ConnAck);
+                }
+                self.session_step = SessionStep::Ending;
+                self.conn = Conn::Backoff;
+                self.timers.set(Timer::Reconnect, now);
+            }
             Conn::Opening | Conn::AwaitConnAck => {
                 self.conn = Conn::Closing;
                 self.drop_connection(now, true);
+            }
+            Conn::Backoff if self.session_step == SessionStep::Ending => {
+                self.timers.stop(Timer::Reconnect);
+                self.drop_connection(now, false);
             }
             Conn::Backoff => {
                 self.timers.stop(Timer::Reconnect);

@@ -11,7 +11,7 @@ use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
 use crate::mapper::RecordMapper;
 use crate::record::{Record, RecordCoords, TopicPartition};
 use crate::send_order::SendOrder;
-use crate::session::{Conn, Inflight, Msg, Output, Suspect};
+use crate::session::{Conn, Inflight, Msg, Output, SessionStep, Suspect};
 use crate::timer::{Timer, TimerTable};
 use crate::topic;
 use crate::wire::{self, Decoder, PublishParts};
@@ -81,6 +81,10 @@ pub struct Sink {
     pub(crate) last_handed: Option<RecordId>,
     /// While probing (see [`Sink::probing`]): the in-flight entry sent alone.
     pub(crate) probe: Option<u64>,
+    /// MQTT 3.1/3.1.1 persistent sessions: the step this connection is for.
+    pub(crate) session_step: SessionStep,
+    /// `close` wants the persistent session ended after its DISCONNECT.
+    pub(crate) end_session: bool,
     /// When the broker last answered the oldest in-flight entry on this connection (the
     /// next one's ack timeout counts from then at the earliest).
     pub(crate) head_since: Option<Instant>,
@@ -204,6 +208,8 @@ impl Sink {
             last_handed: None,
             probe: None,
             head_since: None,
+            session_step: SessionStep::default(),
+            end_session: false,
             fatal: None,
             ledger: Ledger::default(),
             next_id: 0,

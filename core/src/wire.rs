@@ -397,6 +397,12 @@ pub(crate) fn encode_disconnect(version: MqttVersion, reason: u8, out: &mut Vec<
     }
 }
 
+/// MQTT 5 DISCONNECT (normal) with Session Expiry Interval 0: the session ends with the
+/// connection (allowed whatever the CONNECT's expiry was, since the value is 0).
+pub(crate) fn encode_disconnect_ending_session(out: &mut Vec<u8>) {
+    out.extend_from_slice(&[0xE0, 0x07, 0x00, 0x05, 0x11, 0, 0, 0, 0]);
+}
+
 /// What the broker's CONNACK told us.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ConnAckProps {

@@ -511,6 +511,13 @@ impl SimBroker {
         self.pubrels
     }
 
+    /// Client ids of the sessions the broker keeps for clients not connected now
+    /// (persistent sessions, unexpired as of their disconnect).
+    #[must_use]
+    pub fn stored_sessions(&self) -> Vec<String> {
+        self.sessions.keys().cloned().collect()
+    }
+
     /// Every PUBLISH packet read, in order, including duplicates and rejected ones.
     #[must_use]
     pub fn received(&self) -> &[Received] {

@@ -184,6 +184,17 @@ impl Mosquitto {
             .count()
     }
 
+    /// How many of those connections were CleanSession=1 (`c1` in the log): with
+    /// `clean_session = false` the sink makes one only to end or discard a session.
+    pub fn clean_connections(&self, client_id: &str) -> usize {
+        let tag = format!(" as {client_id}");
+        self.log()
+            .iter()
+            .filter(|l| l.contains("New client connected") && l.contains(&tag))
+            .filter(|l| l.contains(", c1,"))
+            .count()
+    }
+
     /// Its process id (`None` while it is not running).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

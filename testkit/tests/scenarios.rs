@@ -424,10 +424,6 @@ fn lose_acks_then_cut(
     };
     let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 5);
     connected(&mut h);
-    // A first reconnect, so that the session in use is a persistent one (the first connect
-    // of a process is always clean).
-    h.cut();
-    connected(&mut h);
     h.broker.knobs_mut().ack_loss = 1.0;
     let recs = records(10, 1);
     for r in recs.clone() {
@@ -487,9 +483,10 @@ fn lost_session_case(version: MqttVersion, qos: u8) {
     assert_eq!(payloads, want);
 }
 
-/// A QoS 2 publish whose PUBREC arrived and whose PUBREL was sent, cut before PUBCOMP.
-fn released_then_cut(keep_sessions: bool) -> Harness {
-    let mut cfg = test_config(MqttVersion::V5, 2);
+/// A QoS 2 publish whose PUBREC arrived and whose PUBREL was sent, cut before PUBCOMP, on
+/// the sink's first connection (which is persistent: review M3).
+fn released_then_cut(version: MqttVersion, keep_sessions: bool) -> Harness {
+    let mut cfg = test_config(version, 2);
     cfg.clean_session = false;
     let knobs = BrokerKnobs {
         keep_sessions,
@@ -497,8 +494,6 @@ fn released_then_cut(keep_sessions: bool) -> Harness {
         ..BrokerKnobs::default()
     };
     let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 9);
-    connected(&mut h);
-    h.cut();
     connected(&mut h);
     h.push(record("readings", 0, 0, "a", "once")).unwrap();
     // PUBLISH reaches the broker, PUBREC comes back, PUBREL reaches the broker; PUBCOMP is
@@ -521,16 +516,29 @@ fn released_then_cut(keep_sessions: bool) -> Harness {
     h
 }
 
+/// Review M3: with `clean_session = false` the first connection is already persistent
+/// (MQTT 3.1/3.1.1 used to send CleanSession=1 on it, so the broker dropped the session
+/// with the first connection and the sink published the released message again: a QoS 2
+/// duplicate after the first network failure of every process).
 #[test]
 fn qos2_resume_sends_pubrel_not_publish_and_delivers_once() {
-    let h = released_then_cut(true);
-    assert_eq!(
-        h.broker.received().len(),
-        1,
-        "no PUBLISH resent after PUBREC"
-    );
-    assert_eq!(h.broker.pubrels(), 2, "PUBREL resent");
-    assert_eq!(h.broker.delivered().len(), 1);
+    for version in VERSIONS {
+        let h = released_then_cut(version, true);
+        let connects = h.broker.connects();
+        // MQTT 5: Clean Start with a Session Expiry persists too.
+        let persistent = !connects[0].clean || connects[0].session_expiry.is_some_and(|e| e > 0);
+        assert!(
+            persistent && connects[1].session_present,
+            "{version:?}: {connects:?}"
+        );
+        assert_eq!(
+            h.broker.received().len(),
+            1,
+            "{version:?}: no PUBLISH resent after PUBREC"
+        );
+        assert_eq!(h.broker.pubrels(), 2, "{version:?}: PUBREL resent");
+        assert_eq!(h.broker.delivered().len(), 1, "{version:?}");
+    }
 }
 
 /// A broker that lost the session after PUBREC may have lost the message with it (as
@@ -538,7 +546,7 @@ fn qos2_resume_sends_pubrel_not_publish_and_delivers_once() {
 /// is possible; a loss is not.
 #[test]
 fn qos2_released_publish_is_republished_when_the_session_is_lost() {
-    let h = released_then_cut(false);
+    let h = released_then_cut(MqttVersion::V5, false);
     let rx = h.broker.received();
     assert_eq!(rx.len(), 2, "published again as a new publish");
     assert!(!rx[1].dup);
@@ -961,6 +969,96 @@ fn revoked_partitions_drop_queued_records_and_leave_the_ledger() {
     assert_eq!(h.broker.received().len(), 5);
 }
 
+/// Review M3: no orphan session is left on the broker. Each instance has its own client id
+/// (a per-process suffix), so nothing would ever resume a session left behind: MQTT 5
+/// ends it with the DISCONNECT (Session Expiry Interval 0; one that crashed expires after
+/// `session_expiry`), MQTT 3.1/3.1.1 (no expiry) with one more connection, CleanSession=1.
+/// Before: one persistent session per process that ever reconnected, kept for ever (3.1.1)
+/// or for an hour (5).
+#[test]
+fn close_ends_the_persistent_session() {
+    let cases = VERSIONS.into_iter().flat_map(|v| [(v, true), (v, false)]);
+    for (version, reconnected) in cases {
+        let mut cfg = test_config(version, 2);
+        cfg.clean_session = false;
+        let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 3);
+        connected(&mut h);
+        let recs = records(10, 1);
+        for r in recs.clone() {
+            h.push(r).unwrap();
+        }
+        h.run_for(Duration::from_millis(5));
+        h.cut();
+        assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+        // Closed while connected again, or between connections (the broker keeps the
+        // session of the connection that was cut).
+        if reconnected {
+            connected(&mut h);
+        } else {
+            assert_eq!(h.broker.stored_sessions(), vec!["sim-sink".to_string()]);
+        }
+        let now = h.now;
+        h.sink.close(now);
+        h.drain();
+        assert!(h.run_until(Duration::from_secs(10), |h| h.sink.is_closed()));
+        assert_eq!(
+            h.broker.stored_sessions(),
+            Vec::<String>::new(),
+            "{version:?} reconnected={reconnected}: {:?}\n{:#?}",
+            h.broker.connects(),
+            h.transcript
+        );
+        check(&expected(&recs), &delivered(&h), false).unwrap();
+        assert_no_violations(&h);
+    }
+}
+
+/// With `clean_session = false` the first connection of MQTT 3.1/3.1.1 is persistent, so
+/// a session left under the same client id by an earlier instance that crashed (a stable
+/// `client_id_suffix`) would be resumed, and its QoS 2 packet ids awaiting PUBREL would
+/// swallow new publishes with the same ids (the broker takes them for resends). The sink
+/// discards such a session (one CleanSession=1 connection) and says so; every record
+/// arrives once.
+#[test]
+fn a_session_left_by_a_crashed_instance_is_discarded() {
+    for version in [MqttVersion::V31, MqttVersion::V311] {
+        let mut cfg = test_config(version, 2);
+        cfg.clean_session = false;
+        let knobs = BrokerKnobs {
+            ack_delay: Duration::from_millis(200),
+            ..BrokerKnobs::default()
+        };
+        let mut h = Harness::new(cfg.clone(), knobs, LinkKnobs::default(), 4);
+        connected(&mut h);
+        // The first instance's publishes reach the broker; it crashes before PUBREL.
+        for r in records(5, 1) {
+            h.push(r).unwrap();
+        }
+        assert!(h.run_until(Duration::from_secs(1), |h| h.broker.received().len() == 5));
+        h.restart_sink(cfg.clone());
+        h.broker.knobs_mut().ack_delay = Duration::ZERO;
+        connected(&mut h);
+        let recs: Vec<Record> = (0..5)
+            .map(|i| record("readings", 0, i, "again", &format!("new{i}")))
+            .collect();
+        for r in recs.clone() {
+            h.push(r).unwrap();
+        }
+        assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+        let fresh: Vec<(String, Bytes)> = delivered(&h)
+            .into_iter()
+            .filter(|(t, _)| t == "sensors/again")
+            .collect();
+        check(&expected(&recs), &fresh, false).unwrap();
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::StaleSessionDiscarded { .. })),
+            1,
+            "{version:?}"
+        );
+        assert_no_violations(&h);
+    }
+}
+
 #[test]
 fn close_sends_disconnect_and_refuses_records() {
     for version in VERSIONS {
@@ -972,7 +1070,9 @@ fn close_sends_disconnect_and_refuses_records() {
         h.run_for(Duration::from_millis(10));
         assert!(h.sink.is_closed());
         assert_eq!(h.count_events(|e| *e == Event::Closed), 1);
-        assert_eq!(h.count_events(|e| *e == Event::CloseTransport), 1);
+        // MQTT 3.1/3.1.1: and the connection that ends the persistent session.
+        let closes = if version == MqttVersion::V5 { 1 } else { 2 };
+        assert_eq!(h.count_events(|e| *e == Event::CloseTransport), closes);
         assert!(h.broker.violations().is_empty());
         assert!(matches!(
             h.sink
