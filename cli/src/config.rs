@@ -162,6 +162,41 @@ fn from_config_errors(e: ConfigErrors, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// The per-instance suffix (`mqtt.client_id_suffix`, default: process id and a nonce) is
+/// added to `mqtt.client_id` here, so that `check` validates the client id `run` uses (review
+/// L8: MQTT 3.1 allows 23 bytes, and `check` used to accept an id that `run` refused once
+/// suffixed). The bridges are then told to add none.
+fn apply_client_id_suffix(mqtt: &mut toml::Table, problems: &mut Vec<String>) {
+    let suffix = match mqtt.remove("client_id_suffix") {
+        None => mqtt_sink_kafka::default_client_id_suffix(),
+        Some(toml::Value::String(s)) => s,
+        Some(_) => {
+            problems.push("mqtt.client_id_suffix: must be a string (\"\" for none)".into());
+            return;
+        }
+    };
+    let Some(toml::Value::String(id)) = mqtt.get("client_id") else {
+        return; // missing or mistyped: the Config's own error says so
+    };
+    if suffix.is_empty() || id.is_empty() {
+        return;
+    }
+    let full = format!("{id}-{suffix}");
+    let v31 = mqtt.get("version").and_then(toml::Value::as_str) == Some("3.1");
+    if v31 && full.len() > 23 && id.len() <= 23 {
+        problems.push(format!(
+            "mqtt.client_id = {id:?}: with the per-instance suffix it is {full:?} ({} bytes), and \
+             MQTT 3.1 allows 23; shorten client_id to {} bytes, set mqtt.client_id_suffix to a \
+             shorter per-instance value (\"\" for none: then no two instances may share the \
+             client id), or use version \"3.1.1\"/\"5\"",
+            full.len(),
+            23usize.saturating_sub(suffix.len() + 1),
+        ));
+        return;
+    }
+    mqtt.insert("client_id".into(), toml::Value::String(full));
+}
+
 /// Keys whose values are never printed.
 const SECRETS: [&str; 2] = ["password", "password_file"];
 
@@ -225,6 +260,7 @@ pub(crate) fn parse(
             None => problems.push("mqtt.password_file: must be a path (a string)".into()),
         }
     }
+    apply_client_id_suffix(&mut mqtt_table, &mut problems);
     // Through text, so that a type error's span names its key.
     let mqtt_text = toml::to_string(&mqtt_table).unwrap_or_default();
     let mqtt = match toml::from_str::<MqttConfig>(&mqtt_text) {
@@ -270,6 +306,12 @@ pub(crate) fn parse(
     }
     if k.commit_interval.is_zero() {
         problems.push("kafka.commit_interval = 0s: must be greater than zero".into());
+    }
+    if k.commit_interval > mqtt_sink_core::MAX_DURATION {
+        problems.push(format!(
+            "kafka.commit_interval = {}: must be at most 365 days",
+            humantime_serde::re::humantime::format_duration(k.commit_interval)
+        ));
     }
     let mut properties = BTreeMap::new();
     for (key, v) in k.properties {

@@ -275,6 +275,8 @@ fn run_blocking(
 ) -> Result<mqtt_sink_core::BridgeStats, String> {
     let obs = observer(metrics.clone());
     let bridge = mqtt_sink_blocking::Bridge::builder(cfg.kafka, cfg.mqtt)
+        // `config::parse` added the per-instance suffix (L8).
+        .client_id_suffix("")
         .sink(move |s| s.on_event(obs))
         .start()
         .map_err(|e| e.to_string())?;
@@ -297,6 +299,8 @@ fn run_tokio(
     rt.block_on(async move {
         let obs = observer(metrics.clone());
         let bridge = mqtt_sink_tokio::Bridge::builder(cfg.kafka, cfg.mqtt)
+            // `config::parse` added the per-instance suffix (L8).
+            .client_id_suffix("")
             .sink(move |s| s.on_event(obs))
             .start()
             .map_err(|e| e.to_string())?;

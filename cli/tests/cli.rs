@@ -139,6 +139,39 @@ fn each_kind_of_mistake_names_the_key_and_exits_2() {
             format!("{GOOD}\n[tokio]\nworker_threads = 0\n"),
             "tokio.worker_threads = 0: must be from 1 to 256",
         ),
+        // Review L1: an empty username with a password was sent as a password flag
+        // without the username flag.
+        (
+            "empty username",
+            GOOD.replace("username = \"user\"", "username = \"\""),
+            "mqtt.password",
+        ),
+        // Review L5: a duration this long used to pass and then panic computing a deadline.
+        (
+            "huge duration",
+            GOOD.replace(
+                "tls_enabled = false",
+                "tls_enabled = false\nack_timeout = \"500000000y\"",
+            ),
+            "mqtt.ack_timeout",
+        ),
+        (
+            "huge commit interval",
+            GOOD.replace(
+                "topics = [\"readings\"]",
+                "topics = [\"readings\"]\ncommit_interval = \"500000000y\"",
+            ),
+            "kafka.commit_interval",
+        ),
+        // Review L8: `check` accepted a 3.1 client id that `run` refused once suffixed.
+        (
+            "3.1 client id with the suffix",
+            GOOD.replace(
+                "client_id = \"sink\"",
+                "client_id = \"sink-of-plant-7\"\nversion = \"3.1\"",
+            ),
+            "with the per-instance suffix",
+        ),
     ];
     for (what, text, needle) in cases {
         let cfg = write(&d, "bad.toml", &text);

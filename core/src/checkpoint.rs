@@ -20,6 +20,8 @@ pub struct Checkpoints {
 impl Checkpoints {
     /// A schedule starting at `now`. `every` of 0 or `None` means by time only.
     pub fn new(interval: Duration, every: Option<u64>, now: Instant) -> Self {
+        // Bounded (review L5): `now + interval` must not overflow.
+        let interval = interval.min(crate::config::MAX_DURATION);
         Self {
             interval,
             every: every.filter(|n| *n > 0),

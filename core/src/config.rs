@@ -319,6 +319,10 @@ impl<'de> Deserialize<'de> for HeaderSelection {
 /// 5-byte fixed header.
 pub const MAX_MQTT_PACKET: u32 = 268_435_460;
 
+/// The longest duration any option takes (365 days): deadlines are computed as `now +
+/// duration`, which must not overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Sink configuration.
 ///
 /// The first four fields are required; the rest have the defaults documented on each.
@@ -412,8 +416,12 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Ask the broker to discard the session on every connect. Default: false, so that a
     /// reconnect resumes the session and unacknowledged publishes are resent with DUP
-    /// (required for QoS 2 to stay exactly-once across reconnects). The first connect of a
-    /// process is always clean: a new process has no in-flight state to resume.
+    /// (required for QoS 2 to stay exactly-once across reconnects), from the first
+    /// connection on. A session found on the first connect was left by an earlier
+    /// instance with the same client id: it is discarded (MQTT 5: Clean Start; 3.1/3.1.1:
+    /// one CleanSession=1 connection, see `Event::StaleSessionDiscarded`). `close` ends the
+    /// session (MQTT 5: Session Expiry 0 on DISCONNECT; 3.1/3.1.1: one more connection,
+    /// CleanSession=1), so that none is left on the broker for nobody.
     #[serde(default)]
     pub clean_session: bool,
     /// MQTT 5 Session Expiry Interval sent when `clean_session` is false. Default: 1 h.
@@ -675,11 +683,14 @@ impl Config {
             if p.expose().len() > 65_535 {
                 bad("password", "***".into(), "must be at most 65535 bytes");
             }
-            if self.username.is_none() && self.version != MqttVersion::V5 {
+            // The 3.1.1 encoder leaves out an empty username and its flag, and a password
+            // flag without the username flag breaks [MQTT-3.1.2-22] (review L1).
+            if self.username.as_deref().is_none_or(str::is_empty) && self.version != MqttVersion::V5
+            {
                 bad(
                     "password",
                     "***".into(),
-                    "MQTT 3.1/3.1.1 send a password only with a username: set username",
+                    "MQTT 3.1/3.1.1 send a password only with a non-empty username: set username",
                 );
             }
         }
@@ -707,6 +718,19 @@ impl Config {
         }
         if self.qos > 2 {
             bad("qos", self.qos.to_string(), "must be 0, 1 or 2");
+        }
+        // Deadlines are `now + duration`: bounded so that no sum overflows (review L5).
+        for (option, d) in [
+            ("flush_timeout", self.flush_timeout),
+            ("ping_timeout", self.ping_timeout),
+            ("ack_timeout", self.ack_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("reconnect_backoff_min", self.reconnect_backoff_min),
+            ("reconnect_backoff_max", self.reconnect_backoff_max),
+        ] {
+            if d > MAX_DURATION {
+                bad(option, fmt_dur(d), "must be at most 365 days");
+            }
         }
         if self.flush_timeout.is_zero() {
             bad("flush_timeout", "0s".into(), "must be greater than zero");
