@@ -155,6 +155,7 @@ impl Sink {
         } else {
             self.cfg.clean_session || self.session_step != SessionStep::Persistent
         };
+        self.sent_clean = clean;
         let params = ConnectParams {
             version: self.cfg.version,
             client_id: &self.client_id,
@@ -215,10 +216,11 @@ impl Sink {
             let packet = match self.decoder.next(self.cfg.version) {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(self.protocol_error(now, e.0)),
+                // A packet that cannot be decoded is malformed (0x81).
+                Err(e) => return Err(self.protocol_error(now, 0x81, e.0)),
             };
             if let Err(e) = self.on_packet(now, packet) {
-                return Err(self.protocol_error(now, e));
+                return Err(self.protocol_error(now, 0x82, e));
             }
             self.arm_ack_timer();
             if !matches!(
@@ -230,15 +232,17 @@ impl Sink {
         }
     }
 
-    fn protocol_error(&mut self, now: Instant, msg: String) -> ProtocolError {
+    /// The broker broke the protocol: MQTT 5 tells it why (`code`: 0x81 malformed packet,
+    /// 0x82 protocol error), and the connection closes.
+    fn protocol_error(&mut self, now: Instant, code: u8, msg: String) -> ProtocolError {
         let event = if self.conn == Conn::AwaitConnAck {
             Event::ConnectFailed(ConnectFailure::Protocol(msg.clone()))
         } else {
             Event::ConnectionLost(LostReason::Protocol(msg.clone()))
         };
         if self.cfg.version == MqttVersion::V5 && self.conn != Conn::Closing {
-            // Tell the broker why (0x82 protocol error), best effort.
-            wire::encode_disconnect(self.cfg.version, 0x82, &mut self.control);
+            // Tell the broker why, best effort.
+            wire::encode_disconnect(self.cfg.version, code, &mut self.control);
         }
         self.events.push_back(event);
         self.drop_connection(now, true);
@@ -253,6 +257,13 @@ impl Sink {
                     code,
                     props,
                 } => {
+                    if session_present && code == 0 && self.sent_clean {
+                        // [MQTT-3.2.2-1]/[MQTT-3.2.2-2]: nothing to resume; resending on its
+                        // word could repeat what the broker never had.
+                        return Err("CONNACK with session present to a CONNECT that asked for \
+                                    a clean session"
+                            .into());
+                    }
                     self.on_connack(now, session_present, code, props);
                     Ok(())
                 }
@@ -550,6 +561,22 @@ impl Sink {
             .is_some_and(|s| s.closes + 1 >= self.cfg.poison_after && self.cfg.poison_after > 0)
     }
 
+    /// Whether one more resent publish stays within the window: the broker's Receive
+    /// Maximum counts every publish not yet answered with PUBACK or PUBCOMP, and it may
+    /// have lowered it since they were first sent (review L2).
+    fn resend_within_window(&self) -> bool {
+        let window = usize::from(self.window);
+        if self.inflight.len() <= window {
+            return true;
+        }
+        let waiting = self
+            .resend
+            .iter()
+            .filter(|s| self.inflight.get(**s).is_some_and(|e| !e.released))
+            .count();
+        self.inflight.len() - waiting < window
+    }
+
     /// While probing, whether a publish may go out: the one sent alone was answered.
     fn probe_free(&self) -> bool {
         !self.probing()
@@ -844,10 +871,28 @@ impl Sink {
                 break;
             };
             let released = self.inflight.get(seq).map(|e| e.released);
-            if released == Some(false) && !self.probe_free() {
+            if released == Some(false) && (!self.probe_free() || !self.resend_within_window()) {
                 break;
             }
             self.resend.pop_front();
+            let size = self
+                .inflight
+                .get(seq)
+                .map_or(0, |e| e.msg.packet.bytes.len());
+            let limit = self.broker_max_packet.filter(|l| size > *l as usize);
+            if let (Some(false), Some(limit)) = (released, limit) {
+                // The broker lowered its Maximum Packet Size since this was sent (review
+                // L2): resending it would be refused on every connection.
+                let e = self.take_inflight(seq);
+                self.free(&e.msg);
+                let reason = RejectReason::PacketTooLarge {
+                    size,
+                    limit,
+                    by_broker: true,
+                };
+                self.reject(e.msg.coords, e.msg.id, reason, e.msg.record.map(|r| *r));
+                continue;
+            }
             let Some(e) = self.inflight.get_mut(seq) else {
                 continue;
             };
@@ -963,19 +1008,34 @@ impl Sink {
 
     /// Writes a first transmission of a PUBLISH, with a topic alias when the broker allows
     /// (MQTT 5). Resends after a reconnect go out plain: aliases belong to one connection.
+    /// Writes a new publish, with a topic alias where the broker allows them. The alias
+    /// property adds 3 bytes (or more, with longer length fields) to the packet that
+    /// sets it up, and may add to one that uses it (a topic shorter than 3 bytes): a packet
+    /// that would then exceed the broker's Maximum Packet Size goes out plain, as
+    /// checked (review L2).
     fn write_publish(&mut self, p: &EncodedPublish, buf: &mut Vec<u8>) {
         if self.alias_max == 0 {
             buf.extend_from_slice(&p.bytes);
             return;
         }
+        let start = buf.len();
+        let fits = |buf: &Vec<u8>, limit: Option<u32>| {
+            limit.is_none_or(|l| buf.len() - start <= l as usize)
+        };
         let topic = wire::publish_topic(p);
         if let Some(&alias) = self.aliases.get(topic) {
             wire::write_aliased(p, alias, false, buf);
         } else if self.aliases.len() < usize::from(self.alias_max) {
             let alias = self.aliases.len() as u16 + 1;
-            self.aliases.insert(topic.to_vec(), alias);
             wire::write_aliased(p, alias, true, buf);
+            if fits(buf, self.broker_max_packet) {
+                self.aliases.insert(topic.to_vec(), alias);
+            }
         } else {
+            buf.extend_from_slice(&p.bytes);
+        }
+        if !fits(buf, self.broker_max_packet) {
+            buf.truncate(start);
             buf.extend_from_slice(&p.bytes);
         }
     }

@@ -85,6 +85,9 @@ pub struct Sink {
     pub(crate) session_step: SessionStep,
     /// `close` wants the persistent session ended after its DISCONNECT.
     pub(crate) end_session: bool,
+    /// This connection's CONNECT asked for a clean session (so CONNACK must not say
+    /// "session present").
+    pub(crate) sent_clean: bool,
     /// When the broker last answered the oldest in-flight entry on this connection (the
     /// next one's ack timeout counts from then at the earliest).
     pub(crate) head_since: Option<Instant>,
@@ -210,6 +213,7 @@ impl Sink {
             head_since: None,
             session_step: SessionStep::default(),
             end_session: false,
+            sent_clean: false,
             fatal: None,
             ledger: Ledger::default(),
             next_id: 0,

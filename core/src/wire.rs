@@ -556,8 +556,11 @@ fn decode(version: MqttVersion, packet: Bytes, hdr_len: usize) -> Result<Incomin
             })
         }
         t @ (4..=7) => {
-            if t == 6 && byte1 & 0x0F != 0x02 {
-                return Err(WireError("PUBREL has wrong fixed-header flags".into()));
+            // PUBREL's flags are 0010, PUBACK's, PUBREC's and PUBCOMP's 0000.
+            let flags = if t == 6 { 0x02 } else { 0x00 };
+            if byte1 & 0x0F != flags {
+                let name = ["PUBACK", "PUBREC", "PUBREL", "PUBCOMP"][usize::from(t - 4)];
+                return Err(WireError(format!("{name} has wrong fixed-header flags")));
             }
             need(&body, 2, "acknowledgement")?;
             let pkid = body.get_u16();
@@ -583,12 +586,18 @@ fn decode(version: MqttVersion, packet: Bytes, hdr_len: usize) -> Result<Incomin
             body.advance(tlen);
             let pkid = if qos > 0 {
                 need(&body, 2, "PUBLISH")?;
-                body.get_u16()
+                match body.get_u16() {
+                    0 => return Err(WireError("PUBLISH with QoS > 0 and packet id 0".into())),
+                    id => id,
+                }
             } else {
                 0
             };
             Ok(Incoming::Publish { qos, pkid })
         }
+        13 if byte1 & 0x0F != 0 || !body.is_empty() => Err(WireError(
+            "PINGRESP with flags or a body (its remaining length must be 0)".into(),
+        )),
         13 => Ok(Incoming::PingResp),
         14 => {
             // A bodiless DISCONNECT is legal in MQTT 5 (reason 0); mqttbytes rejects it.
@@ -711,6 +720,51 @@ mod tests {
                     assert_eq!(pb.pkid, if qos == QoS::AtMostOnce { 0 } else { 9 });
                 }
                 other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// Review L10: fixed-header flags of PUBACK, PUBREC and PUBCOMP, the remaining length
+    /// of PINGRESP and the packet id of a QoS > 0 PUBLISH are checked (each used to decode).
+    #[test]
+    fn malformed_acks_pings_and_publishes_are_refused() {
+        let cases: [(&[u8], &str); 6] = [
+            (
+                &[0x41, 0x02, 0x00, 0x01],
+                "PUBACK has wrong fixed-header flags",
+            ),
+            (
+                &[0x58, 0x02, 0x00, 0x01],
+                "PUBREC has wrong fixed-header flags",
+            ),
+            (
+                &[0x71, 0x02, 0x00, 0x01],
+                "PUBCOMP has wrong fixed-header flags",
+            ),
+            (
+                &[0x60, 0x02, 0x00, 0x01],
+                "PUBREL has wrong fixed-header flags",
+            ),
+            (&[0xD0, 0x01, 0x00], "PINGRESP with flags or a body"),
+            (
+                &[0x32, 0x05, 0x00, 0x01, b't', 0x00, 0x00],
+                "PUBLISH with QoS > 0 and packet id 0",
+            ),
+        ];
+        for version in [MqttVersion::V311, MqttVersion::V5] {
+            for (bytes, want) in cases {
+                let mut d = Decoder::new(1 << 20);
+                d.push(bytes);
+                let e = d.next(version).unwrap_err();
+                assert!(e.0.contains(want), "{bytes:02x?}: {e:?}");
+            }
+            let mut d = Decoder::new(1 << 20);
+            d.push(&[0x40, 0x02, 0x00, 0x01, 0xD0, 0x00, 0x62, 0x02, 0x00, 0x01]);
+            for _ in 0..3 {
+                assert!(
+                    d.next(version).unwrap().is_some(),
+                    "well-formed packets decode"
+                );
             }
         }
     }

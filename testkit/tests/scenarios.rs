@@ -1297,6 +1297,126 @@ fn v5_topic_aliases_within_the_broker_maximum() {
     assert_no_violations(&h);
 }
 
+/// Review L2: the Topic Alias property adds 3 bytes to the packet that sets it up. Records
+/// whose plain PUBLISH is just under, at or just over the broker's Maximum Packet Size
+/// (each on its own topic, so each would set up an alias): those that fit plain arrive
+/// (plain when the alias would not fit), the others are rejected as too large, and the
+/// broker never sees an oversized packet (it used to: 0x95 and a disconnect, again on
+/// every connection that did not resume the session).
+#[test]
+fn v5_an_alias_never_makes_a_packet_exceed_the_broker_maximum() {
+    const LIMIT: u32 = 105;
+    let knobs = BrokerKnobs {
+        topic_alias_maximum: Some(100),
+        max_packet_size: Some(LIMIT),
+        ..BrokerKnobs::default()
+    };
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.error_policy = ErrorPolicy::Skip;
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 2);
+    connected(&mut h);
+    let recs: Vec<Record> = (0..12)
+        .map(|i| {
+            let value = "x".repeat(80 + i as usize);
+            record("readings", 0, i, &format!("key{i:02}"), &value)
+        })
+        .collect();
+    for r in recs.clone() {
+        h.push(r).unwrap();
+    }
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    assert_no_violations(&h);
+    let rejected = h.count_events(|e| {
+        matches!(
+            e,
+            Event::RecordRejected {
+                reason: RejectReason::PacketTooLarge { .. },
+                ..
+            }
+        )
+    });
+    let arrived = h.broker.delivered().len();
+    assert_eq!(arrived + rejected, 12);
+    assert!(
+        arrived >= 3 && rejected >= 1,
+        "{arrived} arrived, {rejected} rejected"
+    );
+    let plain = h
+        .broker
+        .received()
+        .iter()
+        .filter(|r| r.properties.topic_alias.is_none())
+        .count();
+    assert!(
+        plain >= 3,
+        "the last ones that fit went out plain ({plain})"
+    );
+}
+
+/// Review L2: after a resumed session the broker's Receive Maximum and Maximum Packet
+/// Size may be lower than when the publishes were first sent. Resends stay within the new
+/// Receive Maximum (they used to go out all at once: 0x93 and a disconnect, again on every
+/// connection), and a publish now too large is rejected rather than resent.
+#[test]
+fn v5_resends_respect_limits_the_broker_lowered() {
+    for qos in [1u8, 2] {
+        let mut cfg = test_config(MqttVersion::V5, qos);
+        cfg.clean_session = false;
+        cfg.error_policy = ErrorPolicy::Skip;
+        let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 6);
+        connected(&mut h);
+        h.broker.knobs_mut().ack_loss = 1.0;
+        let recs: Vec<Record> = (0..10)
+            .map(|i| {
+                let value = if i == 3 {
+                    "y".repeat(300)
+                } else {
+                    format!("v{i}")
+                };
+                record("readings", 0, i, &format!("k{}", i % 3), &value)
+            })
+            .collect();
+        for r in recs.clone() {
+            h.push(r).unwrap();
+        }
+        h.run_for(Duration::from_millis(100));
+        assert_eq!(h.sink.stats().inflight, 10);
+        let knobs = h.broker.knobs_mut();
+        knobs.ack_loss = 0.0;
+        knobs.receive_maximum = Some(2);
+        knobs.max_packet_size = Some(200);
+        h.cut();
+        connected(&mut h);
+        assert!(
+            matches!(h.flush(), Event::FlushCompleted { .. }),
+            "qos {qos}"
+        );
+        assert_no_violations(&h);
+        // Record 3 may have reached the broker before (its answer lost): not resent.
+        let want: Vec<Record> = recs.iter().filter(|r| r.offset != 3).cloned().collect();
+        let big = recs[3].value.clone().unwrap();
+        let arrivals: Vec<(String, Bytes)> = delivered(&h)
+            .into_iter()
+            .filter(|(_, p)| *p != big)
+            .collect();
+        check(&expected(&want), &arrivals, true).unwrap();
+        let too_large: Vec<String> = h
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::RecordRejected {
+                    coords,
+                    reason: RejectReason::PacketTooLarge { .. },
+                    ..
+                } => Some(coords.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(too_large, vec!["readings/0@3".to_string()], "qos {qos}");
+        assert_eq!(h.broker.connects().len(), 2, "qos {qos}: no reconnect loop");
+    }
+}
+
 /// H4: strings MQTT lets a broker refuse (Mosquitto closes the connection on them) are
 /// refused by the sink first, with the record and the character's position, and the
 /// records after them are delivered; with `string_policy = "escape"` topics are escaped.
