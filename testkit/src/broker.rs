@@ -51,8 +51,10 @@ pub struct BrokerKnobs {
     /// v5 only: PUBACK (QoS 1) / PUBREC (QoS 2) reason for publishes to this exact topic. A code
     /// >= 0x80 rejects the message: it is not delivered and a QoS 2 flow ends at the PUBREC.
     pub topic_reason_codes: BTreeMap<String, u8>,
-    /// v5: advertised in CONNACK. Any version: a larger packet from the client after the
-    /// CONNACK is a violation (v5 DISCONNECT 0x95) and closes the connection.
+    /// v5: advertised in CONNACK, and a larger packet from the client after the CONNACK is
+    /// a violation (DISCONNECT 0x95). 3.1/3.1.1, where the broker cannot announce it: the
+    /// connection closes without a reason and without the answers not yet written (as
+    /// Mosquitto does), not a violation.
     pub max_packet_size: Option<u32>,
     /// v5: advertised in CONNACK; more unacknowledged QoS > 0 publishes than this is a violation
     /// (DISCONNECT 0x93). A publish stays unacknowledged until [`SimBroker::poll_transmit`]
@@ -86,6 +88,26 @@ pub struct BrokerKnobs {
     /// RabbitMQ's MQTT plugin: a QoS 2 PUBLISH is handled as QoS 1 (delivered, answered
     /// with PUBACK).
     pub qos2_as_qos1: bool,
+}
+
+impl BrokerKnobs {
+    /// Strict mode: the limits of the most demanding brokers at once, each enforced (a
+    /// breach is a violation, or closes the connection like the broker that has it): MQTT 5
+    /// Receive Maximum 2 and Topic Alias Maximum 2, Maximum Packet Size 256 (announced in
+    /// MQTT 5; 3.1/3.1.1 cannot say, the broker closes the connection), a QoS 2 PUBLISH
+    /// handled as QoS 1 and answered with PUBACK (RabbitMQ), and the connection closed on a
+    /// character MQTT lets a receiver refuse (Mosquitto).
+    #[must_use]
+    pub fn strict() -> Self {
+        Self {
+            receive_maximum: Some(2),
+            max_packet_size: Some(256),
+            topic_alias_maximum: Some(2),
+            qos2_as_qos1: true,
+            refuse_control_chars: true,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for BrokerKnobs {
@@ -435,6 +457,13 @@ impl SimBroker {
             let size = header + remaining;
             let max = self.conn.as_ref().and_then(|c| c.limits.max_packet_size);
             if let Some(max) = max.filter(|&max| size > max as usize) {
+                let v5 = self.conn.as_ref().is_some_and(|c| c.codec == Codec::V5);
+                if !v5 {
+                    // Not announced: the client could not know. Hang up like Mosquitto.
+                    self.out.clear();
+                    self.close(now, None);
+                    return Ok(());
+                }
                 let name = packet_name(self.buf[0]);
                 let m = format!("{name} of {size} bytes exceeds maximum packet size {max}");
                 return self.fail(now, 0x95, BrokerError::Violation(m));

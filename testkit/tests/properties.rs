@@ -132,6 +132,100 @@ mod poison {
     }
 }
 
+/// The strict simulated broker (`BrokerKnobs::strict`: Receive Maximum 2, Maximum Packet
+/// Size 256, Topic Alias Maximum 2, PUBACK for QoS 2, a forbidden character closes the
+/// connection), any window, MQTT 3.1.1 or 5, QoS 1 or 2 with `qos_downgrade`, records of
+/// 0..=400 bytes, some keys with a TAB: the broker never sees a breach of its limits, each
+/// record with a TAB in its key is rejected by the sink before sending, each record far
+/// over 256 bytes is rejected once (MQTT 5: the announced limit; 3.1.1: the broker hangs up
+/// on it, poison detection), each small clean record arrives (once, in order, on MQTT 5),
+/// and the flush completes at the end offset. Shown to catch: without the alias fallback
+/// of review L2 a record near 256 bytes goes out oversize.
+mod strict {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use mqtt_sink_core::{ErrorPolicy, Event, MqttVersion, RejectReason, TopicPartition};
+    use mqtt_sink_testkit::broker::BrokerKnobs;
+    use mqtt_sink_testkit::checker::{check, Expected};
+    use mqtt_sink_testkit::sim::{record, test_config, Harness, LinkKnobs};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(super::config())]
+
+        #[test]
+        fn a_strict_broker_sees_no_breach_and_every_deliverable_record_arrives(
+            v5 in any::<bool>(),
+            qos in 1u8..=2,
+            window in 1u32..=8,
+            recs in prop::collection::vec((prop::bool::weighted(0.15), 0usize..=400), 1..25),
+            seed in any::<u64>(),
+        ) {
+            let version = if v5 { MqttVersion::V5 } else { MqttVersion::V311 };
+            let mut cfg = test_config(version, qos);
+            cfg.error_policy = ErrorPolicy::Skip;
+            cfg.qos_downgrade = true;
+            cfg.max_inflight = window;
+            cfg.reconnect_jitter_seed = Some(seed);
+            let mut h = Harness::new(cfg, BrokerKnobs::strict(), LinkKnobs::default(), seed);
+            prop_assert!(h.run_until(Duration::from_secs(30), |h| h.sink.is_connected()));
+            let key = |o: usize, tab: bool| if tab { format!("k\t{o}") } else { format!("k{}", o % 3) };
+            for (o, (tab, size)) in recs.iter().enumerate() {
+                let value = format!("{o:03}{}", "v".repeat(*size));
+                h.push(record("readings", 0, o as i64, &key(o, *tab), &value))
+                    .map_err(|e| TestCaseError::fail(format!("push: {e}")))?;
+            }
+            let n = recs.len() as i64;
+            let tp = TopicPartition::new("readings", 0);
+            prop_assert_eq!(
+                h.flush_with_deadline(h.now + Duration::from_secs(3600)),
+                Event::FlushCompleted { offsets: vec![(tp, n)] }
+            );
+            prop_assert!(h.broker.violations().is_empty(), "{:?}", h.broker.violations());
+            let rejected: Vec<(i64, RejectReason)> = h.events.iter().filter_map(|(_, e)| match e {
+                Event::RecordRejected { coords, reason, .. } => Some((coords.offset, reason.clone())),
+                _ => None,
+            }).collect();
+            let mut offsets: Vec<i64> = rejected.iter().map(|(o, _)| *o).collect();
+            offsets.dedup();
+            prop_assert_eq!(offsets.len(), rejected.len(), "each rejected once: {:?}", rejected);
+            for (o, (tab, size)) in recs.iter().enumerate() {
+                let why = rejected.iter().find(|(r, _)| *r == o as i64).map(|(_, w)| w);
+                if *tab {
+                    prop_assert!(
+                        matches!(why, Some(RejectReason::InvalidTopic { .. })),
+                        "record {} (TAB): {:?}", o, why
+                    );
+                } else if *size >= 300 {
+                    prop_assert!(why.is_some(), "record {} ({} bytes) was sent", o, size);
+                } else if *size <= 150 {
+                    prop_assert!(why.is_none(), "record {} ({} bytes): {:?}", o, size, why);
+                }
+            }
+            let expected: Vec<Expected> = recs.iter().enumerate()
+                .filter(|(o, _)| !offsets.contains(&(*o as i64)))
+                .map(|(o, (tab, size))| Expected {
+                    topic: format!("sensors/{}", key(o, *tab)),
+                    payload: Bytes::from(format!("{o:03}{}", "v".repeat(*size))),
+                }).collect();
+            let delivered: Vec<_> = h.broker.delivered().iter()
+                .filter(|d| !d.payload.is_empty())
+                .filter(|d| {
+                    let o: i64 = std::str::from_utf8(&d.payload[..3]).ok()
+                        .and_then(|s| s.parse().ok()).unwrap_or(-1);
+                    !offsets.contains(&o)
+                })
+                .map(|d| (d.topic.clone(), d.payload.clone())).collect();
+            // MQTT 3.1.1: the broker hangs up on an oversize record, and what was in
+            // flight with it is resent.
+            check(&expected, &delivered, !v5).map_err(TestCaseError::fail)?;
+            let downgrades = h.count_events(|e| matches!(e, Event::QosDowngraded { .. }));
+            prop_assert!(downgrades <= usize::from(qos == 2));
+        }
+    }
+}
+
 /// Review finding H5: on a healthy but slow link the ack timeout must not count from when
 /// a publish was handed to the runtime, nor from when a kernel send buffer took it. The
 /// window (10..=1000 records of 1 B..=8 KiB) takes 3..=6 ack timeouts to write at the
