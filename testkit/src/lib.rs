@@ -4,6 +4,7 @@
 //!
 //! Everything here is sans-IO and seeded: a test is a pure function of its seed.
 
+pub mod amqtt;
 pub mod backend;
 pub mod bridge_model;
 pub mod bridge_suite;
@@ -18,6 +19,7 @@ pub mod mosquitto;
 pub mod proxy;
 pub mod rabbitmq;
 pub mod rng;
+pub mod rumqttd;
 pub mod sim;
 pub mod sim_kafka;
 pub mod subscriber;
