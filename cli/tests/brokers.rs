@@ -11,12 +11,12 @@
 //! A broker that is not installed here says SKIPPED and why.
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use mqtt_sink_testkit::amqtt::Amqtt;
 use mqtt_sink_testkit::checker::{check, Expected};
-use mqtt_sink_testkit::daemon::{each_runtime, Daemon};
+use mqtt_sink_testkit::daemon::{self, each_runtime, Daemon};
 use mqtt_sink_testkit::kafka::MockKafka;
 use mqtt_sink_testkit::rabbitmq::RabbitMq;
 use mqtt_sink_testkit::rumqttd::Rumqttd;
@@ -50,40 +50,24 @@ fn deliver(runtime: &str, broker: &str, port: u16, version: &str, qos: u8) {
     } else {
         SyncSubscriber::start_v311(port, &filter)
     };
-    let config = format!(
-        r#"
-[kafka]
-brokers = "{bootstrap}"
-group_id = "{group}"
-topics = ["{TOPIC}"]
-commit_interval = "200ms"
-[kafka.properties]
-"group.protocol" = "consumer"
-"auto.offset.reset" = "earliest"
-
-[mqtt]
-client_id = "{group}"
-server = "127.0.0.1"
-port = {port}
-topic_root = "sensors/{tag}"
-tls_enabled = false
-version = "{version}"
-qos = {qos}
-reconnect_backoff_min = "50ms"
-
-[http]
-listen = ""
-"#,
-        bootstrap = kafka.bootstrap()
+    let mqtt = format!("version = \"{version}\"\nqos = {qos}");
+    let root = format!("sensors/{tag}");
+    let config = daemon::config(
+        &kafka.bootstrap(),
+        (&group, TOPIC),
+        (port, &root),
+        &mqtt,
+        "",
     );
     let mut d = Daemon::start(env!("CARGO_BIN_EXE_mqtt-sink"), runtime, &config);
     let arrived = sub.wait_for_all(&want, Duration::from_secs(60));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut committed = None;
-    while committed != Some(N as i64) && Instant::now() < deadline {
-        sub.wait_for(usize::MAX, Duration::from_millis(200));
-        committed = kafka.committed(&group, TOPIC, 1).unwrap()[0];
-    }
+    let committed = daemon::wait_committed(
+        &kafka,
+        (&group, TOPIC),
+        N as i64,
+        &sub,
+        Duration::from_secs(30),
+    );
     let status = d.stop();
     let log = d.log();
     assert_eq!(arrived, N, "{case}: arrived\n{log}");

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mqtt_sink_testkit::checker::{check, Expected};
-use mqtt_sink_testkit::daemon::{each_runtime, Daemon};
+use mqtt_sink_testkit::daemon::{self, each_runtime, Daemon};
 use mqtt_sink_testkit::kafka::MockKafka;
 use mqtt_sink_testkit::rabbitmq::RabbitMq;
 use mqtt_sink_testkit::subscriber::SyncSubscriber;
@@ -19,32 +19,13 @@ use mqtt_sink_testkit::subscriber::SyncSubscriber;
 const TOPIC: &str = "readings";
 
 fn config(kafka: &MockKafka, group: &str, port: u16, extra: &str) -> String {
-    format!(
-        r#"
-[kafka]
-brokers = "{bootstrap}"
-group_id = "{group}"
-topics = ["{TOPIC}"]
-commit_interval = "200ms"
-[kafka.properties]
-"group.protocol" = "consumer"
-"auto.offset.reset" = "earliest"
-
-[mqtt]
-client_id = "{group}"
-server = "127.0.0.1"
-port = {port}
-topic_root = "sensors"
-tls_enabled = false
-version = "3.1.1"
-qos = 2
-reconnect_backoff_min = "50ms"
-{extra}
-
-[http]
-listen = ""
-"#,
-        bootstrap = kafka.bootstrap()
+    let mqtt = format!("version = \"3.1.1\"\nqos = 2\n{extra}");
+    daemon::config(
+        &kafka.bootstrap(),
+        (group, TOPIC),
+        (port, "sensors"),
+        &mqtt,
+        "",
     )
 }
 
@@ -103,12 +84,8 @@ fn qos_2_against_a_broker_that_answers_puback_stops_once_or_downgrades_once() {
         let mut d = Daemon::start(bin, runtime, &cfg);
         let want: Vec<Bytes> = expected.iter().map(|e| e.payload.clone()).collect();
         let arrived = sub.wait_for_all(&want, Duration::from_secs(60));
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let mut committed = None;
-        while committed != Some(500) && std::time::Instant::now() < deadline {
-            sub.wait_for(usize::MAX, Duration::from_millis(200));
-            committed = kafka.committed(&group, TOPIC, 1).unwrap()[0];
-        }
+        let committed =
+            daemon::wait_committed(&kafka, (&group, TOPIC), 500, &sub, Duration::from_secs(30));
         let status = d.stop();
         let log = d.log();
         assert_eq!(arrived, 500, "{log}");

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mqtt_sink_testkit::daemon::{each_runtime, Daemon};
+use mqtt_sink_testkit::daemon::{self, each_runtime, Daemon};
 use mqtt_sink_testkit::kafka::MockKafka;
 use mqtt_sink_testkit::mosquitto::{Mosquitto, MosquittoOptions};
 use mqtt_sink_testkit::proxy::ChaosProxy;
@@ -21,32 +21,13 @@ const RUNS: usize = 3;
 const ORPHANS: &str = "$SYS/broker/clients/disconnected";
 
 fn config(kafka: &MockKafka, group: &str, port: u16) -> String {
-    format!(
-        r#"
-[kafka]
-brokers = "{bootstrap}"
-group_id = "{group}"
-topics = ["{TOPIC}"]
-commit_interval = "200ms"
-[kafka.properties]
-"group.protocol" = "consumer"
-"auto.offset.reset" = "earliest"
-
-[mqtt]
-client_id = "{group}"
-server = "127.0.0.1"
-port = {port}
-topic_root = "sensors"
-tls_enabled = false
-version = "3.1.1"
-qos = 2
-reconnect_backoff_min = "50ms"
-reconnect_backoff_max = "200ms"
-
-[http]
-listen = ""
-"#,
-        bootstrap = kafka.bootstrap()
+    let mqtt = "version = \"3.1.1\"\nqos = 2\nreconnect_backoff_max = \"200ms\"";
+    daemon::config(
+        &kafka.bootstrap(),
+        (group, TOPIC),
+        (port, "sensors"),
+        mqtt,
+        "",
     )
 }
 
@@ -85,12 +66,8 @@ fn stopped_daemons_leave_no_session_on_the_broker() {
             kafka.produce(TOPIC, &recs[100..]).unwrap();
             let arrived = sub.wait_for_all(&want, Duration::from_secs(60));
             let end = ((run + 1) * 200) as i64;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut committed = None;
-            while committed != Some(end) && Instant::now() < deadline {
-                sub.wait_for(usize::MAX, Duration::from_millis(200));
-                committed = kafka.committed(&group, TOPIC, 1).unwrap()[0];
-            }
+            let committed =
+                daemon::wait_committed(&kafka, (&group, TOPIC), end, &sub, Duration::from_secs(30));
             let status = d.stop();
             let log = d.log();
             assert_eq!(arrived, 200, "run {run}:\n{log}");

@@ -6,14 +6,13 @@
 //! at most `poison_after` + 1 connections and the log names the record.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mqtt_sink_testkit::checker::{check, Expected};
+use mqtt_sink_testkit::daemon::{self, each_runtime, Daemon};
 use mqtt_sink_testkit::kafka::MockKafka;
-use mqtt_sink_testkit::mosquitto::{free_port, Mosquitto, MosquittoOptions};
+use mqtt_sink_testkit::mosquitto::{Mosquitto, MosquittoOptions};
 use mqtt_sink_testkit::proxy::ChaosProxy;
 use mqtt_sink_testkit::subscriber::SyncSubscriber;
 
@@ -21,140 +20,24 @@ const TOPIC: &str = "readings";
 const DLQ: &str = "readings-dlq";
 const POISON_AFTER: usize = 3;
 
-/// Runs `case` for each runtime, each even if the other fails.
-fn each_runtime(case: impl Fn(&str)) {
-    let failures: Vec<String> = ["tokio", "blocking"]
-        .into_iter()
-        .filter_map(|runtime| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(runtime)))
-                .err()
-                .map(|e| {
-                    let msg = e
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    format!("{runtime}: {msg}")
-                })
-        })
-        .collect();
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+/// Starts the daemon on `runtime` reading [`TOPIC`] into the broker at `port`,
+/// dead-lettering to [`DLQ`]; `mqtt` is appended to the `[mqtt]` section.
+fn start(runtime: &str, kafka: &MockKafka, group: &str, port: u16, mqtt: &str) -> Daemon {
+    let mqtt = format!("reconnect_backoff_max = \"500ms\"\n{mqtt}");
+    let policy = format!("[policy]\nerror_policy = \"dead-letter\"\ndead_letter_topic = \"{DLQ}\"");
+    let cfg = daemon::config(
+        &kafka.bootstrap(),
+        (group, TOPIC),
+        (port, "sensors"),
+        &mqtt,
+        &policy,
+    );
+    Daemon::start(env!("CARGO_BIN_EXE_mqtt-sink"), runtime, &cfg)
 }
 
-/// The daemon, running; killed (by pid) when dropped.
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Daemon {
-    /// Starts `mqtt-sink run` reading [`TOPIC`] into the broker at `port`, dead-lettering
-    /// to [`DLQ`]; `mqtt` is appended to the `[mqtt]` section.
-    fn start(runtime: &str, kafka: &MockKafka, group: &str, port: u16, mqtt: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "mqtt-sink-stalls-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let cfg = dir.join("sink.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                r#"
-[kafka]
-brokers = "{bootstrap}"
-group_id = "{group}"
-topics = ["{TOPIC}"]
-commit_interval = "200ms"
-[kafka.properties]
-"group.protocol" = "consumer"
-"auto.offset.reset" = "earliest"
-
-[mqtt]
-client_id = "{group}"
-server = "127.0.0.1"
-port = {port}
-topic_root = "sensors"
-tls_enabled = false
-reconnect_backoff_min = "50ms"
-reconnect_backoff_max = "500ms"
-{mqtt}
-
-[policy]
-error_policy = "dead-letter"
-dead_letter_topic = "{DLQ}"
-
-[http]
-listen = ""
-"#,
-                bootstrap = kafka.bootstrap()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mqtt-sink"))
-            .args([
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--runtime",
-                runtime,
-            ])
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Self { child, dir }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
-    }
-
-    /// SIGTERM, then its exit status (at most 20 s).
-    fn stop(&mut self) -> Option<ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.wait(Duration::from_secs(20))
-    }
-
-    /// Its exit status, if it exits within `timeout`.
-    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            // Polling a child's exit: nothing to wait on but the clock.
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Until the group committed `end` on partition 0 (at most `timeout`).
+/// Until the group committed `end` on partition 0 (at most 60 s).
 fn wait_committed(kafka: &MockKafka, group: &str, end: i64, sub: &SyncSubscriber) -> Option<i64> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let c = kafka.committed(group, TOPIC, 1).unwrap()[0];
-        if c == Some(end) || Instant::now() > deadline {
-            return c;
-        }
-        sub.wait_for(usize::MAX, Duration::from_millis(200));
-    }
+    daemon::wait_committed(kafka, (group, TOPIC), end, sub, Duration::from_secs(60))
 }
 
 /// `n` records on one partition; the one at `bad` has `bad_record`'s key and value.
@@ -227,7 +110,7 @@ fn a_key_with_a_control_character_is_dead_lettered_once_and_the_rest_arrive() {
         produce(&kafka, &tag, n, bad, ("dev\t7", "has a tab"));
         let broker = Mosquitto::start(MosquittoOptions::default()).unwrap();
         let sub = SyncSubscriber::start(broker.port, "sensors/#");
-        let mut d = Daemon::start(runtime, &kafka, &group, broker.port, "");
+        let mut d = start(runtime, &kafka, &group, broker.port, "");
         assert_handled_once(&kafka, &sub, &mut d, (&group, &tag, n, bad), "U+0009");
         // Connections that carried publishes; the daemon's stop adds one, CleanSession=1,
         // that ends its session on the broker (review M3).
@@ -260,7 +143,7 @@ fn an_oversized_record_on_mqtt_3_1_1_is_given_up_after_poison_after_closes() {
         .unwrap();
         let sub = SyncSubscriber::start(broker.port, "sensors/#");
         let mqtt = format!("version = \"3.1.1\"\npoison_after = {POISON_AFTER}");
-        let mut d = Daemon::start(runtime, &kafka, &group, broker.port, &mqtt);
+        let mut d = start(runtime, &kafka, &group, broker.port, &mqtt);
         assert_handled_once(
             &kafka,
             &sub,
@@ -384,7 +267,7 @@ fn a_slow_link_delivers_every_record_once() {
         let proxy = ChaosProxy::start(broker.port, 5).unwrap();
         proxy.set_bandwidth(Some(200_000));
         let started = Instant::now();
-        let mut d = Daemon::start(runtime, &kafka, &group, proxy.port, "");
+        let mut d = start(runtime, &kafka, &group, proxy.port, "");
         // ~8.3 MB at 200 KB/s: ~42 s.
         let arrived = produce_paced(
             &kafka,

@@ -26,15 +26,14 @@
 //! in the meantime).
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::mosquitto::free_port;
-use crate::rabbitmq::{mqtt311_connect, read_mqtt_packet};
+use crate::rabbitmq::mqtt_handshake;
 
 /// How long [`Amqtt::start`] waits for the MQTT listener (each attempt).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -89,26 +88,6 @@ fn capture(r: impl Read + Send + 'static, tag: &'static str, log: &Arc<Mutex<Vec
             l.push_back(format!("{tag}{line}"));
         }
     });
-}
-
-/// Connects with MQTT 3.1.1 and checks for a successful CONNACK.
-fn mqtt_handshake(port: u16) -> Result<(), String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(5))))
-        .map_err(|e| e.to_string())?;
-    let id = format!("mqtt-sink-amqtt-probe-{}", std::process::id());
-    s.write_all(&mqtt311_connect(&id))
-        .map_err(|e| e.to_string())?;
-    let (first, body) = read_mqtt_packet(&mut s).map_err(|e| format!("no CONNACK: {e}"))?;
-    let _ = s.write_all(&[0xe0, 0]); // DISCONNECT
-    if first == 0x20 && body.len() == 2 && body[1] == 0 {
-        Ok(())
-    } else {
-        Err(format!("unexpected reply {first:#04x} {body:02x?}"))
-    }
 }
 
 /// Why an attempt to start failed.
@@ -237,7 +216,7 @@ impl Amqtt {
                     Failure::Fatal(msg)
                 });
             }
-            match mqtt_handshake(self.port) {
+            match mqtt_handshake(self.port, "amqtt") {
                 Ok(()) => return Ok(()),
                 Err(e) => last = e,
             }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::kafka::MockKafka;
 use crate::mosquitto::free_port;
+use crate::subscriber::SyncSubscriber;
 
 /// A running `mqtt-sink run`.
 #[derive(Debug)]
@@ -97,4 +99,64 @@ pub fn each_runtime(case: impl Fn(&str)) {
         })
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// A daemon config for the real-process tests: consume `topic` (from the start, KIP-848
+/// group `group`, commit every 200 ms) from the Kafka at `bootstrap` into the broker at
+/// 127.0.0.1:`port` without TLS, client id `group`, topics under `topic_root`, reconnecting
+/// after 50 ms at first, no HTTP listener. `mqtt` is appended to `[mqtt]` (one key per
+/// line); `sections` follow (whole TOML sections, e.g. `[policy]`).
+#[must_use]
+pub fn config(
+    bootstrap: &str,
+    (group, topic): (&str, &str),
+    (port, topic_root): (u16, &str),
+    mqtt: &str,
+    sections: &str,
+) -> String {
+    format!(
+        r#"
+[kafka]
+brokers = "{bootstrap}"
+group_id = "{group}"
+topics = ["{topic}"]
+commit_interval = "200ms"
+[kafka.properties]
+"group.protocol" = "consumer"
+"auto.offset.reset" = "earliest"
+
+[mqtt]
+client_id = "{group}"
+server = "127.0.0.1"
+port = {port}
+topic_root = "{topic_root}"
+tls_enabled = false
+reconnect_backoff_min = "50ms"
+{mqtt}
+
+[http]
+listen = ""
+
+{sections}
+"#
+    )
+}
+
+/// Until `group` committed `end` on partition 0 of `topic` (at most `timeout`), reading
+/// what the subscriber receives meanwhile; the last committed position.
+pub fn wait_committed(
+    kafka: &MockKafka,
+    (group, topic): (&str, &str),
+    end: i64,
+    sub: &SyncSubscriber,
+    timeout: Duration,
+) -> Option<i64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c = kafka.committed(group, topic, 1).ok().and_then(|c| c[0]);
+        if c == Some(end) || Instant::now() > deadline {
+            return c;
+        }
+        sub.wait_for(usize::MAX, Duration::from_millis(200));
+    }
 }

@@ -257,15 +257,16 @@ pub fn read_mqtt_packet(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     Ok((first[0], body))
 }
 
-/// Connects with MQTT 3.1.1 and checks for a successful CONNACK.
-fn mqtt_handshake(port: u16) -> Result<(), String> {
+/// Connects with MQTT 3.1.1 to the broker at 127.0.0.1:`port` (client id naming `who`) and
+/// checks for a successful CONNACK: the readiness probe of the broker fixtures.
+pub(crate) fn mqtt_handshake(port: u16, who: &str) -> Result<(), String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(5))))
         .map_err(|e| e.to_string())?;
-    let id = format!("mqtt-sink-rabbitmq-probe-{}", std::process::id());
+    let id = format!("mqtt-sink-{who}-probe-{}", std::process::id());
     s.write_all(&mqtt311_connect(&id))
         .map_err(|e| e.to_string())?;
     let (first, body) = read_mqtt_packet(&mut s).map_err(|e| format!("no CONNACK: {e}"))?;
@@ -474,7 +475,7 @@ impl RabbitMq {
                     self.log_tail(60).join("\n")
                 ));
             }
-            match mqtt_handshake(self.port) {
+            match mqtt_handshake(self.port, "rabbitmq") {
                 Ok(()) => return Ok(()),
                 Err(e) => last = e,
             }
