@@ -1,35 +1,92 @@
-//! Operations endpoints on `[http] listen`: Prometheus `/metrics`, `/healthz` (process
-//! up) and `/readyz` (connected to the MQTT broker and assigned by Kafka). A minimal
-//! HTTP/1.1 responder on one thread: scrapes are rare and small.
+//! Operations endpoints on `[http] listen`: `/metrics` (OpenMetrics text, by
+//! `prometheus-client`), `/healthz` (the process serves) and `/readyz` (connected to the MQTT
+//! broker and a member of the Kafka group, with or without partitions).
+//!
+//! The server is hyper 1 with axum routing on a thread and tokio runtime of its own, so it
+//! answers whatever the sink's runtime is doing: each connection is a task (a slow client
+//! holds only its own), a request's head must arrive within [`HEADER_TIMEOUT`] and fit in
+//! [`MAX_REQUEST_HEAD`] bytes, a connection lasts at most [`CONNECTION_DEADLINE`], and at
+//! most [`MAX_CONNECTIONS`] are served at once (more are closed at once). `/metrics` is
+//! rendered off the server's runtime, and the consumer lag (one Kafka request per
+//! partition) is computed every [`LAG_INTERVAL`] by a thread of its own and served from the
+//! last value.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mqtt_sink_core::{Event, RejectReason};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use mqtt_sink_core::{BridgeStats, CommitOffsets, Event, RejectReason};
 use mqtt_sink_kafka::StatsHandle;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 
-/// Counters fed by the sink's events.
+/// How long a client may take to send a request's line and headers.
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most a request's line and headers may take (hyper's read buffer; larger requests are
+/// refused).
+pub(crate) const MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// The longest a connection is served, keep-alive included.
+pub(crate) const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// Connections served at once.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// How often the consumer lag is read from Kafka.
+pub(crate) const LAG_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest `/metrics` waits for the sink's own numbers.
+const RENDER_TIMEOUT: Duration = Duration::from_secs(2);
+
+type SinkStatsFn = Box<dyn Fn() -> Option<mqtt_sink_core::Stats> + Send + Sync>;
+type Label = [(&'static str, &'static str); 1];
+
+/// What the scrape reads besides the event counters: the bridge's and the sink's stats, the
+/// last consumer lag, the connection state.
 #[derive(Default)]
-pub(crate) struct Metrics {
-    acknowledged: AtomicU64,
-    rejected: Mutex<BTreeMap<&'static str, u64>>,
-    dead_lettered: AtomicU64,
-    connects: AtomicU64,
-    connect_failures: AtomicU64,
-    connection_losses: AtomicU64,
-    flushes: Mutex<BTreeMap<&'static str, u64>>,
+struct Shared {
     connected: AtomicBool,
     stats: Mutex<Option<StatsHandle>>,
     sink: Mutex<Option<SinkStatsFn>>,
-    watermarks: Mutex<Option<rdkafka::consumer::BaseConsumer>>,
+    lag: Mutex<CommitOffsets>,
 }
 
-type SinkStatsFn = Box<dyn Fn() -> Option<mqtt_sink_core::Stats> + Send + Sync>;
+impl Shared {
+    fn snapshot(&self) -> BridgeStats {
+        self.stats
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(StatsHandle::snapshot))
+            .unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+/// The daemon's metrics: counters fed by the sink's events, and the rest read at scrape
+/// time.
+pub(crate) struct Metrics {
+    registry: Registry,
+    shared: Arc<Shared>,
+    acknowledged: Counter,
+    dead_lettered: Counter,
+    connects: Counter,
+    connect_failures: Counter,
+    connection_losses: Counter,
+    rejected: Family<Label, Counter>,
+    flushes: Family<Label, Counter>,
+}
 
 fn reason_label(r: &RejectReason) -> &'static str {
     match r {
@@ -48,42 +105,102 @@ fn reason_label(r: &RejectReason) -> &'static str {
     }
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let shared = Arc::new(Shared::default());
+        let m = Self {
+            shared: shared.clone(),
+            acknowledged: Counter::default(),
+            dead_lettered: Counter::default(),
+            connects: Counter::default(),
+            connect_failures: Counter::default(),
+            connection_losses: Counter::default(),
+            rejected: Family::default(),
+            flushes: Family::default(),
+            registry: Registry::default(),
+        };
+        let counters = [
+            (
+                "mqtt_sink_records_acknowledged",
+                "Records acknowledged by the MQTT broker.",
+                &m.acknowledged,
+            ),
+            (
+                "mqtt_sink_dead_letters",
+                "Records sent to the dead-letter topic.",
+                &m.dead_lettered,
+            ),
+            (
+                "mqtt_sink_connects",
+                "Successful MQTT connections (CONNACK).",
+                &m.connects,
+            ),
+            (
+                "mqtt_sink_connect_failures",
+                "Failed MQTT connection attempts.",
+                &m.connect_failures,
+            ),
+            (
+                "mqtt_sink_reconnects",
+                "MQTT connections lost (each followed by a reconnect).",
+                &m.connection_losses,
+            ),
+        ];
+        for (name, help, c) in counters {
+            registry.register(name, help, c.clone());
+        }
+        registry.register(
+            "mqtt_sink_records_rejected",
+            "Records the sink could not deliver, by reason.",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "mqtt_sink_flushes",
+            "Checkpoint flushes, by outcome.",
+            m.flushes.clone(),
+        );
+        registry.register_collector(Box::new(Scraped(shared)));
+        Self { registry, ..m }
+    }
+}
+
 impl Metrics {
     /// Counts one event of the sink.
     pub(crate) fn observe(&self, e: &Event) {
-        let bump = |m: &Mutex<BTreeMap<&'static str, u64>>, k: &'static str| {
-            if let Ok(mut m) = m.lock() {
-                *m.entry(k).or_insert(0) += 1;
-            }
-        };
+        let connected = &self.shared.connected;
         match e {
-            Event::RecordAcknowledged(_) => {
-                self.acknowledged.fetch_add(1, Ordering::Relaxed);
+            Event::RecordAcknowledged(_) => _ = self.acknowledged.inc(),
+            Event::RecordRejected { reason, .. } => {
+                _ = self
+                    .rejected
+                    .get_or_create(&[("reason", reason_label(reason))])
+                    .inc();
             }
-            Event::RecordRejected { reason, .. } => bump(&self.rejected, reason_label(reason)),
-            Event::DeadLetter { .. } => {
-                self.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            }
+            Event::DeadLetter { .. } => _ = self.dead_lettered.inc(),
             Event::Connected(_) => {
-                self.connects.fetch_add(1, Ordering::Relaxed);
-                self.connected.store(true, Ordering::Relaxed);
+                self.connects.inc();
+                connected.store(true, Ordering::Relaxed);
             }
-            Event::ConnectFailed(_) => {
-                self.connect_failures.fetch_add(1, Ordering::Relaxed);
-            }
+            Event::ConnectFailed(_) => _ = self.connect_failures.inc(),
             Event::ConnectionLost(_) => {
-                self.connection_losses.fetch_add(1, Ordering::Relaxed);
-                self.connected.store(false, Ordering::Relaxed);
+                self.connection_losses.inc();
+                connected.store(false, Ordering::Relaxed);
             }
-            Event::Closed => self.connected.store(false, Ordering::Relaxed),
-            Event::FlushCompleted { .. } => bump(&self.flushes, "completed"),
-            Event::FlushFailed { .. } => bump(&self.flushes, "failed"),
-            Event::FlushTimedOut { .. } => bump(&self.flushes, "timed_out"),
+            Event::Closed => connected.store(false, Ordering::Relaxed),
+            Event::FlushCompleted { .. } => self.flush("completed"),
+            Event::FlushFailed { .. } => self.flush("failed"),
+            Event::FlushTimedOut { .. } => self.flush("timed_out"),
             _ => {}
         }
     }
 
-    /// A Kafka client (no group) used at scrape time to read high watermarks for the lag.
+    fn flush(&self, outcome: &'static str) {
+        self.flushes.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// Reads the consumer lag every [`LAG_INTERVAL`] from now on, with a Kafka client of its
+    /// own (no group), on a thread of its own: a scrape never waits on Kafka.
     pub(crate) fn attach_watermarks(&self, kafka: &mqtt_sink_core::KafkaConfig) {
         let mut cc = rdkafka::config::ClientConfig::new();
         for (k, v) in &kafka.properties {
@@ -97,8 +214,27 @@ impl Metrics {
             }
         }
         cc.set("bootstrap.servers", &kafka.brokers);
-        if let (Ok(c), Ok(mut w)) = (cc.create(), self.watermarks.lock()) {
-            *w = Some(c);
+        let consumer: rdkafka::consumer::BaseConsumer = match cc.create() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("consumer lag will not be reported: {e}");
+                return;
+            }
+        };
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("mqtt-sink-lag".into())
+            .spawn(move || loop {
+                let committed = shared.snapshot().committed;
+                let lag = mqtt_sink_kafka::lag(&consumer, &committed);
+                if let Ok(mut l) = shared.lag.lock() {
+                    *l = lag;
+                }
+                // A periodic refresh for the life of the process.
+                std::thread::sleep(LAG_INTERVAL);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("consumer lag will not be reported: {e}");
         }
     }
 
@@ -108,195 +244,259 @@ impl Metrics {
         stats: StatsHandle,
         sink: impl Fn() -> Option<mqtt_sink_core::Stats> + Send + Sync + 'static,
     ) {
-        if let Ok(mut s) = self.stats.lock() {
+        if let Ok(mut s) = self.shared.stats.lock() {
             *s = Some(stats);
         }
-        if let Ok(mut s) = self.sink.lock() {
+        if let Ok(mut s) = self.shared.sink.lock() {
             *s = Some(Box::new(sink));
         }
     }
 
-    /// Connected to the MQTT broker and assigned partitions by Kafka.
-    fn ready(&self) -> bool {
-        let assigned = self
-            .stats
-            .lock()
-            .ok()
-            .and_then(|s| s.as_ref().map(|h| h.snapshot().assigned))
-            .unwrap_or(0);
-        self.connected.load(Ordering::Relaxed) && assigned > 0
+    /// Connected to the MQTT broker and a member of the Kafka group, with or without
+    /// partitions (more replicas than partitions is normal).
+    pub(crate) fn ready(&self) -> bool {
+        let stats = self.shared.snapshot();
+        self.shared.connected.load(Ordering::Relaxed) && (stats.member || stats.assigned > 0)
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition.
     pub(crate) fn render(&self) -> String {
         let mut o = String::new();
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        let stats = self
-            .stats
-            .lock()
-            .ok()
-            .and_then(|s| s.as_ref().map(StatsHandle::snapshot))
-            .unwrap_or_default();
-        counter(
-            "mqtt_sink_records_consumed_total",
-            "Records consumed from Kafka.",
-            stats.consumed,
-        );
-        counter(
-            "mqtt_sink_records_filtered_total",
-            "Records dropped by the transform.",
-            stats.filtered,
-        );
-        counter(
-            "mqtt_sink_records_acknowledged_total",
-            "Records acknowledged by the MQTT broker.",
-            self.acknowledged.load(Ordering::Relaxed),
-        );
-        counter(
-            "mqtt_sink_dead_letters_total",
-            "Records sent to the dead-letter topic.",
-            self.dead_lettered.load(Ordering::Relaxed),
-        );
-        counter(
-            "mqtt_sink_connects_total",
-            "Successful MQTT connections (CONNACK).",
-            self.connects.load(Ordering::Relaxed),
-        );
-        counter(
-            "mqtt_sink_connect_failures_total",
-            "Failed MQTT connection attempts.",
-            self.connect_failures.load(Ordering::Relaxed),
-        );
-        counter(
-            "mqtt_sink_reconnects_total",
-            "MQTT connections lost (each followed by a reconnect).",
-            self.connection_losses.load(Ordering::Relaxed),
-        );
-        counter(
-            "mqtt_sink_commits_total",
-            "Kafka commits accepted.",
-            stats.commits,
-        );
-        counter(
-            "mqtt_sink_commit_errors_total",
-            "Kafka commits refused.",
-            stats.commit_errors,
-        );
-        counter(
-            "mqtt_sink_rewinds_total",
-            "Checkpoints that failed and rewound.",
-            stats.rewinds,
-        );
-        counter(
-            "mqtt_sink_kafka_errors_total",
-            "Kafka consumer errors.",
-            stats.kafka_errors,
-        );
-        let _ = writeln!(o, "# HELP mqtt_sink_records_rejected_total Records the sink could not deliver, by reason.\n# TYPE mqtt_sink_records_rejected_total counter");
-        if let Ok(m) = self.rejected.lock() {
-            for (k, v) in m.iter() {
-                let _ = writeln!(o, "mqtt_sink_records_rejected_total{{reason=\"{k}\"}} {v}");
-            }
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut o, &self.registry) {
+            tracing::warn!("cannot encode the metrics: {e}");
         }
-        let _ = writeln!(o, "# HELP mqtt_sink_flushes_total Checkpoint flushes, by outcome.\n# TYPE mqtt_sink_flushes_total counter");
-        if let Ok(m) = self.flushes.lock() {
-            for (k, v) in m.iter() {
-                let _ = writeln!(o, "mqtt_sink_flushes_total{{outcome=\"{k}\"}} {v}");
-            }
-        }
-        let _ = writeln!(o, "# HELP mqtt_sink_committed_offset Last committed position per partition.\n# TYPE mqtt_sink_committed_offset gauge");
-        for (tp, off) in &stats.committed {
-            let _ = writeln!(
-                o,
-                "mqtt_sink_committed_offset{{topic=\"{}\",partition=\"{}\"}} {off}",
-                tp.topic, tp.partition
-            );
-        }
-        let _ = writeln!(o, "# HELP mqtt_sink_consumer_lag Records between the committed position and the high watermark.\n# TYPE mqtt_sink_consumer_lag gauge");
-        let lag = self
-            .watermarks
-            .lock()
-            .ok()
-            .and_then(|w| {
-                w.as_ref()
-                    .map(|c| mqtt_sink_kafka::lag(c, &stats.committed))
-            })
-            .unwrap_or_default();
-        for (tp, lag) in &lag {
-            let _ = writeln!(
-                o,
-                "mqtt_sink_consumer_lag{{topic=\"{}\",partition=\"{}\"}} {lag}",
-                tp.topic, tp.partition
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP mqtt_sink_last_flush_seconds Duration of the last checkpoint flush.\n# TYPE mqtt_sink_last_flush_seconds gauge\nmqtt_sink_last_flush_seconds {}",
-            stats.last_flush_ms as f64 / 1000.0
-        );
-        let sink = self
-            .sink
-            .lock()
-            .ok()
-            .and_then(|f| f.as_ref().and_then(|f| f()));
-        if let Some(st) = sink {
-            let _ = writeln!(o, "# HELP mqtt_sink_inflight QoS 1/2 publishes awaiting acknowledgement.\n# TYPE mqtt_sink_inflight gauge\nmqtt_sink_inflight {}", st.inflight);
-            let _ = writeln!(o, "# HELP mqtt_sink_buffered_records Records held by the sink (queued or in flight).\n# TYPE mqtt_sink_buffered_records gauge\nmqtt_sink_buffered_records {}", st.buffered_records);
-            let _ = writeln!(o, "# HELP mqtt_sink_buffered_bytes Bytes held by the sink.\n# TYPE mqtt_sink_buffered_bytes gauge\nmqtt_sink_buffered_bytes {}", st.buffered_bytes);
-            let _ = writeln!(o, "# HELP mqtt_sink_records_published_total Records handed to the broker connection.\n# TYPE mqtt_sink_records_published_total counter\nmqtt_sink_records_published_total {}", st.pushed);
-        }
-        let _ = writeln!(
-            o,
-            "# HELP mqtt_sink_mqtt_connected 1 while connected to the MQTT broker.\n# TYPE mqtt_sink_mqtt_connected gauge\nmqtt_sink_mqtt_connected {}\n# HELP mqtt_sink_assigned_partitions Kafka partitions assigned to this instance.\n# TYPE mqtt_sink_assigned_partitions gauge\nmqtt_sink_assigned_partitions {}",
-            u8::from(self.connected.load(Ordering::Relaxed)),
-            stats.assigned
-        );
         o
     }
 }
 
-/// Serves the endpoints on `listen` from a background thread.
+/// What is read at scrape time: the bridge's counts, the sink's state, and the committed
+/// position and last lag of each partition this instance owns now (a revoked partition's
+/// series go away).
+#[derive(Debug)]
+struct Scraped(Arc<Shared>);
+
+impl Collector for Scraped {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let stats = self.0.snapshot();
+        let counters = [
+            (
+                "mqtt_sink_records_consumed",
+                "Records consumed from Kafka.",
+                stats.consumed,
+            ),
+            (
+                "mqtt_sink_records_filtered",
+                "Records dropped by the transform.",
+                stats.filtered,
+            ),
+            (
+                "mqtt_sink_commits",
+                "Kafka commits accepted.",
+                stats.commits,
+            ),
+            (
+                "mqtt_sink_commit_errors",
+                "Kafka commits refused.",
+                stats.commit_errors,
+            ),
+            (
+                "mqtt_sink_rewinds",
+                "Checkpoints that failed and rewound.",
+                stats.rewinds,
+            ),
+            (
+                "mqtt_sink_kafka_errors",
+                "Kafka consumer errors.",
+                stats.kafka_errors,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let c = ConstCounter::new(v);
+            c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let sink = self
+            .0
+            .sink
+            .lock()
+            .ok()
+            .and_then(|f| f.as_ref().and_then(|f| f()));
+        let mut gauges = vec![
+            (
+                "mqtt_sink_mqtt_connected",
+                "1 while connected to the MQTT broker.",
+                i64::from(self.0.connected.load(Ordering::Relaxed)),
+            ),
+            (
+                "mqtt_sink_assigned_partitions",
+                "Kafka partitions assigned to this instance.",
+                i64::try_from(stats.assigned).unwrap_or(i64::MAX),
+            ),
+        ];
+        if let Some(st) = &sink {
+            let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+            gauges.extend([
+                (
+                    "mqtt_sink_inflight",
+                    "QoS 1/2 publishes awaiting acknowledgement.",
+                    n(st.inflight),
+                ),
+                (
+                    "mqtt_sink_buffered_records",
+                    "Records held by the sink (queued or in flight).",
+                    n(st.buffered_records),
+                ),
+                (
+                    "mqtt_sink_buffered_bytes",
+                    "Bytes held by the sink.",
+                    n(st.buffered_bytes),
+                ),
+            ]);
+        }
+        for (name, help, v) in gauges {
+            let g = ConstGauge::new(v);
+            g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        if let Some(st) = &sink {
+            let c = ConstCounter::new(st.pushed);
+            let d = enc.encode_descriptor(
+                "mqtt_sink_records_published",
+                "Records handed to the broker connection.",
+                None,
+                c.metric_type(),
+            )?;
+            c.encode(d)?;
+        }
+        let g = ConstGauge::new(stats.last_flush_ms as f64 / 1000.0);
+        g.encode(enc.encode_descriptor(
+            "mqtt_sink_last_flush_seconds",
+            "Duration of the last checkpoint flush.",
+            None,
+            g.metric_type(),
+        )?)?;
+        let per_partition = |enc: &mut DescriptorEncoder<'_>,
+                             (name, help): (&str, &str),
+                             values: &[(String, String, i64)]|
+         -> Result<(), std::fmt::Error> {
+            let mut family = enc.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (topic, partition, v) in values {
+                let labels = [("topic", topic.as_str()), ("partition", partition.as_str())];
+                ConstGauge::new(*v).encode(family.encode_family(&labels)?)?;
+            }
+            Ok(())
+        };
+        let owned = |offsets: &CommitOffsets| -> Vec<(String, String, i64)> {
+            offsets
+                .iter()
+                .filter(|(tp, _)| stats.committed.iter().any(|(c, _)| c == tp))
+                .map(|(tp, v)| (tp.topic.to_string(), tp.partition.to_string(), *v))
+                .collect()
+        };
+        per_partition(
+            &mut enc,
+            (
+                "mqtt_sink_committed_offset",
+                "Last committed position per partition.",
+            ),
+            &owned(&stats.committed),
+        )?;
+        let lag = self.0.lag.lock().map(|l| l.clone()).unwrap_or_default();
+        per_partition(
+            &mut enc,
+            (
+                "mqtt_sink_consumer_lag",
+                "Records between the committed position and the high watermark (read every 5 s).",
+            ),
+            &owned(&lag),
+        )
+    }
+}
+
+/// Serves the endpoints on `listen` from a thread and tokio runtime of their own.
 pub(crate) fn serve(listen: &str, metrics: Arc<Metrics>) -> Result<(), String> {
-    let listener = TcpListener::bind(listen)
+    let listener = std::net::TcpListener::bind(listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|e| format!("http.listen = {listen:?}: cannot listen: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the http runtime: {e}"))?;
     std::thread::Builder::new()
         .name("mqtt-sink-http".into())
-        .spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
-                let mut reader = BufReader::new(&conn);
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                // Drain the headers.
-                let mut h = String::new();
-                while reader.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
-                    h.clear();
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("/");
-                let (status, ctype, body) = match path {
-                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                    "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                    "/readyz" if metrics.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
-                    "/readyz" => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        "not ready: waiting for the MQTT broker (CONNACK) or a Kafka assignment\n".to_string(),
-                    ),
-                    _ => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
-                };
-                let mut w = &conn;
-                let _ = write!(
-                    w,
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        })
+        .spawn(move || rt.block_on(accept(listener, metrics)))
         .map_err(|e| format!("cannot start the http thread: {e}"))?;
     Ok(())
+}
+
+async fn accept(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!("http: {e}"),
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n") })
+        .with_state(metrics);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors, say: back off a little rather than spin.
+                tracing::warn!("http: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // too many connections: this one is closed at once
+        };
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD);
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn metrics_page(State(m): State<Arc<Metrics>>) -> Response {
+    let render = tokio::task::spawn_blocking(move || m.render());
+    match tokio::time::timeout(RENDER_TIMEOUT, render).await {
+        Ok(Ok(body)) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the metrics could not be read in time\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> Response {
+    if m.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the MQTT broker (CONNACK) or to join the Kafka group\n",
+        )
+            .into_response()
+    }
 }

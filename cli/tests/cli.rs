@@ -1,7 +1,6 @@
 //! The `mqtt-sink` binary, driven as users drive it.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -257,21 +256,30 @@ fn environment_overrides_and_secret_files() {
 }
 
 fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    let code = r.split_whitespace().nth(1)?.parse().ok()?;
-    let body = r.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    Some((code, body))
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut r = agent.get(&format!("http://{addr}{path}")).call().ok()?;
+    let body = r.body_mut().read_to_string().ok()?;
+    Some((r.status().as_u16(), body))
 }
 
+/// The value of the unlabelled sample `name` in an exposition, read with a Prometheus
+/// text parser.
 fn metric(body: &str, name: &str) -> Option<u64> {
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).ok()?;
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.is_empty())
+        .and_then(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v as u64),
+            _ => None,
+        })
 }
 
 #[test]

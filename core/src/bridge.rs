@@ -145,6 +145,11 @@ pub struct BridgeStats {
     pub last_flush_ms: u64,
     /// Partitions Kafka has assigned to this instance.
     pub assigned: usize,
+    /// Assignments received from the group, an empty one included.
+    pub assignments: u64,
+    /// A member of the consumer group now (joined and steady, with or without partitions),
+    /// as the Kafka client last reported.
+    pub member: bool,
 }
 
 /// A seek the flow waits on.
@@ -346,6 +351,7 @@ impl BridgeFlow {
             self.parts.insert(tp.clone(), Part::new(*committed));
         }
         self.stats.assigned = self.parts.len();
+        self.stats.assignments += 1;
         self.steps
             .push_back(Step::Act(BridgeAction::AssignSink(parts)));
         if self.paused.is_empty() {
@@ -354,6 +360,11 @@ impl BridgeFlow {
             self.paused.extend(tps.iter().cloned());
             self.steps.push_back(Step::Act(BridgeAction::Pause(tps)));
         }
+    }
+
+    /// The Kafka client reports whether the consumer is a member of its group now.
+    pub fn handle_group_state(&mut self, member: bool) {
+        self.stats.member = member;
     }
 
     /// Kafka is revoking these partitions: their held records are dropped now; the flow

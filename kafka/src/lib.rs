@@ -20,10 +20,16 @@ use rdkafka::message::{DeliveryResult, Header as KHeader, Headers, Message, Owne
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+/// How often librdkafka reports its statistics, unless the user set
+/// `statistics.interval.ms`: they say whether the consumer is a member of its group (a
+/// member without partitions gets no rebalance callback under KIP-848).
+pub const STATISTICS_INTERVAL_MS: &str = "1000";
+
 /// The consumer's client config: the user's properties, then ours (auto commit and auto
-/// offset store off).
+/// offset store off; statistics every second unless set).
 pub fn consumer_config(k: &KafkaConfig) -> ClientConfig {
     let mut cc = ClientConfig::new();
+    cc.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
     for (key, v) in &k.properties {
         cc.set(key, v);
     }
@@ -359,6 +365,8 @@ pub fn drain<C: Consumer<X>, X: ConsumerContext>(
 pub struct FlowContext<P> {
     flow: SharedFlow,
     port: P,
+    /// `group.protocol = consumer` (KIP-848).
+    kip848: bool,
 }
 
 impl<P> std::fmt::Debug for FlowContext<P> {
@@ -370,11 +378,32 @@ impl<P> std::fmt::Debug for FlowContext<P> {
 impl<P> FlowContext<P> {
     /// A context for `flow`, executing sink actions through `port`.
     pub fn new(flow: SharedFlow, port: P) -> Self {
-        Self { flow, port }
+        Self {
+            flow,
+            port,
+            kip848: false,
+        }
+    }
+
+    /// The group protocol is KIP-848's `consumer` (see [`ClientContext::stats`] here).
+    #[must_use]
+    pub fn kip848(self, kip848: bool) -> Self {
+        Self { kip848, ..self }
     }
 }
 
-impl<P: SinkPort> ClientContext for FlowContext<P> {}
+impl<P: SinkPort> ClientContext for FlowContext<P> {
+    /// librdkafka's statistics: whether the consumer is a member of its group now. The
+    /// classic protocol hands a member without partitions an empty assignment (join state
+    /// "steady"); under KIP-848 such a member heartbeats with its coordinator ("up") and
+    /// its join state stays "init".
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if let Some(g) = statistics.cgrp {
+            let member = g.state == "up" && (g.join_state == "steady" || self.kip848);
+            lock(&self.flow).handle_group_state(member);
+        }
+    }
+}
 
 impl<P: SinkPort> ConsumerContext for FlowContext<P> {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -445,7 +474,11 @@ where
         flow.set_transform(t);
     }
     let flow = Arc::new(Mutex::new(flow));
-    let ctx = FlowContext::new(flow.clone(), port(&sink));
+    let kip848 = kafka
+        .properties
+        .get("group.protocol")
+        .is_some_and(|p| p.eq_ignore_ascii_case("consumer"));
+    let ctx = FlowContext::new(flow.clone(), port(&sink)).kip848(kip848);
     let consumer: C = consumer_config(&kafka)
         .create_with_context(ctx)
         .map_err(|e| BridgeError::Kafka(e.to_string()))?;
