@@ -84,8 +84,7 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-/// What goes into CONNECT.
-#[derive(Debug)]
+/// What goes into CONNECT (its `Debug` leaves the password out).
 pub(crate) struct ConnectParams<'a> {
     pub(crate) version: MqttVersion,
     pub(crate) client_id: &'a str,
@@ -397,6 +396,21 @@ pub(crate) fn encode_disconnect(version: MqttVersion, reason: u8, out: &mut Vec<
     }
 }
 
+impl std::fmt::Debug for ConnectParams<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectParams")
+            .field("version", &self.version)
+            .field("client_id", &self.client_id)
+            .field("clean", &self.clean)
+            .field("keepalive_secs", &self.keepalive_secs)
+            .field("username", &self.username)
+            .field("password", &self.password.map(|_| "***"))
+            .field("session_expiry", &self.session_expiry)
+            .field("max_incoming_packet", &self.max_incoming_packet)
+            .finish()
+    }
+}
+
 /// MQTT 5 DISCONNECT (normal) with Session Expiry Interval 0: the session ends with the
 /// connection (allowed whatever the CONNECT's expiry was, since the value is 0).
 pub(crate) fn encode_disconnect_ending_session(out: &mut Vec<u8>) {
@@ -626,6 +640,24 @@ fn decode(version: MqttVersion, packet: Bytes, hdr_len: usize) -> Result<Incomin
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Review L4: the CONNECT parameters' `Debug` never shows the password.
+    #[test]
+    fn connect_params_debug_masks_the_password() {
+        let p = ConnectParams {
+            version: MqttVersion::V311,
+            client_id: "abc",
+            clean: true,
+            keepalive_secs: 60,
+            username: Some("u"),
+            password: Some("s3cret-value"),
+            session_expiry: 0,
+            max_incoming_packet: 1024,
+        };
+        let shown = format!("{p:?} {p:#?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("***"), "{shown}");
+    }
 
     #[test]
     fn v31_connect_is_hand_encoded() {
