@@ -63,16 +63,17 @@ struct KafkaSection {
     commit_every: Option<u64>,
 }
 
-/// The `[mqtt]` table with every value masked (it holds the password).
-fn masked(t: &toml::Table) -> BTreeMap<&str, &str> {
-    t.keys().map(|k| (k.as_str(), "***")).collect()
+/// Keys with every value masked: the `[mqtt]` table holds the password, librdkafka
+/// properties may hold `sasl.password`, `ssl.key.password`.
+fn masked<'a>(keys: impl Iterator<Item = &'a String>) -> BTreeMap<&'a str, &'static str> {
+    keys.map(|k| (k.as_str(), "***")).collect()
 }
 
 impl std::fmt::Debug for FileConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileConfig")
             .field("kafka", &self.kafka)
-            .field("mqtt", &masked(&self.mqtt))
+            .field("mqtt", &masked(self.mqtt.keys()))
             .field("policy", &self.policy)
             .field("http", &self.http)
             .field("log", &self.log)
@@ -83,12 +84,7 @@ impl std::fmt::Debug for FileConfig {
 
 impl std::fmt::Debug for KafkaSection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // librdkafka properties may hold `sasl.password`, `ssl.key.password`: keys only.
-        let props: BTreeMap<&str, &str> = self
-            .properties
-            .keys()
-            .map(|k| (k.as_str(), "***"))
-            .collect();
+        let props = masked(self.properties.keys());
         f.debug_struct("KafkaSection")
             .field("brokers", &self.brokers)
             .field("group_id", &self.group_id)
