@@ -226,14 +226,11 @@ pub(crate) fn run(n: u64, version: MqttVersion) -> Result<bool, String> {
     let secs = started.elapsed().as_secs_f64();
     say(&format!(
         "summary: {} consumed, {} acknowledged by the broker, {} received by the subscriber, \
-         committed {:?} (end offsets {end} per partition), {} commits, {:.1}s, {:.0} msg/s",
+         committed {} (end offsets {end} per partition), {} commits, {:.1}s, {:.0} msg/s",
         st.consumed,
         acknowledged.load(Ordering::Relaxed),
         received.load(Ordering::Relaxed),
-        st.committed
-            .iter()
-            .map(|(tp, o)| format!("{tp}@{o}"))
-            .collect::<Vec<_>>(),
+        mqtt_sink_core::OffsetList(&st.committed),
         st.commits,
         secs,
         st.consumed as f64 / secs

@@ -461,14 +461,28 @@ impl fmt::Display for Event {
     }
 }
 
-fn fmt_offsets(o: &CommitOffsets) -> String {
-    if o.is_empty() {
-        return "nothing".into();
+fn fmt_offsets(o: &CommitOffsets) -> OffsetList<'_> {
+    OffsetList(o)
+}
+
+/// Positions for a log line, in plain text: `readings/0@1000, readings/1@998` (`nothing`
+/// when empty). The `Debug` of the list would print Rust tuples.
+#[derive(Debug, Clone, Copy)]
+pub struct OffsetList<'a>(pub &'a [(TopicPartition, i64)]);
+
+impl fmt::Display for OffsetList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("nothing");
+        }
+        for (i, (tp, off)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{tp}@{off}")?;
+        }
+        Ok(())
     }
-    o.iter()
-        .map(|(tp, off)| format!("{tp}@{off}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The broker broke the protocol; the connection is closed (the core has already emitted

@@ -178,7 +178,8 @@ pub use config::{
 };
 pub use event::{
     connack_text, reason_text, CommitOffsets, ConnectFailure, Connected, Event, FlushInProgress,
-    LostReason, ProtocolError, PushError, PushRefusal, RejectReason, SinkError, TrySendError,
+    LostReason, OffsetList, ProtocolError, PushError, PushRefusal, RejectReason, SinkError,
+    TrySendError,
 };
 pub use kafka_config::KafkaConfig;
 pub use mapper::{KeySerializer, Properties, RecordMapper, Retain, ValueSerializer};

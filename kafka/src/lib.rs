@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mqtt_sink_core::{
     ActionReport, BridgeAction, BridgeError, BridgeFlow, BridgeParts, BridgeRuntime, BridgeStats,
-    CommitOffsets, DeadLetterDone, DeadLetterFn, ErrorPolicy, Header, KafkaConfig, Record,
-    RejectReason, SinkRuntime, TopicPartition,
+    CommitOffsets, DeadLetterDone, DeadLetterFn, ErrorPolicy, Header, KafkaConfig, OffsetList,
+    Record, RejectReason, SinkRuntime, TopicPartition,
 };
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -53,6 +53,21 @@ pub fn names(parts: &[TopicPartition]) -> String {
     parts
         .iter()
         .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Assigned partitions for a log line, in topic and partition order:
+/// `t/0 (committed @1000), t/1 (no committed position)`.
+pub fn assigned_names(parts: &[(TopicPartition, Option<i64>)]) -> String {
+    let mut sorted: Vec<_> = parts.iter().collect();
+    sorted.sort_by(|a, b| (&a.0.topic, a.0.partition).cmp(&(&b.0.topic, b.0.partition)));
+    sorted
+        .into_iter()
+        .map(|(tp, pos)| match pos {
+            Some(o) => format!("{tp} (committed @{o})"),
+            None => format!("{tp} (no committed position)"),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -300,7 +315,7 @@ pub fn execute<C: Consumer<X>, X: ConsumerContext>(
         BridgeAction::Commit(offsets) => {
             let result = commit(consumer, offsets);
             if let Err(e) = &result {
-                tracing::warn!("commit {offsets:?} failed: {e}");
+                tracing::warn!("commit {} failed: {e}", OffsetList(offsets));
             }
             return Some(ActionReport::Committed(offsets.clone(), result));
         }
@@ -418,7 +433,7 @@ impl<P: SinkPort> ConsumerContext for FlowContext<P> {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             let parts = with_committed(consumer, list);
-            tracing::info!("partitions assigned: {parts:?}");
+            tracing::info!("partitions assigned: {}", assigned_names(&parts));
             lock(&self.flow).handle_assigned(parts);
             drain(&self.flow, consumer, &self.port);
         }
