@@ -8,7 +8,9 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use mqtt_sink_core::{Config as MqttConfig, ConfigError, ConfigErrors, KafkaConfig};
+use mqtt_sink_core::{
+    Config as MqttConfig, ConfigError, ConfigErrors, HeaderSelection, KafkaConfig,
+};
 use serde::Deserialize;
 
 /// The whole file.
@@ -24,6 +26,9 @@ pub(crate) struct DaemonConfig {
     pub log: LogConfig,
     /// The tokio runtime (`--runtime tokio`).
     pub tokio: TokioConfig,
+    /// What an operator should know before it runs: certificate verification off, a
+    /// secret file others can read. `run` logs them at start-up, `check` prints them.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +235,10 @@ fn apply_client_id_suffix(mqtt: &mut toml::Table, problems: &mut Vec<String>) {
     mqtt.insert("client_id".into(), toml::Value::String(full));
 }
 
+/// The config file's path, for `run`, `check` and `health` without `--config` (the
+/// container image sets it). Not a `MQTT_SINK_<SECTION>_<KEY>` override.
+pub(crate) const CONFIG_ENV: &str = "MQTT_SINK_CONFIG";
+
 /// Keys whose values are never printed.
 const SECRETS: [&str; 2] = ["password", "password_file"];
 
@@ -273,10 +282,12 @@ pub(crate) fn parse(
             }
         }
     }
+    let mut password_file = None;
     if let Some(v) = mqtt_table.remove("password_file") {
         match v.as_str() {
             Some(p) => {
                 let p = base.join(p);
+                password_file = Some(p.clone());
                 match std::fs::read_to_string(&p) {
                     Ok(s) => {
                         mqtt_table.insert(
@@ -377,6 +388,13 @@ pub(crate) fn parse(
             file.log.format
         ));
     }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&file.log.level) {
+        problems.push(format!(
+            "log.level = {:?}: not a log filter ({e}); use e.g. \"info\", \"debug\" or \
+             \"info,mqtt_sink_kafka=debug\"",
+            file.log.level
+        ));
+    }
     if !file.http.listen.is_empty() && file.http.listen.parse::<std::net::SocketAddr>().is_err() {
         problems.push(format!(
             "http.listen = {:?}: must be an address like \"127.0.0.1:9464\" (or \"\" to disable)",
@@ -391,6 +409,10 @@ pub(crate) fn parse(
     }
     match (mqtt, problems.is_empty()) {
         (Some(mqtt), true) => {
+            let mut warnings = warnings(&mqtt, &properties, env);
+            if let Some(p) = &password_file {
+                warnings.extend(readable_by_others("mqtt.password_file", p));
+            }
             let mut kafka = KafkaConfig::new(k.brokers, k.group_id, k.topics);
             kafka.properties = properties;
             kafka.commit_interval = k.commit_interval;
@@ -401,10 +423,238 @@ pub(crate) fn parse(
                 http: file.http,
                 log: file.log,
                 tokio: file.tokio,
+                warnings,
             })
         }
         _ => Err(LoadError(problems)),
     }
+}
+
+/// Start-up warnings: verification switched off, secret files others can read (review L11).
+fn warnings(
+    mqtt: &MqttConfig,
+    properties: &BTreeMap<String, String>,
+    env: &[(String, String)],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let from_env = |name: &str| {
+        if env.iter().any(|(k, _)| k == name) {
+            format!(" (set by the environment variable {name})")
+        } else {
+            String::new()
+        }
+    };
+    if mqtt.tls_enabled && mqtt.tls_insecure_skip_verify {
+        out.push(format!(
+            "MQTT TLS CERTIFICATE VERIFICATION IS OFF: mqtt.tls_insecure_skip_verify = true{}. \
+             Any host on the path can pose as the broker and read the password and every \
+             message. For tests only; for a private CA set mqtt.tls_ca_file instead",
+            from_env("MQTT_SINK_MQTT_TLS_INSECURE_SKIP_VERIFY")
+        ));
+    }
+    if properties
+        .get("enable.ssl.certificate.verification")
+        .is_some_and(|v| v == "false")
+    {
+        out.push(
+            "KAFKA TLS CERTIFICATE VERIFICATION IS OFF: \
+             kafka.properties.\"enable.ssl.certificate.verification\" = false. Any host on the \
+             path can pose as the brokers. For tests only; for a private CA set \
+             \"ssl.ca.location\" instead"
+                .into(),
+        );
+    }
+    if let Some(key) = &mqtt.tls_client_key {
+        out.extend(readable_by_others("mqtt.tls_client_key", key));
+    }
+    for prop in ["ssl.key.location", "ssl.keystore.location"] {
+        if let Some(p) = properties.get(prop) {
+            out.extend(readable_by_others(
+                &format!("kafka.properties.\"{prop}\""),
+                Path::new(p),
+            ));
+        }
+    }
+    out
+}
+
+/// A warning when users other than the owner may read the secret file at `path`.
+fn readable_by_others(key: &str, path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o044 != 0).then(|| {
+        format!(
+            "{key} = {}: the file holds a secret and users other than its owner can read it \
+             (mode {mode:04o}); chmod 600 it (Kubernetes: defaultMode: 0400 on the secret volume)",
+            path.display()
+        )
+    })
+}
+
+/// The keys of every section, with what the config holds after defaults, the environment
+/// and the per-instance suffix, in TOML notation; secrets are shown as `"***"`, unset
+/// options as `unset`. `run` logs it at start-up; docs/configuration.md is tested
+/// against it.
+pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
+    let s = |v: &str| toml::Value::String(v.to_string()).to_string();
+    let d = |v: Duration| s(&humantime_serde::re::humantime::format_duration(v).to_string());
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "unset".into());
+    let path =
+        |v: &Option<std::path::PathBuf>| opt(v.as_ref().map(|p| s(&p.display().to_string())));
+    let k = &cfg.kafka;
+    let m = &cfg.mqtt;
+    let mut out = vec![
+        ("kafka.brokers", s(&k.brokers)),
+        ("kafka.group_id", s(&k.group_id)),
+        (
+            "kafka.topics",
+            toml::Value::Array(
+                k.topics
+                    .iter()
+                    .map(|t| toml::Value::String(t.clone()))
+                    .collect(),
+            )
+            .to_string(),
+        ),
+        ("kafka.commit_interval", d(k.commit_interval)),
+        (
+            "kafka.commit_every",
+            opt(k.commit_every.map(|n| n.to_string())),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect::<Vec<_>>();
+    for (key, v) in &k.properties {
+        let shown = if secret_property(key) { s("***") } else { s(v) };
+        out.push((format!("kafka.properties.{}", s(key)), shown));
+    }
+    let headers = match &m.headers_as_user_properties {
+        HeaderSelection::All => s("all"),
+        HeaderSelection::Only(names) => toml::Value::Array(
+            names
+                .iter()
+                .map(|n| toml::Value::String(n.clone()))
+                .collect(),
+        )
+        .to_string(),
+        _ => s("none"),
+    };
+    let mqtt = [
+        ("client_id", s(&m.client_id)),
+        ("server", s(&m.server)),
+        ("port", m.port.to_string()),
+        ("topic_root", s(&m.topic_root)),
+        ("topic_template", opt(m.topic_template.as_deref().map(s))),
+        ("escape_placeholders", m.escape_placeholders.to_string()),
+        ("headers_as_user_properties", headers),
+        ("topic_aliases", m.topic_aliases.to_string()),
+        (
+            "coordinates_as_user_properties",
+            m.coordinates_as_user_properties.to_string(),
+        ),
+        ("username", opt(m.username.as_deref().map(s))),
+        ("password", opt(m.password.as_ref().map(|_| s("***")))),
+        ("version", s(&m.version.to_string())),
+        ("tls_enabled", m.tls_enabled.to_string()),
+        ("tls_ca_file", path(&m.tls_ca_file)),
+        ("tls_client_cert", path(&m.tls_client_cert)),
+        ("tls_client_key", path(&m.tls_client_key)),
+        (
+            "tls_insecure_skip_verify",
+            m.tls_insecure_skip_verify.to_string(),
+        ),
+        ("qos", m.qos.to_string()),
+        ("flush_timeout", d(m.flush_timeout)),
+        ("retain", m.retain.to_string()),
+        (
+            "properties",
+            opt(m.properties.as_ref().map(publish_properties)),
+        ),
+        ("keepalive", d(m.keepalive)),
+        ("ping_timeout", d(m.ping_timeout)),
+        ("ack_timeout", d(m.ack_timeout)),
+        ("connect_timeout", d(m.connect_timeout)),
+        ("clean_session", m.clean_session.to_string()),
+        ("session_expiry", d(m.session_expiry)),
+        ("max_inflight", m.max_inflight.to_string()),
+        ("max_buffered_records", m.max_buffered_records.to_string()),
+        ("max_buffered_bytes", m.max_buffered_bytes.to_string()),
+        ("reconnect_backoff_min", d(m.reconnect_backoff_min)),
+        ("reconnect_backoff_max", d(m.reconnect_backoff_max)),
+        (
+            "reconnect_jitter_seed",
+            opt(m.reconnect_jitter_seed.map(|n| n.to_string())),
+        ),
+        ("max_packet_size", m.max_packet_size.to_string()),
+        ("error_policy", s(&m.error_policy.to_string())),
+        ("poison_after", m.poison_after.to_string()),
+        ("qos_downgrade", m.qos_downgrade.to_string()),
+        ("string_policy", s(&m.string_policy.to_string())),
+        (
+            "dead_letter_topic",
+            opt(m.dead_letter_topic.as_deref().map(s)),
+        ),
+    ];
+    out.extend(mqtt.into_iter().map(|(k, v)| (format!("mqtt.{k}"), v)));
+    out.push(("http.listen".into(), s(&cfg.http.listen)));
+    out.push(("log.format".into(), s(&cfg.log.format)));
+    out.push(("log.level".into(), s(&cfg.log.level)));
+    out.push((
+        "tokio.worker_threads".into(),
+        cfg.tokio.worker_threads.to_string(),
+    ));
+    out
+}
+
+/// `[mqtt.properties]` as a TOML inline table.
+fn publish_properties(p: &mqtt_sink_core::PublishProperties) -> String {
+    let mut t = toml::Table::new();
+    let mut put = |k: &str, v: Option<toml::Value>| {
+        if let Some(v) = v {
+            t.insert(k.into(), v);
+        }
+    };
+    put(
+        "payload_format_indicator",
+        p.payload_format_indicator.map(|v| i64::from(v).into()),
+    );
+    put(
+        "message_expiry_interval",
+        p.message_expiry_interval.map(|v| i64::from(v).into()),
+    );
+    put("content_type", p.content_type.clone().map(Into::into));
+    put("response_topic", p.response_topic.clone().map(Into::into));
+    put(
+        "correlation_data",
+        p.correlation_data
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned().into()),
+    );
+    if !p.user_properties.is_empty() {
+        let pairs = p
+            .user_properties
+            .iter()
+            .map(|(k, v)| toml::Value::Array(vec![k.clone().into(), v.clone().into()]))
+            .collect();
+        put("user_properties", Some(toml::Value::Array(pairs)));
+    }
+    toml::Value::Table(t).to_string()
+}
+
+/// librdkafka properties whose values are secrets (the ones its documentation marks
+/// sensitive, and anything named like a password or a secret).
+fn secret_property(key: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "jaas",
+        "oauthbearer.config",
+        "key.pem",
+        "ssl_key",
+    ]
+    .iter()
+    .any(|w| key.contains(w))
 }
 
 fn toml_error(text: &str, e: &toml::de::Error) -> String {
@@ -425,6 +675,9 @@ fn apply_env(doc: &mut toml::Table, env: &[(String, String)]) -> Result<(), Load
         let Some(rest) = name.strip_prefix("MQTT_SINK_") else {
             continue;
         };
+        if name == CONFIG_ENV {
+            continue;
+        }
         let Some((section, key)) = rest.split_once('_') else {
             problems.push(format!("{name}: expected MQTT_SINK_<SECTION>_<KEY>"));
             continue;
@@ -495,6 +748,180 @@ topic_root = "sensors"
 username = "user"
 password = "mqtt-s3cret"
 "#;
+
+    /// Rows of docs/configuration.md: (key, default, environment, rule).
+    fn reference() -> Vec<[String; 4]> {
+        include_str!("../../docs/configuration.md")
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<String> = l
+                    .trim_matches('|')
+                    .split(" | ")
+                    .map(|c| c.trim().to_string())
+                    .collect();
+                assert_eq!(cells.len(), 4, "a reference row has 4 cells: {l}");
+                let unquote = |c: &str| c.trim_matches('`').to_string();
+                [
+                    unquote(&cells[0]),
+                    unquote(&cells[1]),
+                    unquote(&cells[2]),
+                    cells[3].clone(),
+                ]
+            })
+            .collect()
+    }
+
+    const MINIMAL: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+group_id = "g"
+topics = ["t"]
+[mqtt]
+client_id = "sink"
+client_id_suffix = ""
+server = "127.0.0.1"
+port = 1883
+topic_root = "sensors"
+"#;
+
+    /// Issue 13 point 6: the reference cannot drift from the structs. Its keys are exactly
+    /// the fields serde takes in each table (plus the daemon's own `[mqtt]` keys), each
+    /// default is what a minimal config holds, each environment variable sets the key
+    /// (set to the documented default, it parses to it).
+    #[test]
+    fn the_configuration_reference_lists_every_key_with_its_default() {
+        use serde_aux::serde_introspection::serde_introspect;
+        let rows = reference();
+        let documented: std::collections::BTreeSet<&str> =
+            rows.iter().map(|r| r[0].as_str()).collect();
+        assert_eq!(documented.len(), rows.len(), "a key is listed twice");
+        let mut taken = std::collections::BTreeSet::new();
+        let tables: [(&str, &[&str]); 5] = [
+            ("kafka", serde_introspect::<KafkaSection>()),
+            ("mqtt", serde_introspect::<MqttConfig>()),
+            ("http", serde_introspect::<HttpConfig>()),
+            ("log", serde_introspect::<LogConfig>()),
+            ("tokio", serde_introspect::<TokioConfig>()),
+        ];
+        for (table, fields) in tables {
+            assert!(!fields.is_empty(), "{table}: no fields found");
+            for f in fields {
+                taken.insert(format!("{table}.{f}"));
+            }
+        }
+        // Read by the daemon before the library's Config sees the table.
+        taken.insert("mqtt.password_file".into());
+        taken.insert("mqtt.client_id_suffix".into());
+        // [policy] only repeats two [mqtt] keys.
+        for f in serde_introspect::<PolicySection>() {
+            assert!(
+                documented.contains(format!("mqtt.{f}").as_str()),
+                "policy.{f}"
+            );
+        }
+        let documented_owned: std::collections::BTreeSet<String> =
+            documented.iter().map(|k| k.to_string()).collect();
+        assert_eq!(
+            documented_owned, taken,
+            "docs/configuration.md and the config structs differ"
+        );
+
+        let cfg = parse(MINIMAL, &[], Path::new(".")).unwrap();
+        let shown: BTreeMap<String, String> = effective(&cfg).into_iter().collect();
+        for [key, default, env, rule] in &rows {
+            assert!(!rule.is_empty(), "{key}: no rule");
+            let (table, field) = key.split_once('.').unwrap();
+            let tables = ["kafka.properties", "mqtt.properties"];
+            if tables.contains(&key.as_str()) {
+                assert_eq!(env, "—", "{key} is a table: no environment variable");
+            } else {
+                assert_eq!(
+                    env,
+                    &format!("MQTT_SINK_{}_{}", table, field).to_ascii_uppercase(),
+                    "{key}"
+                );
+            }
+            if ["mqtt.password_file", "mqtt.client_id_suffix"].contains(&key.as_str()) {
+                continue; // consumed while reading: not part of the effective config
+            }
+            if default == "required" {
+                assert!(
+                    shown.contains_key(key),
+                    "{key} is not in the effective config"
+                );
+                continue;
+            }
+            if tables.contains(&key.as_str()) {
+                assert_eq!(default, "unset");
+                continue;
+            }
+            assert_eq!(shown.get(key), Some(default), "{key}: documented default");
+            if default != "unset" {
+                let env = vec![(env.clone(), default.clone())];
+                let set = parse(MINIMAL, &env, Path::new("."))
+                    .unwrap_or_else(|e| panic!("{key} from {env:?}: {e}"));
+                let shown: BTreeMap<String, String> = effective(&set).into_iter().collect();
+                assert_eq!(shown.get(key), Some(default), "{key} from {env:?}");
+            }
+        }
+        // Every effective key is documented (kafka.properties.* under kafka.properties).
+        for k in shown.keys() {
+            assert!(documented.contains(k.as_str()), "{k} is not documented");
+        }
+    }
+
+    /// The start-up line shows what the sink runs with, and never a secret.
+    #[test]
+    fn the_effective_config_masks_secrets_and_names_every_property() {
+        let cfg = parse(WITH_SECRETS, &[], Path::new(".")).unwrap();
+        let shown: BTreeMap<String, String> = effective(&cfg).into_iter().collect();
+        let all = format!("{shown:?}");
+        assert!(!all.contains("s3cret"), "{all}");
+        assert_eq!(shown["mqtt.password"], "\"***\"");
+        assert_eq!(shown["kafka.properties.\"sasl.password\""], "\"***\"");
+        assert_eq!(shown["mqtt.username"], "\"user\"");
+        assert!(shown["mqtt.client_id"].starts_with("\"sink-"), "suffixed");
+    }
+
+    /// Review L11: certificate verification off and readable secret files are warned about.
+    #[test]
+    fn insecure_tls_and_readable_secret_files_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mqtt-sink-warn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        let key = dir.join("key.pem");
+        for f in [&pw, &key] {
+            std::fs::write(f, "x").unwrap();
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let text = format!(
+            "{MINIMAL}username = \"u\"\npassword_file = \"pw\"\ntls_client_key = {:?}\n\
+             tls_client_cert = {:?}\n",
+            key.display().to_string(),
+            key.display().to_string()
+        );
+        let env = [(
+            "MQTT_SINK_MQTT_TLS_INSECURE_SKIP_VERIFY".to_string(),
+            "true".to_string(),
+        )];
+        let cfg = parse(&text, &env, &dir).unwrap();
+        let w = cfg.warnings.join("\n");
+        assert!(w.contains("CERTIFICATE VERIFICATION IS OFF"), "{w}");
+        assert!(w.contains("MQTT_SINK_MQTT_TLS_INSECURE_SKIP_VERIFY"), "{w}");
+        assert!(
+            w.contains("mqtt.password_file") && w.contains("mode 0644"),
+            "{w}"
+        );
+        assert!(w.contains("mqtt.tls_client_key"), "{w}");
+        for f in [&pw, &key] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let cfg = parse(&text, &[], &dir).unwrap();
+        assert_eq!(cfg.warnings, Vec::<String>::new());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// Review L4 and issue 13 point 3: no `Debug` of any config type prints a secret.
     #[test]

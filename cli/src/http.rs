@@ -500,3 +500,27 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> Response {
             .into_response()
     }
 }
+
+/// `mqtt-sink health`: GET `/healthz` of the daemon listening on `listen`, at most 3 s.
+pub(crate) fn probe_health(listen: &str) -> Result<(), String> {
+    let mut addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        format!("http.listen = {listen:?}: the endpoints are off or the address is not valid")
+    })?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}/healthz");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .into();
+    match agent.get(&url).call() {
+        Ok(r) if r.status() == 200 => Ok(()),
+        Ok(r) => Err(format!("{url} answered {}", r.status())),
+        Err(e) => Err(format!("{url}: {e}")),
+    }
+}

@@ -3,6 +3,7 @@
 //! ```text
 //! mqtt-sink run   --config sink.toml [--runtime tokio|blocking]
 //! mqtt-sink check --config sink.toml [--offline]
+//! mqtt-sink health --config sink.toml
 //! mqtt-sink demo  [--records N] [--mqtt-version 3.1.1|5]
 //! ```
 //!
@@ -15,13 +16,14 @@ mod demo;
 mod http;
 mod probe;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use mqtt_sink_core::{Event, LostReason};
+use mqtt_sink_core::{Event, LostReason, OffsetList};
 
 use config::DaemonConfig;
 use http::Metrics;
@@ -38,7 +40,7 @@ enum Command {
     /// Consume Kafka and publish to MQTT until SIGINT/SIGTERM.
     Run {
         /// The TOML config file.
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
         /// The driver: tokio (default) or plain threads.
         #[arg(long, value_enum, default_value_t = Runtime::Tokio)]
@@ -54,11 +56,19 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DemoVersion::V5)]
         mqtt_version: DemoVersion,
     },
+    /// Ask a running daemon's `/healthz` (for a container HEALTHCHECK, which has no curl):
+    /// exit 0 when it answers 200 within 3 s, else 1. The address is `[http] listen` of
+    /// the config (an unspecified address such as 0.0.0.0 is asked on loopback).
+    Health {
+        /// The TOML config file the daemon runs with.
+        #[arg(long, short, env = CONFIG_ENV)]
+        config: PathBuf,
+    },
     /// Validate the config, then connect to Kafka (topic metadata) and to the MQTT broker
     /// (CONNACK, negotiated limits) without consuming.
     Check {
         /// The TOML config file.
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
         /// Validate only; connect to nothing.
         #[arg(long)]
@@ -79,6 +89,18 @@ enum Runtime {
     Tokio,
     Blocking,
 }
+
+impl Runtime {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Tokio => "tokio",
+            Self::Blocking => "blocking",
+        }
+    }
+}
+
+/// `--config` from the environment (the container image sets it).
+const CONFIG_ENV: &str = config::CONFIG_ENV;
 
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
@@ -119,6 +141,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Health { config } => match config::load(&config, &env) {
+            Ok(cfg) => match http::probe_health(&cfg.http.listen) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("unhealthy: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            },
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
         Command::Check { config, offline } => match config::load(&config, &env) {
             Ok(cfg) => {
                 println_out(&format!(
@@ -132,6 +167,9 @@ fn main() -> ExitCode {
                     cfg.mqtt.qos,
                     if cfg.mqtt.tls_enabled { "on" } else { "off" }
                 ));
+                for w in &cfg.warnings {
+                    eprintln!("warning: {w}");
+                }
                 if offline {
                     return ExitCode::SUCCESS;
                 }
@@ -174,12 +212,22 @@ fn init_logging(cfg: &DaemonConfig) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ))
         .with_writer(std::io::stderr);
     if cfg.log.format == "json" {
         builder.json().init();
     } else {
         builder.init();
     }
+}
+
+/// Colour codes only for a person at a terminal: not in a file, a pipe or a container log,
+/// and not when `NO_COLOR` is set to anything but "" (no-color.org).
+fn colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Logs a core event (per-record acknowledgements only at debug level).
@@ -223,13 +271,23 @@ fn run(cfg: DaemonConfig, runtime: Runtime) -> ExitCode {
         return ExitCode::from(EXIT_RUNTIME);
     }
     tracing::info!(
-        runtime = ?runtime,
+        runtime = runtime.name(),
         kafka = %cfg.kafka.brokers,
         group = %cfg.kafka.group_id,
-        topics = ?cfg.kafka.topics,
+        topics = %cfg.kafka.topics.join(","),
         mqtt = %format!("{}:{}", cfg.mqtt.server, cfg.mqtt.port),
+        version = env!("CARGO_PKG_VERSION"),
         "mqtt-sink starting"
     );
+    let effective = config::effective(&cfg)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::info!("effective configuration (secrets masked): {effective}");
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     let metrics = Arc::new(Metrics::default());
     metrics.attach_watermarks(&cfg.kafka);
     if !cfg.http.listen.is_empty() {
@@ -249,7 +307,7 @@ fn run(cfg: DaemonConfig, runtime: Runtime) -> ExitCode {
                 consumed = stats.consumed,
                 commits = stats.commits,
                 rewinds = stats.rewinds,
-                committed = ?stats.committed,
+                committed = %OffsetList(&stats.committed),
                 "mqtt-sink stopped"
             );
             ExitCode::SUCCESS

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,6 +53,31 @@ fn run_with(args: &[&str], env: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     c.output().unwrap()
+}
+
+/// SIGTERM to `child`, then its exit status once it exited, or `None` after `within` (the
+/// subscriber's wait is the pause between looks).
+fn terminate(child: &mut Child, sub: &SyncSubscriber, within: Duration) -> Option<ExitStatus> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        sub.wait_for(usize::MAX, Duration::from_millis(100));
+    }
+}
+
+/// The payloads of `(partition, key, value)` records.
+fn payloads(recs: &[(i32, String, String)]) -> Vec<Bytes> {
+    recs.iter()
+        .map(|(_, _, v)| Bytes::from(v.clone()))
+        .collect()
 }
 
 fn stderr(o: &Output) -> String {
@@ -341,10 +366,7 @@ format = "json"
             .stderr(log)
             .spawn()
             .unwrap();
-        let want: Vec<Bytes> = recs
-            .iter()
-            .map(|(_, _, v)| Bytes::from(v.clone()))
-            .collect();
+        let want = payloads(&recs);
         let got = sub.wait_for_all(&want, Duration::from_secs(60));
         let logs = || std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default();
         assert_eq!(got, n as usize, "{runtime}: {}", logs());
@@ -380,20 +402,8 @@ format = "json"
         assert_eq!(http_get(&http, "/healthz").map(|r| r.0), Some(200));
         assert_eq!(http_get(&http, "/readyz").map(|r| r.0), Some(200));
         // SIGTERM: flush, commit, DISCONNECT, exit 0 within the flush timeout.
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{runtime}: no exit within 15 s after SIGTERM"
-            );
-            sub.wait_for(usize::MAX, Duration::from_millis(100));
-        };
+        let status = terminate(&mut child, &sub, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("{runtime}: no exit within 15 s after SIGTERM"));
         assert_eq!(status.code(), Some(0), "{runtime}: {}", logs());
         assert_eq!(
             kafka
@@ -407,6 +417,129 @@ format = "json"
             "json logs: {l}"
         );
     }
+}
+
+/// Issue 13 point 2: a log written to a file has no colour codes (a pipe or a container
+/// log is no terminal), names partitions and positions in plain text (no Rust `Debug`),
+/// shows the effective configuration without its secret, and warns of a secret file
+/// others can read. Before: ANSI codes in the file, `partitions assigned:
+/// [(TopicPartition { topic: "readings", partition: 0 }, None), ...]` and `committed=[(...)]`.
+#[test]
+fn text_logs_are_plain_and_name_partitions_and_positions() {
+    use std::os::unix::fs::PermissionsExt;
+    let kafka = MockKafka::start().unwrap();
+    kafka.create_topic("readings", 2).unwrap();
+    let n = 100;
+    let recs: Vec<_> = (0..n)
+        .map(|i| (i % 2, format!("k{}", i % 2), format!("log-{i}")))
+        .collect();
+    kafka.produce("readings", &recs).unwrap();
+    let broker = Mosquitto::start(MosquittoOptions::default()).unwrap();
+    let sub = SyncSubscriber::start(broker.port, "sensors/#");
+    let d = dir();
+    let pw = write(&d, "pw.txt", "file-s3cret\n");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = write(
+        &d,
+        "logs.toml",
+        &format!(
+            r#"
+[kafka]
+brokers = "{}"
+group_id = "logs"
+topics = ["readings"]
+commit_interval = "500ms"
+[kafka.properties]
+"group.protocol" = "consumer"
+"auto.offset.reset" = "earliest"
+
+[mqtt]
+client_id = "log-sink"
+server = "127.0.0.1"
+port = {}
+topic_root = "sensors"
+tls_enabled = false
+username = "user"
+password_file = "pw.txt"
+
+[http]
+listen = ""
+"#,
+            kafka.bootstrap(),
+            broker.port
+        ),
+    );
+    let log = std::fs::File::create(d.join("stderr.log")).unwrap();
+    // No NO_COLOR: the file alone must turn colour off.
+    let mut child = bin()
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let want = payloads(&recs);
+    let got = sub.wait_for_all(&want, Duration::from_secs(60));
+    let logs = || std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default();
+    assert_eq!(got, n as usize, "{}", logs());
+    let status = terminate(&mut child, &sub, Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("no exit within 15 s after SIGTERM:\n{}", logs()));
+    let l = logs();
+    assert_eq!(status.code(), Some(0), "{l}");
+    assert!(!l.contains('\u{1b}'), "colour codes in a log file:\n{l}");
+    assert!(!l.contains("TopicPartition"), "Rust Debug in the log:\n{l}");
+    assert!(
+        l.contains("partitions assigned: readings/0 (no committed position), readings/1 (no committed position)"),
+        "{l}"
+    );
+    assert!(
+        l.contains("committed=readings/0@50, readings/1@50"),
+        "the stop line names the positions:\n{l}"
+    );
+    let effective = l
+        .lines()
+        .find(|x| x.contains("effective configuration"))
+        .unwrap_or_else(|| panic!("no effective configuration line:\n{l}"));
+    assert!(effective.contains(r#"mqtt.password="***""#), "{effective}");
+    assert!(effective.contains("mqtt.qos=1 "), "{effective}");
+    assert!(!l.contains("file-s3cret"), "a secret in the log:\n{l}");
+    assert!(
+        l.lines()
+            .any(|x| x.contains("WARN") && x.contains("mqtt.password_file") && x.contains("0644")),
+        "no warning about the readable password file:\n{l}"
+    );
+}
+
+/// `check` prints the same warnings, and says loudly when certificate verification is off,
+/// also when only the environment switched it off (review L11).
+#[test]
+fn check_warns_when_certificate_verification_is_off() {
+    let d = dir();
+    let cfg = write(
+        &d,
+        "tls.toml",
+        &GOOD.replace("tls_enabled = false", "tls_enabled = true"),
+    );
+    let o = run_with(
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
+        &[("MQTT_SINK_MQTT_TLS_INSECURE_SKIP_VERIFY", "true")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("warning: MQTT TLS CERTIFICATE VERIFICATION IS OFF")
+            && e.contains("MQTT_SINK_MQTT_TLS_INSECURE_SKIP_VERIFY"),
+        "{e}"
+    );
+    let o = run_with(
+        &["check", "--offline", "--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        !stderr(&o).contains("VERIFICATION IS OFF"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -583,10 +716,7 @@ listen = ""
     let arrived_before = sub.messages().len();
     assert!(arrived_before < n, "killed too late to matter");
     let mut second = start();
-    let want: Vec<Bytes> = recs
-        .iter()
-        .map(|(_, _, v)| Bytes::from(v.clone()))
-        .collect();
+    let want = payloads(&recs);
     assert_eq!(
         sub.wait_for_all(&want, Duration::from_secs(120)),
         n,
@@ -598,17 +728,8 @@ listen = ""
     {
         sub.wait_for(usize::MAX, Duration::from_millis(200));
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &second.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = second.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        sub.wait_for(usize::MAX, Duration::from_millis(100));
-    };
+    let status =
+        terminate(&mut second, &sub, Duration::from_secs(20)).expect("no exit after SIGTERM");
     assert_eq!(status.code(), Some(0));
     assert_eq!(
         kafka.committed("cli-kill", "readings", 4).unwrap(),
