@@ -591,6 +591,7 @@ pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
         ("poison_after", m.poison_after.to_string()),
         ("qos_downgrade", m.qos_downgrade.to_string()),
         ("string_policy", s(&m.string_policy.to_string())),
+        ("tombstone", s(&m.tombstone.to_string())),
         (
             "dead_letter_topic",
             opt(m.dead_letter_topic.as_deref().map(s)),

@@ -357,14 +357,21 @@ impl Collector for Scraped {
             g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
         if let Some(st) = &sink {
-            let c = ConstCounter::new(st.pushed);
-            let d = enc.encode_descriptor(
-                "mqtt_sink_records_published",
-                "Records handed to the broker connection.",
-                None,
-                c.metric_type(),
-            )?;
-            c.encode(d)?;
+            for (name, help, v) in [
+                (
+                    "mqtt_sink_records_published",
+                    "Records handed to the broker connection.",
+                    st.pushed - st.tombstones_skipped,
+                ),
+                (
+                    "mqtt_sink_tombstones_skipped",
+                    "Kafka tombstones not published (tombstone = \"skip\").",
+                    st.tombstones_skipped,
+                ),
+            ] {
+                let c = ConstCounter::new(v);
+                c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
+            }
         }
         let g = ConstGauge::new(stats.last_flush_ms as f64 / 1000.0);
         g.encode(enc.encode_descriptor(

@@ -133,6 +133,11 @@ fn each_kind_of_mistake_names_the_key_and_exits_2() {
             "flush_timeout",
         ),
         (
+            "tombstone",
+            GOOD.replace("port = 1883", "port = 1883\ntombstone = \"clear\""),
+            "mqtt.tombstone: unknown variant `clear`, expected one of `publish-null`, `skip`, `clear-retained`, `publish-empty`",
+        ),
+        (
             "version",
             GOOD.replace(
                 "tls_enabled = false",
@@ -568,7 +573,7 @@ fn every_example_config_is_valid() {
         );
         assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
     }
-    assert_eq!(n, 5, "five example configs");
+    assert_eq!(n, 6, "six example configs");
 }
 
 #[test]

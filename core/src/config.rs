@@ -102,6 +102,37 @@ impl fmt::Display for ErrorPolicy {
     }
 }
 
+/// What a Kafka tombstone (a record with no value: on a compacted topic, "this key is
+/// gone") becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum TombstonePolicy {
+    /// Published like any record, its payload the value serializer's null: JSON `null`
+    /// (the daemon's), an empty payload with the raw serializer, whatever a custom one
+    /// makes of it. The default, as before this option.
+    #[default]
+    PublishNull,
+    /// Not published; its offset passes like a delivered record's.
+    Skip,
+    /// A zero-byte retained publish to the key's topic: the broker deletes the retained
+    /// message there, so it holds what the compacted topic holds, the latest value per key.
+    ClearRetained,
+    /// A zero-byte publish with the configured retain flag.
+    PublishEmpty,
+}
+
+impl fmt::Display for TombstonePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::PublishNull => "publish-null",
+            Self::Skip => "skip",
+            Self::ClearRetained => "clear-retained",
+            Self::PublishEmpty => "publish-empty",
+        })
+    }
+}
+
 /// What the sink does with a string holding a character MQTT lets a broker refuse
 /// (U+0001-U+001F, U+007F-U+009F, Unicode non-characters; U+0000 is always refused) in a
 /// topic or an MQTT 5 property.
@@ -478,6 +509,12 @@ pub struct Config {
     /// or `"allow"` them (U+0000 is always rejected).
     #[serde(default)]
     pub string_policy: StringPolicy,
+    /// What a Kafka tombstone (a record with no value) becomes: `"publish-null"` (default:
+    /// the value serializer's null, JSON `null`), `"skip"`, `"clear-retained"` (a
+    /// zero-byte retained publish that deletes the key's retained message) or
+    /// `"publish-empty"`.
+    #[serde(default)]
+    pub tombstone: TombstonePolicy,
     /// Kafka topic for dead letters; required with `error_policy = "dead-letter"`.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
@@ -574,6 +611,7 @@ impl Config {
             max_packet_size: default_max_packet_size(),
             error_policy: ErrorPolicy::default(),
             string_policy: StringPolicy::default(),
+            tombstone: TombstonePolicy::default(),
             poison_after: default_poison_after(),
             qos_downgrade: false,
             dead_letter_topic: None,

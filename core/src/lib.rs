@@ -174,7 +174,7 @@ pub use builder::{
 pub use checkpoint::Checkpoints;
 pub use config::{
     Config, ConfigError, ConfigErrors, ErrorPolicy, HeaderSelection, MqttVersion,
-    PublishProperties, Secret, StringPolicy, MAX_DURATION, MAX_MQTT_PACKET,
+    PublishProperties, Secret, StringPolicy, TombstonePolicy, MAX_DURATION, MAX_MQTT_PACKET,
 };
 pub use event::{
     connack_text, reason_text, CommitOffsets, ConnectFailure, Connected, Event, FlushInProgress,

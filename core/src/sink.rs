@@ -3,9 +3,13 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use crate::backoff::Backoff;
 use crate::bridge::{ActionReport, BridgeAction};
-use crate::config::{Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion, StringPolicy};
+use crate::config::{
+    Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion, StringPolicy, TombstonePolicy,
+};
 use crate::event::{CommitOffsets, Event, FlushInProgress, PushError, PushRefusal, RejectReason};
 use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
 use crate::mapper::RecordMapper;
@@ -143,6 +147,8 @@ pub struct Stats {
     pub acknowledged: u64,
     /// Records rejected (any policy).
     pub rejected: u64,
+    /// Tombstones not published (`tombstone = "skip"`); their offsets pass.
+    pub tombstones_skipped: u64,
     /// PUBLISH packets resent with DUP after a session resumed.
     pub resent: u64,
     /// Successful CONNACKs.
@@ -318,6 +324,12 @@ impl Sink {
         self.next_id += 1;
         self.stats.pushed += 1;
         self.ledger.push(&record.tp, record.offset, id);
+        if record.value.is_none() && self.cfg.tombstone == TombstonePolicy::Skip {
+            self.stats.tombstones_skipped += 1;
+            self.ledger.resolve(&record.tp, record.offset, id);
+            self.flush_dirty = true;
+            return Ok(());
+        }
         match self.encode(&record) {
             Ok((packet, retain)) => {
                 let keep = self.cfg.error_policy == ErrorPolicy::DeadLetter;
@@ -405,8 +417,12 @@ impl Sink {
             }
             return Err(RejectReason::InvalidTopic { topic: cut, error });
         }
-        let payload = self.mapper.payload(r)?;
-        let retain = self.mapper.retain(r);
+        let tombstone = r.value.is_none();
+        let (payload, retain) = match self.cfg.tombstone {
+            TombstonePolicy::ClearRetained if tombstone => (Bytes::new(), true),
+            TombstonePolicy::PublishEmpty if tombstone => (Bytes::new(), self.mapper.retain(r)),
+            _ => (self.mapper.payload(r)?, self.mapper.retain(r)),
+        };
         let version = self.cfg.version;
         self.mapper.with_properties(r, |props| {
             let props = props.filter(|_| version == MqttVersion::V5);

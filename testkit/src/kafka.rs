@@ -89,6 +89,17 @@ impl MockKafka {
         produce_all(&self.producer, topic, records)
     }
 
+    /// Produces a tombstone (a record with `key` and no value) and waits for its ack.
+    pub fn produce_tombstone(&self, topic: &str, partition: i32, key: &str) -> Result<(), String> {
+        let rec: BaseRecord<'_, str, ()> = BaseRecord::to(topic).partition(partition).key(key);
+        self.producer
+            .send(rec)
+            .map_err(|(e, _)| format!("produce a tombstone to {topic}: {e}"))?;
+        self.producer
+            .flush(Duration::from_secs(30))
+            .map_err(|e| format!("produce flush: {e}"))
+    }
+
     /// The end offset (high watermark) of `topic`/`partition`: how many records it holds.
     pub fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, String> {
         self.producer

@@ -1167,6 +1167,53 @@ fn tombstones_follow_the_value_serializer() {
     }
 }
 
+/// `tombstone` decides what a record without a value becomes; the offset of a skipped one
+/// passes, so the commit position covers all three records whatever the policy.
+#[test]
+fn tombstone_policy_decides_what_a_tombstone_becomes() {
+    use mqtt_sink_core::TombstonePolicy;
+    let tp = TopicPartition::new("readings", 0);
+    for (policy, want) in [
+        (TombstonePolicy::PublishNull, Some((&b"null"[..], false))),
+        (TombstonePolicy::PublishEmpty, Some((&b""[..], false))),
+        (TombstonePolicy::ClearRetained, Some((&b""[..], true))),
+        (TombstonePolicy::Skip, None),
+    ] {
+        let mut cfg = test_config(MqttVersion::V5, 1);
+        cfg.tombstone = policy;
+        let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 1);
+        connected(&mut h);
+        h.push(Record::new(tp.clone(), 0, Some("k"), Some("1")))
+            .unwrap();
+        h.push(Record::new(tp.clone(), 1, Some("k"), None::<Bytes>))
+            .unwrap();
+        h.push(Record::new(tp.clone(), 2, Some("j"), Some("2")))
+            .unwrap();
+        let Event::FlushCompleted { offsets } = h.flush() else {
+            panic!("{policy}: the flush did not complete");
+        };
+        assert_eq!(offsets, vec![(tp.clone(), 3)], "{policy}");
+        let got: Vec<(String, Bytes, bool)> = h
+            .broker
+            .delivered()
+            .iter()
+            .map(|p| (p.topic.clone(), p.payload.clone(), p.retain))
+            .collect();
+        let mut expected = vec![("sensors/k".to_string(), Bytes::from("1"), false)];
+        if let Some((payload, retain)) = want {
+            expected.push((
+                "sensors/k".to_string(),
+                Bytes::copy_from_slice(payload),
+                retain,
+            ));
+        }
+        expected.push(("sensors/j".to_string(), Bytes::from("2"), false));
+        assert_eq!(got, expected, "{policy}");
+        let skipped = u64::from(policy == TombstonePolicy::Skip);
+        assert_eq!(h.sink.stats().tombstones_skipped, skipped, "{policy}");
+    }
+}
+
 #[test]
 fn custom_key_serializer_sees_the_whole_record() {
     let cfg = test_config(MqttVersion::V311, 1);
