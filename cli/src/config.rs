@@ -593,6 +593,14 @@ pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
         ("string_policy", s(&m.string_policy.to_string())),
         ("tombstone", s(&m.tombstone.to_string())),
         (
+            "max_publish_rate",
+            opt(m.max_publish_rate.map(|r| r.to_string())),
+        ),
+        (
+            "max_publish_burst",
+            opt(m.max_publish_rate.map(|_| m.publish_burst().to_string())),
+        ),
+        (
             "dead_letter_topic",
             opt(m.dead_letter_topic.as_deref().map(s)),
         ),

@@ -133,6 +133,16 @@ fn each_kind_of_mistake_names_the_key_and_exits_2() {
             "flush_timeout",
         ),
         (
+            "rate",
+            GOOD.replace("port = 1883", "port = 1883\nmax_publish_rate = 0"),
+            "mqtt.max_publish_rate = 0: must be 0.001..=1000000 publishes per second",
+        ),
+        (
+            "burst without a rate",
+            GOOD.replace("port = 1883", "port = 1883\nmax_publish_burst = 5"),
+            "mqtt.max_publish_burst = 5: needs max_publish_rate",
+        ),
+        (
             "tombstone",
             GOOD.replace("port = 1883", "port = 1883\ntombstone = \"clear\""),
             "mqtt.tombstone: unknown variant `clear`, expected one of `publish-null`, `skip`, `clear-retained`, `publish-empty`",
@@ -573,7 +583,7 @@ fn every_example_config_is_valid() {
         );
         assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
     }
-    assert_eq!(n, 6, "six example configs");
+    assert_eq!(n, 7, "seven example configs");
 }
 
 #[test]

@@ -515,6 +515,15 @@ pub struct Config {
     /// `"publish-empty"`.
     #[serde(default)]
     pub tombstone: TombstonePolicy,
+    /// At most this many publishes per second (fractions allowed, e.g. `0.5`), resends
+    /// included; unset (default): no limit. For brokers that throttle (AWS IoT Core drops
+    /// over-limit QoS 1 publishes without a PUBACK).
+    #[serde(default)]
+    pub max_publish_rate: Option<f64>,
+    /// How many publishes may go at once after a pause, with `max_publish_rate`. Default: a
+    /// tenth of a second's worth, at least 1.
+    #[serde(default)]
+    pub max_publish_burst: Option<u32>,
     /// Kafka topic for dead letters; required with `error_policy = "dead-letter"`.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
@@ -612,10 +621,22 @@ impl Config {
             error_policy: ErrorPolicy::default(),
             string_policy: StringPolicy::default(),
             tombstone: TombstonePolicy::default(),
+            max_publish_rate: None,
+            max_publish_burst: None,
             poison_after: default_poison_after(),
             qos_downgrade: false,
             dead_letter_topic: None,
         }
+    }
+
+    /// The publish burst in force with `max_publish_rate`: `max_publish_burst`, or a tenth
+    /// of a second's worth (at least 1).
+    pub fn publish_burst(&self) -> u32 {
+        self.max_publish_burst.unwrap_or_else(|| {
+            let tenth = self.max_publish_rate.unwrap_or(0.0) / 10.0;
+            // Saturating float-to-int cast: the rate is at most 1e6.
+            (tenth.ceil() as u32).max(1)
+        })
     }
 
     /// Parses a TOML document holding exactly these options, then validates it.
@@ -821,6 +842,22 @@ impl Config {
         }
         if self.max_buffered_records == 0 {
             bad("max_buffered_records", "0".into(), "must be at least 1");
+        }
+        match self.max_publish_rate {
+            Some(r) if !(r.is_finite() && (0.001..=1_000_000.0).contains(&r)) => bad(
+                "max_publish_rate",
+                r.to_string(),
+                "must be 0.001..=1000000 publishes per second (leave it out for no limit)",
+            ),
+            None if self.max_publish_burst.is_some() => bad(
+                "max_publish_burst",
+                self.max_publish_burst.unwrap_or(0).to_string(),
+                "needs max_publish_rate (a burst of what rate?)",
+            ),
+            _ => {}
+        }
+        if self.max_publish_burst == Some(0) {
+            bad("max_publish_burst", "0".into(), "must be at least 1");
         }
         if self.max_buffered_bytes < 1024 {
             bad(

@@ -154,6 +154,7 @@ mod event;
 mod kafka_config;
 mod ledger;
 mod mapper;
+mod rate;
 mod record;
 mod send_order;
 mod session;

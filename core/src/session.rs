@@ -874,6 +874,9 @@ impl Sink {
             if released == Some(false) && (!self.probe_free() || !self.resend_within_window()) {
                 break;
             }
+            if released == Some(false) && !self.rate_allows(now) {
+                break;
+            }
             self.resend.pop_front();
             let size = self
                 .inflight
@@ -921,6 +924,9 @@ impl Sink {
             if self.qos != QoS::AtMostOnce
                 && (self.inflight.len() >= usize::from(self.window) || !self.probe_free())
             {
+                break;
+            }
+            if self.pending.is_empty() || !self.rate_allows(now) {
                 break;
             }
             let Some(mut msg) = self.pending.pop_front() else {
@@ -975,6 +981,24 @@ impl Sink {
                     end,
                 },
             );
+        }
+    }
+
+    /// Takes one publish's allowance under `max_publish_rate`; when none is free, arms the
+    /// timer for when one will be and says no.
+    fn rate_allows(&mut self, now: Instant) -> bool {
+        let Some(rate) = self.rate.as_mut() else {
+            return true;
+        };
+        match rate.take(now) {
+            Ok(()) => {
+                self.timers.stop(Timer::Rate);
+                true
+            }
+            Err(at) => {
+                self.timers.set(Timer::Rate, at);
+                false
+            }
         }
     }
 

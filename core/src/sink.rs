@@ -13,6 +13,7 @@ use crate::config::{
 use crate::event::{CommitOffsets, Event, FlushInProgress, PushError, PushRefusal, RejectReason};
 use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
 use crate::mapper::RecordMapper;
+use crate::rate::RateLimit;
 use crate::record::{Record, RecordCoords, TopicPartition};
 use crate::send_order::SendOrder;
 use crate::session::{Conn, Inflight, Msg, Output, SessionStep, Suspect};
@@ -113,6 +114,8 @@ pub struct Sink {
     pub(crate) refilling: bool,
     /// The refill timer fired: send into the window whatever is free.
     pub(crate) refill_due: bool,
+    /// `max_publish_rate`, when set.
+    pub(crate) rate: Option<RateLimit>,
     pub(crate) events: VecDeque<Event>,
     pub(crate) stats: Stats,
 }
@@ -230,6 +233,9 @@ impl Sink {
             buffered_bytes: 0,
             refilling: false,
             refill_due: false,
+            rate: cfg
+                .max_publish_rate
+                .map(|r| RateLimit::new(r, cfg.publish_burst())),
             events: VecDeque::new(),
             stats: Stats::default(),
             conn: Conn::Backoff,
@@ -676,6 +682,8 @@ impl Sink {
                 Timer::PingResp => self.on_ping_timeout(now),
                 Timer::Ack => self.on_ack_timeout(now),
                 Timer::Refill => self.refill_due = true,
+                // The next poll_transmit may send again.
+                Timer::Rate => {}
             }
         }
     }

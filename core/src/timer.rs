@@ -21,9 +21,11 @@ pub(crate) enum Timer {
     Ack = 5,
     /// Stop waiting for a batch of free window slots; send into what is free.
     Refill = 6,
+    /// The publish rate limit allows the next publish.
+    Rate = 7,
 }
 
-const COUNT: usize = 7;
+const COUNT: usize = 8;
 const ALL: [Timer; COUNT] = [
     Timer::Reconnect,
     Timer::ConnAck,
@@ -32,6 +34,7 @@ const ALL: [Timer; COUNT] = [
     Timer::Flush,
     Timer::Ack,
     Timer::Refill,
+    Timer::Rate,
 ];
 
 #[derive(Debug, Default, Clone)]

@@ -1214,6 +1214,50 @@ fn tombstone_policy_decides_what_a_tombstone_becomes() {
     }
 }
 
+/// `max_publish_rate` holds the broker to `burst + T * rate` publishes, and a flush
+/// deadline still fires on time while the sink is throttled (issue 14 point 5).
+#[test]
+fn the_publish_rate_is_held_and_flush_deadlines_fire_while_throttled() {
+    for qos in [0u8, 1, 2] {
+        let mut cfg = test_config(MqttVersion::V5, qos);
+        cfg.max_publish_rate = Some(10.0);
+        cfg.max_publish_burst = Some(2);
+        cfg.flush_timeout = Duration::from_secs(3);
+        let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 7);
+        connected(&mut h);
+        for r in records(100, 1) {
+            h.push(r).unwrap();
+        }
+        let started = h.elapsed();
+        let outcome = h.flush();
+        let took = h.elapsed() - started;
+        assert!(
+            matches!(outcome, Event::FlushTimedOut { .. }),
+            "qos {qos}: {outcome:?}"
+        );
+        assert!(
+            took >= Duration::from_secs(3) && took < Duration::from_millis(3050),
+            "qos {qos}: the flush deadline fired after {took:?}, not at 3 s"
+        );
+        // At most burst + 3 s * rate reached the broker by then, and not far fewer.
+        let by_deadline = h.broker.delivered().len();
+        assert!(
+            (28..=32).contains(&by_deadline),
+            "qos {qos}: {by_deadline} publishes in 3 s at 10/s, burst 2"
+        );
+        // The rest follow at the rate: 98 after the burst take at least 9.8 s.
+        let all = h.run_until(Duration::from_secs(30), |h| {
+            h.broker.delivered().len() >= 100
+        });
+        assert!(all, "qos {qos}: {} delivered", h.broker.delivered().len());
+        let total = h.elapsed() - started;
+        assert!(
+            total >= Duration::from_millis(9_800),
+            "qos {qos}: 100 publishes at 10/s (burst 2) took only {total:?}"
+        );
+    }
+}
+
 #[test]
 fn custom_key_serializer_sees_the_whole_record() {
     let cfg = test_config(MqttVersion::V311, 1);
