@@ -39,7 +39,8 @@ fn the_daemon_holds_the_broker_to_max_publish_rate() {
             "",
         );
         let mut d = Daemon::start(bin, runtime, &cfg);
-        assert_eq!(sub.wait_for(1, Duration::from_secs(30)), 1, "{}", d.log());
+        // (The whole first burst may be in by the time the wait returns.)
+        assert!(sub.wait_for(1, Duration::from_secs(30)) >= 1, "{}", d.log());
         let first = Instant::now();
         let arrived = sub.wait_for_all(&want, Duration::from_secs(60));
         let span = first.elapsed();
