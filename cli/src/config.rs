@@ -543,6 +543,17 @@ pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
     let mqtt = [
         ("client_id", s(&m.client_id)),
         ("server", s(&m.server)),
+        (
+            "servers",
+            format!(
+                "[{}]",
+                m.servers
+                    .iter()
+                    .map(|a| s(a))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
         ("port", m.port.to_string()),
         ("topic_root", s(&m.topic_root)),
         ("topic_template", opt(m.topic_template.as_deref().map(s))),

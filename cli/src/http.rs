@@ -53,6 +53,8 @@ type Label = [(&'static str, &'static str); 1];
 #[derive(Default)]
 struct Shared {
     connected: AtomicBool,
+    /// The broker address of the last connection (one of `servers` when several).
+    server: Mutex<String>,
     stats: Mutex<Option<StatsHandle>>,
     sink: Mutex<Option<SinkStatsFn>>,
     lag: Mutex<CommitOffsets>,
@@ -178,8 +180,11 @@ impl Metrics {
                     .inc();
             }
             Event::DeadLetter { .. } => _ = self.dead_lettered.inc(),
-            Event::Connected(_) => {
+            Event::Connected(c) => {
                 self.connects.inc();
+                if let Ok(mut s) = self.shared.server.lock() {
+                    s.clone_from(&c.server);
+                }
                 connected.store(true, Ordering::Relaxed);
             }
             Event::ConnectFailed(_) => _ = self.connect_failures.inc(),
@@ -320,18 +325,21 @@ impl Collector for Scraped {
             .lock()
             .ok()
             .and_then(|f| f.as_ref().and_then(|f| f()));
-        let mut gauges = vec![
-            (
-                "mqtt_sink_mqtt_connected",
-                "1 while connected to the MQTT broker.",
-                i64::from(self.0.connected.load(Ordering::Relaxed)),
-            ),
-            (
-                "mqtt_sink_assigned_partitions",
-                "Kafka partitions assigned to this instance.",
-                i64::try_from(stats.assigned).unwrap_or(i64::MAX),
-            ),
-        ];
+        // The address as a label: which of `servers` is (or was last) in use.
+        let server = self.0.server.lock().map(|s| s.clone()).unwrap_or_default();
+        let connected = ConstGauge::new(i64::from(self.0.connected.load(Ordering::Relaxed)));
+        let mut family = enc.encode_descriptor(
+            "mqtt_sink_mqtt_connected",
+            "1 while connected to the MQTT broker at the server label (the last one connected).",
+            None,
+            connected.metric_type(),
+        )?;
+        connected.encode(family.encode_family(&[("server", server.as_str())])?)?;
+        let mut gauges = vec![(
+            "mqtt_sink_assigned_partitions",
+            "Kafka partitions assigned to this instance.",
+            i64::try_from(stats.assigned).unwrap_or(i64::MAX),
+        )];
         if let Some(st) = &sink {
             let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
             gauges.extend([

@@ -157,12 +157,11 @@ fn main() -> ExitCode {
         Command::Check { config, offline } => match config::load(&config, &env) {
             Ok(cfg) => {
                 println_out(&format!(
-                    "config ok: Kafka {} group {} topics {:?} -> MQTT {}:{} (v{}, QoS {}, TLS {})",
+                    "config ok: Kafka {} group {} topics {:?} -> MQTT {} (v{}, QoS {}, TLS {})",
                     cfg.kafka.brokers,
                     cfg.kafka.group_id,
                     cfg.kafka.topics,
-                    cfg.mqtt.server,
-                    cfg.mqtt.port,
+                    cfg.mqtt.addresses_text(),
                     cfg.mqtt.version,
                     cfg.mqtt.qos,
                     if cfg.mqtt.tls_enabled { "on" } else { "off" }
@@ -275,7 +274,7 @@ fn run(cfg: DaemonConfig, runtime: Runtime) -> ExitCode {
         kafka = %cfg.kafka.brokers,
         group = %cfg.kafka.group_id,
         topics = %cfg.kafka.topics.join(","),
-        mqtt = %format!("{}:{}", cfg.mqtt.server, cfg.mqtt.port),
+        mqtt = %cfg.mqtt.addresses_text(),
         version = env!("CARGO_PKG_VERSION"),
         "mqtt-sink starting"
     );

@@ -21,14 +21,17 @@ pub(crate) fn probe(cfg: &DaemonConfig) -> (Vec<String>, bool) {
             lines.push(format!("Kafka {}: FAILED: {e}", cfg.kafka.brokers));
         }
     }
-    match mqtt(cfg) {
-        Ok(found) => lines.push(found),
-        Err(e) => {
-            ok = false;
-            lines.push(format!(
-                "MQTT {}:{}: FAILED: {e}",
-                cfg.mqtt.server, cfg.mqtt.port
-            ));
+    // Each broker address on its own (with `servers`, every one of them).
+    for (host, port) in cfg.mqtt.addresses() {
+        let mut one = cfg.mqtt.clone();
+        (one.server, one.port, one.servers) = (host, port, Vec::new());
+        let addr = mqtt_sink_core::format_address(&one.server, port);
+        match mqtt(&one) {
+            Ok(found) => lines.push(format!("MQTT {addr}: {found}")),
+            Err(e) => {
+                ok = false;
+                lines.push(format!("MQTT {addr}: FAILED: {e}"));
+            }
         }
     }
     (lines, ok)
@@ -61,10 +64,10 @@ fn kafka(cfg: &DaemonConfig) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-fn mqtt(cfg: &DaemonConfig) -> Result<String, String> {
+fn mqtt(cfg: &mqtt_sink_core::Config) -> Result<String, String> {
     let (tx, rx) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
-    let sink = MqttSink::builder(cfg.mqtt.clone())
+    let sink = MqttSink::builder(cfg.clone())
         .on_event(move |e| {
             if matches!(e, Event::Connected(_) | Event::ConnectFailed(_)) {
                 let _ = tx.lock().map(|t| t.send(e.clone()));
@@ -72,14 +75,12 @@ fn mqtt(cfg: &DaemonConfig) -> Result<String, String> {
         })
         .start()
         .map_err(|e| e.to_string())?;
-    let wait = cfg.mqtt.connect_timeout + Duration::from_secs(1);
+    let wait = cfg.connect_timeout + Duration::from_secs(1);
     let result = match rx.recv_timeout(wait) {
         Ok(Event::Connected(c)) => Ok(format!(
-            "MQTT {}:{}: CONNACK accepted (MQTT {}, TLS {}): window {}, max packet {}, topic aliases {}, max QoS {}, retain {}, session present {}",
-            cfg.mqtt.server,
-            cfg.mqtt.port,
-            cfg.mqtt.version,
-            if cfg.mqtt.tls_enabled { "on" } else { "off" },
+            "CONNACK accepted (MQTT {}, TLS {}): window {}, max packet {}, topic aliases {}, max QoS {}, retain {}, session present {}",
+            cfg.version,
+            if cfg.tls_enabled { "on" } else { "off" },
             c.window,
             c.broker_max_packet.map_or("unlimited".into(), |n| n.to_string()),
             c.topic_alias_maximum.unwrap_or(0),

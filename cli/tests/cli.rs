@@ -143,6 +143,19 @@ fn each_kind_of_mistake_names_the_key_and_exits_2() {
             "mqtt.max_publish_burst = 5: needs max_publish_rate",
         ),
         (
+            "servers and server",
+            GOOD.replace("port = 1883", "port = 1883\nservers = [\"a:1883\"]"),
+            "mqtt.servers = [\"a:1883\"]: set either server and port, or servers, not both",
+        ),
+        (
+            "a server without a port",
+            GOOD.replace(
+                "server = \"127.0.0.1\"\nport = 1883",
+                "servers = [\"a:1883\", \"b\"]",
+            ),
+            "mqtt.servers = \"b\": must be \"host:port\"",
+        ),
+        (
             "tombstone",
             GOOD.replace("port = 1883", "port = 1883\ntombstone = \"clear\""),
             "mqtt.tombstone: unknown variant `clear`, expected one of `publish-null`, `skip`, `clear-retained`, `publish-empty`",
@@ -583,7 +596,7 @@ fn every_example_config_is_valid() {
         );
         assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
     }
-    assert_eq!(n, 7, "seven example configs");
+    assert_eq!(n, 8, "eight example configs");
 }
 
 #[test]

@@ -66,7 +66,9 @@ fn qos_2_against_a_broker_that_answers_puback_stops_once_or_downgrades_once() {
                 .any(|l| l.contains("ERROR") && l.contains(&addr)),
             "no error naming {addr} and QoS 2:\n{log}"
         );
-        let connects = log.matches("connected (session").count();
+        let connects = log
+            .matches(&format!("connected to {addr} (session"))
+            .count();
         assert_eq!(connects, 1, "reconnected after the refusal:\n{log}");
         assert!(!log.contains("protocol error"), "{log}");
         let committed = kafka.committed(&group, TOPIC, 1).unwrap()[0];
@@ -96,7 +98,12 @@ fn qos_2_against_a_broker_that_answers_puback_stops_once_or_downgrades_once() {
             .filter(|l| l.contains("WARN") && l.contains("QoS 1") && l.contains(&addr))
             .count();
         assert_eq!(warned, 1, "the downgrade must be said once:\n{log}");
-        assert_eq!(log.matches("connected (session").count(), 1, "{log}");
+        assert_eq!(
+            log.matches(&format!("connected to {addr} (session"))
+                .count(),
+            1,
+            "{log}"
+        );
         let arrivals: Vec<_> = sub
             .messages()
             .into_iter()

@@ -365,10 +365,19 @@ pub struct Config {
     /// MQTT client identifier. Replicas of one consumer group must not share it (the broker
     /// evicts the older connection): the runtimes add a per-instance suffix.
     pub client_id: String,
-    /// Broker host name or address.
+    /// Broker host name or address (with `port`); or leave both out and list `servers`.
+    #[serde(default)]
     pub server: String,
     /// Broker port.
+    #[serde(default)]
     pub port: u16,
+    /// Broker addresses, `"host:port"` (`"[::1]:1883"` for IPv6), instead of `server` and
+    /// `port`: the sink connects to the first; after a failed connect or a lost connection
+    /// it tries the next (after the reconnect backoff), round and round. They should share
+    /// one session store (a cluster) or the sink's session starts afresh on each switch
+    /// (unacknowledged publishes are resent, as after any restart of the broker).
+    #[serde(default)]
+    pub servers: Vec<String>,
     /// Root of the published topics: a record goes to `{topic_root}/{key}`.
     pub topic_root: String,
     /// A topic template instead of `{topic_root}/{key}`, e.g.
@@ -529,6 +538,33 @@ pub struct Config {
     pub dead_letter_topic: Option<String>,
 }
 
+/// A broker address for logs and metrics: `host:port`, or `[v6]:port`.
+pub fn format_address(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// `"host:port"` or `"[v6]:port"` as host and port.
+fn parse_address(a: &str) -> Result<(String, u16), &'static str> {
+    const RULE: &str = "must be \"host:port\" (\"[::1]:1883\" for IPv6), port 1..=65535";
+    let (host, port) = a.rsplit_once(':').ok_or(RULE)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port.parse().map_err(|_| RULE)?;
+    if host.is_empty() || port == 0 || host.chars().any(char::is_whitespace) {
+        return Err(RULE);
+    }
+    if host.contains(':') && !a.starts_with('[') {
+        return Err(RULE);
+    }
+    Ok((host.to_string(), port))
+}
+
 fn default_true() -> bool {
     true
 }
@@ -587,6 +623,7 @@ impl Config {
             client_id: client_id.into(),
             server: server.into(),
             port,
+            servers: Vec::new(),
             topic_root: topic_root.into(),
             topic_template: None,
             escape_placeholders: false,
@@ -627,6 +664,28 @@ impl Config {
             qos_downgrade: false,
             dead_letter_topic: None,
         }
+    }
+
+    /// The broker addresses in the order tried: `servers`, or `server` and `port`.
+    /// Entries that do not parse are left out (validation names them).
+    pub fn addresses(&self) -> Vec<(String, u16)> {
+        if self.servers.is_empty() {
+            vec![(self.server.clone(), self.port)]
+        } else {
+            self.servers
+                .iter()
+                .filter_map(|a| parse_address(a).ok())
+                .collect()
+        }
+    }
+
+    /// [`addresses`](Self::addresses) for a log line: `a:1883, b:1883`.
+    pub fn addresses_text(&self) -> String {
+        self.addresses()
+            .iter()
+            .map(|(h, p)| format_address(h, *p))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The publish burst in force with `max_publish_rate`: `max_publish_burst`, or a tenth
@@ -675,19 +734,34 @@ impl Config {
             ),
             _ => {}
         }
-        if self.server.trim().is_empty() || self.server.chars().any(char::is_whitespace) {
-            bad(
-                "server",
-                format!("{:?}", self.server),
-                "must be a host name or address without spaces",
-            );
-        }
-        if self.port == 0 {
-            bad(
-                "port",
-                "0".into(),
-                "must be 1..=65535 (1883 plain, 8883 TLS)",
-            );
+        if !self.servers.is_empty() {
+            if !self.server.is_empty() || self.port != 0 {
+                bad(
+                    "servers",
+                    format!("{:?}", self.servers),
+                    "set either server and port, or servers, not both",
+                );
+            }
+            for a in &self.servers {
+                if let Err(rule) = parse_address(a) {
+                    bad("servers", format!("{a:?}"), rule);
+                }
+            }
+        } else {
+            if self.server.trim().is_empty() || self.server.chars().any(char::is_whitespace) {
+                bad(
+                    "server",
+                    format!("{:?}", self.server),
+                    "must be a host name or address without spaces (or list servers)",
+                );
+            }
+            if self.port == 0 {
+                bad(
+                    "port",
+                    "0".into(),
+                    "must be 1..=65535 (1883 plain, 8883 TLS)",
+                );
+            }
         }
         let allow_refusable = self.string_policy == StringPolicy::Allow;
         let connect_strings = [

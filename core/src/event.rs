@@ -102,6 +102,8 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Connected {
+    /// The broker's address, `host:port` (one of `servers` when several are listed).
+    pub server: String,
     /// The broker resumed an earlier session.
     pub session_present: bool,
     /// MQTT 5: the client id the broker assigned (when ours was empty).
@@ -411,8 +413,8 @@ impl fmt::Display for Event {
             Self::CloseTransport => f.write_str("close transport"),
             Self::Connected(c) => write!(
                 f,
-                "connected (session present: {}, window {})",
-                c.session_present, c.window
+                "connected to {} (session present: {}, window {})",
+                c.server, c.session_present, c.window
             ),
             Self::ConnectFailed(e) => write!(f, "connect failed: {e}"),
             Self::ConnectionLost(e) => write!(f, "connection lost: {e}"),

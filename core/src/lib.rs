@@ -174,7 +174,7 @@ pub use builder::{
 };
 pub use checkpoint::Checkpoints;
 pub use config::{
-    Config, ConfigError, ConfigErrors, ErrorPolicy, HeaderSelection, MqttVersion,
+    format_address, Config, ConfigError, ConfigErrors, ErrorPolicy, HeaderSelection, MqttVersion,
     PublishProperties, Secret, StringPolicy, TombstonePolicy, MAX_DURATION, MAX_MQTT_PACKET,
 };
 pub use event::{

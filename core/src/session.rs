@@ -462,6 +462,7 @@ impl Sink {
         self.connected_once = true;
         self.resume(resumed);
         self.events.push_back(Event::Connected(Connected {
+            server: self.server_address(),
             session_present,
             assigned_client_id: props.assigned_client_id,
             window: self.window,
@@ -670,6 +671,8 @@ impl Sink {
         {
             self.backoff.reset();
         }
+        // With several broker addresses, the next one is tried.
+        self.address = (self.address + 1) % self.addresses.len().max(1);
         self.conn = Conn::Backoff;
         let delay = self.backoff.next_delay();
         self.timers.set(Timer::Reconnect, now + delay);
@@ -1158,10 +1161,7 @@ impl Sink {
         if self.fatal.is_some() {
             return false; // said once; the rest of the window's answers change nothing
         }
-        let (from, addr) = (
-            self.qos as u8,
-            format!("{}:{}", self.cfg.server, self.cfg.port),
-        );
+        let (from, addr) = (self.qos as u8, self.server_address());
         if self.cfg.qos_downgrade && to != QoS::AtMostOnce {
             self.events.push_back(Event::QosDowngraded {
                 from,

@@ -116,6 +116,9 @@ pub struct Sink {
     pub(crate) refill_due: bool,
     /// `max_publish_rate`, when set.
     pub(crate) rate: Option<RateLimit>,
+    /// The broker addresses (`servers`, or `server` and `port`) and the one in use.
+    pub(crate) addresses: Vec<(String, u16)>,
+    pub(crate) address: usize,
     pub(crate) events: VecDeque<Event>,
     pub(crate) stats: Stats,
 }
@@ -233,6 +236,8 @@ impl Sink {
             buffered_bytes: 0,
             refilling: false,
             refill_due: false,
+            addresses: cfg.addresses(),
+            address: 0,
             rate: cfg
                 .max_publish_rate
                 .map(|r| RateLimit::new(r, cfg.publish_burst())),
@@ -663,6 +668,22 @@ impl Sink {
         self.timers
             .get(Timer::Refill)
             .filter(|_| self.conn == Conn::Connected)
+    }
+
+    /// The broker address to open on `Event::OpenTransport` (and the one in use while
+    /// connected): with `servers`, the next one after each failed connect or lost
+    /// connection.
+    pub fn server(&self) -> (&str, u16) {
+        // Validation makes `addresses` non-empty.
+        self.addresses
+            .get(self.address)
+            .map_or((self.cfg.server.as_str(), self.cfg.port), |(h, p)| (h, *p))
+    }
+
+    /// [`server`](Self::server) as `host:port` (`[v6]:port`), for logs and metrics.
+    pub fn server_address(&self) -> String {
+        let (host, port) = self.server();
+        crate::config::format_address(host, port)
     }
 
     /// When `handle_timeout` must next be called, if ever.

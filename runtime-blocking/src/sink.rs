@@ -320,7 +320,7 @@ impl Driver {
         }
         self.attempt += 1;
         let (id, tx, gate) = (self.attempt, self.tx.clone(), self.read_after.clone());
-        let (server, port) = (self.sink.config().server.clone(), self.sink.config().port);
+        let (server, port) = (self.sink.server().0.to_string(), self.sink.server().1);
         let spawned = std::thread::Builder::new()
             .name("mqtt-sink-conn".into())
             .spawn(move || {
@@ -354,7 +354,8 @@ impl Driver {
         let _ = tcp.set_write_timeout(Some(WRITE_STALL));
         let mut conn = Conn { id, tcp, tls: None };
         let session = self.tls.clone().map(|cfg| {
-            let name = mqtt_sink_tls::server_name(&self.sink.config().server)?;
+            // SNI and the certificate check follow the address in use.
+            let name = mqtt_sink_tls::server_name(self.sink.server().0)?;
             let mut tls = ClientConnection::new(cfg, name);
             // `Conn::write` hands rustls all the core transmitted, then drains it; the
             // default limit (64 KiB) would refuse a larger batch.
@@ -397,8 +398,7 @@ impl Driver {
             let _ = c.tcp.shutdown(Shutdown::Both);
         }
         self.out.clear();
-        let cfg = self.sink.config();
-        let why = format!("{}:{}: {why}", cfg.server, cfg.port);
+        let why = format!("{}: {why}", self.sink.server_address());
         self.sink.handle_disconnected(now, why);
     }
 }

@@ -92,8 +92,8 @@ impl Driver {
                         Event::OpenTransport => {
                             (conn, out_pos) = (None, 0);
                             out.clear();
-                            let (c, tls) = (self.sink.config(), self.tls.clone());
-                            connecting = Some(Box::pin(open(c.server.clone(), c.port, tls)));
+                            let ((host, port), tls) = (self.sink.server(), self.tls.clone());
+                            connecting = Some(Box::pin(open(host.to_string(), port, tls)));
                         }
                         Event::CloseTransport => (connecting, close) = (None, true),
                         _ => {}
@@ -180,8 +180,7 @@ impl Driver {
     /// The connection failed (`why`): the sink hears it, naming the broker.
     fn lose<C>(&mut self, conn: &mut Option<C>, now: StdInstant, why: String) {
         *conn = None;
-        let c = self.sink.config();
-        let why = format!("{}:{}: {why}", c.server, c.port);
+        let why = format!("{}: {why}", self.sink.server_address());
         self.sink.handle_disconnected(now, why);
     }
 

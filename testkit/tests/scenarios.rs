@@ -941,6 +941,52 @@ fn records_pushed_while_disconnected_are_delivered_after_reconnect() {
     check(&expected(&recs), &delivered(&h), false).unwrap();
 }
 
+/// `servers`: the first address first; each failed connect or lost connection moves on to
+/// the next, round and round; the Connected event names the address in use (issue 14
+/// point 3).
+#[test]
+fn failed_connects_and_lost_connections_move_on_to_the_next_server() {
+    let mut cfg = test_config(MqttVersion::V311, 1);
+    (cfg.server, cfg.port) = (String::new(), 0);
+    cfg.servers = vec![
+        "mqtt-a:1883".into(),
+        "[::1]:1884".into(),
+        "mqtt-c:8883".into(),
+    ];
+    let link = LinkKnobs {
+        failing_opens: 1,
+        ..LinkKnobs::default()
+    };
+    let mut h = Harness::new(cfg, BrokerKnobs::default(), link, 3);
+    // The first open (mqtt-a) fails: the second address connects.
+    connected(&mut h);
+    assert_eq!(h.sink.server(), ("::1", 1884));
+    let servers: Vec<String> = h
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::Connected(c) => Some(c.server.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(servers, ["[::1]:1884"]);
+    // A lost connection: the third, then round to the first.
+    h.cut();
+    connected(&mut h);
+    assert_eq!(h.sink.server_address(), "mqtt-c:8883");
+    h.cut();
+    connected(&mut h);
+    assert_eq!(h.sink.server_address(), "mqtt-a:1883");
+    // Records pushed meanwhile all arrive.
+    let recs = records(50, 2);
+    for r in recs.clone() {
+        h.push(r).unwrap();
+    }
+    h.cut();
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    check(&expected(&recs), &delivered(&h), false).unwrap();
+}
+
 #[test]
 fn revoked_partitions_drop_queued_records_and_leave_the_ledger() {
     let link = LinkKnobs {
