@@ -16,6 +16,11 @@ pub struct TestPki {
     pub server_cert: PathBuf,
     /// Server key.
     pub server_key: PathBuf,
+    /// A server certificate for `localhost` only, and its key.
+    pub localhost_only: (PathBuf, PathBuf),
+    /// A server certificate for `127.0.0.1` only, and its key: with `localhost_only`, a
+    /// client that checks one address's certificate against the other's name fails.
+    pub ip_only: (PathBuf, PathBuf),
     /// Client certificate.
     pub client_cert: PathBuf,
     /// Client key.
@@ -46,6 +51,9 @@ impl TestPki {
         };
         let (server_pem, server_key) =
             leaf(vec!["localhost".into(), "127.0.0.1".into()], "localhost").map_err(|e| err(&e))?;
+        let (localhost_pem, localhost_key) =
+            leaf(vec!["localhost".into()], "localhost").map_err(|e| err(&e))?;
+        let (ip_pem, ip_key) = leaf(vec!["127.0.0.1".into()], "127.0.0.1").map_err(|e| err(&e))?;
         let (client_pem, client_key) =
             leaf(vec!["mqtt-sink-client".into()], "mqtt-sink-client").map_err(|e| err(&e))?;
         let pki = Self {
@@ -53,6 +61,8 @@ impl TestPki {
             wrong_ca: dir.join("wrong-ca.pem"),
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server.key"),
+            localhost_only: (dir.join("localhost.pem"), dir.join("localhost.key")),
+            ip_only: (dir.join("ip.pem"), dir.join("ip.key")),
             client_cert: dir.join("client.pem"),
             client_key: dir.join("client.key"),
         };
@@ -61,6 +71,10 @@ impl TestPki {
             (&pki.wrong_ca, wrong.pem()),
             (&pki.server_cert, server_pem),
             (&pki.server_key, server_key),
+            (&pki.localhost_only.0, localhost_pem),
+            (&pki.localhost_only.1, localhost_key),
+            (&pki.ip_only.0, ip_pem),
+            (&pki.ip_only.1, ip_key),
             (&pki.client_cert, client_pem),
             (&pki.client_key, client_key),
         ] {
