@@ -499,6 +499,12 @@ pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
     let s = |v: &str| toml::Value::String(v.to_string()).to_string();
     let d = |v: Duration| s(&humantime_serde::re::humantime::format_duration(v).to_string());
     let opt = |v: Option<String>| v.unwrap_or_else(|| "unset".into());
+    let list = |v: &[String]| {
+        format!(
+            "[{}]",
+            v.iter().map(|a| s(a)).collect::<Vec<_>>().join(", ")
+        )
+    };
     let path =
         |v: &Option<std::path::PathBuf>| opt(v.as_ref().map(|p| s(&p.display().to_string())));
     let k = &cfg.kafka;
@@ -543,17 +549,7 @@ pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
     let mqtt = [
         ("client_id", s(&m.client_id)),
         ("server", s(&m.server)),
-        (
-            "servers",
-            format!(
-                "[{}]",
-                m.servers
-                    .iter()
-                    .map(|a| s(a))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ),
+        ("servers", list(&m.servers)),
         ("port", m.port.to_string()),
         ("topic_root", s(&m.topic_root)),
         ("topic_template", opt(m.topic_template.as_deref().map(s))),
@@ -575,6 +571,7 @@ pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
             "tls_insecure_skip_verify",
             m.tls_insecure_skip_verify.to_string(),
         ),
+        ("tls_alpn", list(&m.tls_alpn)),
         ("qos", m.qos.to_string()),
         ("flush_timeout", d(m.flush_timeout)),
         ("retain", m.retain.to_string()),

@@ -156,6 +156,11 @@ fn each_kind_of_mistake_names_the_key_and_exits_2() {
             "mqtt.servers = \"b\": must be \"host:port\"",
         ),
         (
+            "alpn without TLS",
+            GOOD.replace("port = 1883", "port = 1883\ntls_alpn = [\"mqtt\"]"),
+            "mqtt.tls_enabled = false: TLS options are set (tls_ca_file, tls_client_cert, tls_insecure_skip_verify or tls_alpn) but TLS is off",
+        ),
+        (
             "tombstone",
             GOOD.replace("port = 1883", "port = 1883\ntombstone = \"clear\""),
             "mqtt.tombstone: unknown variant `clear`, expected one of `publish-null`, `skip`, `clear-retained`, `publish-empty`",
@@ -596,7 +601,7 @@ fn every_example_config_is_valid() {
         );
         assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
     }
-    assert_eq!(n, 8, "eight example configs");
+    assert_eq!(n, 9, "nine example configs");
 }
 
 #[test]

@@ -426,6 +426,10 @@ pub struct Config {
     /// Accept any broker certificate. For tests only: it disables server authentication.
     #[serde(default)]
     pub tls_insecure_skip_verify: bool,
+    /// ALPN protocol names offered in the TLS handshake, e.g. `["x-amzn-mqtt-ca"]` for AWS
+    /// IoT Core on port 443. Default: none offered.
+    #[serde(default)]
+    pub tls_alpn: Vec<String>,
     /// QoS of every publish: 0 at-most-once, 1 at-least-once (default), 2 exactly-once.
     #[serde(default = "default_qos")]
     pub qos: u8,
@@ -638,6 +642,7 @@ impl Config {
             tls_client_cert: None,
             tls_client_key: None,
             tls_insecure_skip_verify: false,
+            tls_alpn: Vec::new(),
             qos: default_qos(),
             flush_timeout: default_flush_timeout(),
             retain: false,
@@ -841,13 +846,23 @@ impl Config {
         }
         let tls_only = self.tls_ca_file.is_some()
             || self.tls_client_cert.is_some()
-            || self.tls_insecure_skip_verify;
+            || self.tls_insecure_skip_verify
+            || !self.tls_alpn.is_empty();
         if tls_only && !self.tls_enabled {
             bad(
                 "tls_enabled",
                 "false".into(),
-                "TLS options are set (tls_ca_file, tls_client_cert or tls_insecure_skip_verify) but TLS is off; set tls_enabled = true or remove them",
+                "TLS options are set (tls_ca_file, tls_client_cert, tls_insecure_skip_verify or tls_alpn) but TLS is off; set tls_enabled = true or remove them",
             );
+        }
+        for p in &self.tls_alpn {
+            if p.is_empty() || p.len() > 255 {
+                bad(
+                    "tls_alpn",
+                    format!("{p:?}"),
+                    "each protocol name must be 1 to 255 bytes",
+                );
+            }
         }
         if self.qos > 2 {
             bad("qos", self.qos.to_string(), "must be 0, 1 or 2");

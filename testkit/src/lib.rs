@@ -4,6 +4,7 @@
 //!
 //! Everything here is sans-IO and seeded: a test is a pure function of its seed.
 
+pub mod alpn;
 pub mod amqtt;
 pub mod backend;
 pub mod bridge_model;

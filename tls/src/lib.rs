@@ -84,6 +84,8 @@ pub fn client_config(cfg: &Config) -> Result<Arc<rustls::ClientConfig>, String> 
         }
         _ => builder.with_no_client_auth(),
     };
+    let mut config = config;
+    config.alpn_protocols = cfg.tls_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(Arc::new(config))
 }
 
