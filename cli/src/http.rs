@@ -330,11 +330,15 @@ impl Collector for Scraped {
         let connected = ConstGauge::new(i64::from(self.0.connected.load(Ordering::Relaxed)));
         let mut family = enc.encode_descriptor(
             "mqtt_sink_mqtt_connected",
-            "1 while connected to the MQTT broker at the server label (the last one connected).",
+            "1 while connected to the MQTT broker at the server label (the last one connected; no label before the first connection).",
             None,
             connected.metric_type(),
         )?;
-        connected.encode(family.encode_family(&[("server", server.as_str())])?)?;
+        if server.is_empty() {
+            connected.encode(family)?; // never connected yet: no address to name
+        } else {
+            connected.encode(family.encode_family(&[("server", server.as_str())])?)?;
+        }
         let mut gauges = vec![(
             "mqtt_sink_assigned_partitions",
             "Kafka partitions assigned to this instance.",

@@ -195,6 +195,14 @@ fn health_answers_while_clients_abuse_the_port_and_metrics_match_the_subscriber(
         assert!(s.len() > 10, "{addr}: too few samples parsed from:\n{body}");
         let find = |name: &str| s.iter().find(|x| x.metric == name).map(value);
         acknowledged += find("mqtt_sink_records_acknowledged_total").unwrap_or(0.0);
+        // Connected, and to which broker (the address in use, of `servers` when several).
+        let conn = s
+            .iter()
+            .find(|x| x.metric == "mqtt_sink_mqtt_connected")
+            .unwrap_or_else(|| panic!("{addr}: no mqtt_sink_mqtt_connected:\n{body}"));
+        let server = format!("127.0.0.1:{}", broker.port);
+        assert_eq!(conn.labels.get("server"), Some(server.as_str()), "{body}");
+        assert_eq!(value(conn), 1.0, "{addr}:\n{body}");
         let owner = find("mqtt_sink_assigned_partitions") == Some(1.0);
         let committed: Vec<f64> = s
             .iter()
