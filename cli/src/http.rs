@@ -103,6 +103,7 @@ fn reason_label(r: &RejectReason) -> &'static str {
         RejectReason::Broker { .. } => "broker_reason_code",
         RejectReason::DeadLetterFailed(_) => "dead_letter_failed",
         RejectReason::Poison { .. } => "poison",
+        RejectReason::Transform(_) => "transform",
         _ => "other",
     }
 }

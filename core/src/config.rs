@@ -528,6 +528,13 @@ pub struct Config {
     /// `"publish-empty"`.
     #[serde(default)]
     pub tombstone: TombstonePolicy,
+    /// A jq program that shapes and routes each record (run by jaq): its input is the
+    /// record as JSON (`key`, `value`, `headers`, `topic`, `partition`, `offset`,
+    /// `timestamp`); each output is a publish, either the payload itself or
+    /// `{payload, topic?, retain?, properties?}`; no output filters the record out, several
+    /// fan out. Unset (default): one publish per record, as configured.
+    #[serde(default)]
+    pub transform: Option<String>,
     /// At most this many publishes per second (fractions allowed, e.g. `0.5`), resends
     /// included; unset (default): no limit. For brokers that throttle (AWS IoT Core drops
     /// over-limit QoS 1 publishes without a PUBACK).
@@ -663,6 +670,7 @@ impl Config {
             error_policy: ErrorPolicy::default(),
             string_policy: StringPolicy::default(),
             tombstone: TombstonePolicy::default(),
+            transform: None,
             max_publish_rate: None,
             max_publish_burst: None,
             poison_after: default_poison_after(),
@@ -944,6 +952,15 @@ impl Config {
                 "needs max_publish_rate (a burst of what rate?)",
             ),
             _ => {}
+        }
+        if let Some(code) = &self.transform {
+            if let Err(e) = crate::transform::JqTransform::compile(code) {
+                bad(
+                    "transform",
+                    format!("{:?}", truncate(code, 60)),
+                    &format!("the jq program does not compile: {e}"),
+                );
+            }
         }
         if self.max_publish_burst == Some(0) {
             bad("max_publish_burst", "0".into(), "must be at least 1");

@@ -334,6 +334,9 @@ pub enum RejectReason {
     Unencodable(String),
     /// The topic template cannot render for this record.
     Template(String),
+    /// The `transform` program (or route function) failed on this record, or one of its
+    /// outputs is not a publish.
+    Transform(String),
     /// The broker closed the connection this many times in a row right after this publish,
     /// with no acknowledgement in between (`poison_after`): a string or size it refuses
     /// without saying so.
@@ -376,6 +379,7 @@ impl fmt::Display for RejectReason {
             Self::DeadLetterFailed(e) => write!(f, "the dead-letter produce failed: {e}"),
             Self::Unencodable(e) => write!(f, "the PUBLISH cannot be encoded: {e}"),
             Self::Template(e) => write!(f, "the topic template cannot render: {e}"),
+            Self::Transform(e) => write!(f, "the transform failed: {e}"),
             Self::Poison { closes } => write!(
                 f,
                 "the broker closed the connection {closes} times right after this publish \

@@ -161,6 +161,7 @@ mod session;
 mod sink;
 mod template;
 mod timer;
+mod transform;
 pub mod topic;
 mod wire;
 
@@ -183,9 +184,10 @@ pub use event::{
     TrySendError,
 };
 pub use kafka_config::KafkaConfig;
-pub use mapper::{KeySerializer, Properties, RecordMapper, Retain, ValueSerializer};
+pub use mapper::{KeySerializer, Properties, RecordMapper, Retain, Route, ValueSerializer};
 pub use record::{Header, Record, RecordCoords, TopicPartition};
 pub use sink::{Sink, Stats, MAX_UNWRITTEN};
+pub use transform::{JqTransform, Publish, MAX_OUTPUTS};
 
 /// MQTT quality of service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

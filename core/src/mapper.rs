@@ -2,6 +2,7 @@
 //! each static or computed per record from the whole record.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -9,11 +10,13 @@ use crate::config::{Config, HeaderSelection, PublishProperties};
 use crate::event::RejectReason;
 use crate::record::Record;
 use crate::template::Template;
+use crate::transform::{JqTransform, Publish};
 
 type KeyFn = dyn Fn(&Record) -> Result<String, String> + Send + Sync;
 type ValueFn = dyn Fn(&Record) -> Result<Bytes, String> + Send + Sync;
 type RetainFn = dyn Fn(&Record) -> bool + Send + Sync;
 type PropsFn = dyn Fn(&Record) -> Option<PublishProperties> + Send + Sync;
+type RouteFn = dyn Fn(&Record) -> Result<Vec<Publish>, String> + Send + Sync;
 
 /// Maps the record key to the topic suffix: `{topic_root}/{suffix}`.
 #[non_exhaustive]
@@ -69,6 +72,18 @@ macro_rules! debug_by_variant {
         }
     };
 }
+/// What publishes a record becomes.
+#[non_exhaustive]
+pub enum Route {
+    /// One publish: the topic from the template, the payload from the value serializer.
+    One,
+    /// The `transform` jq program: zero, one or several publishes.
+    Jq(Arc<JqTransform>),
+    /// A function of the whole record: zero, one or several publishes.
+    Custom(Box<RouteFn>),
+}
+
+debug_by_variant!(Route { One, Jq(_), Custom(_) });
 debug_by_variant!(KeySerializer { Utf8, Custom(_) });
 debug_by_variant!(ValueSerializer { Json, Raw, Custom(_) });
 debug_by_variant!(Retain { Static(_), PerRecord(_) });
@@ -86,6 +101,7 @@ pub struct RecordMapper {
     pub(crate) value: ValueSerializer,
     pub(crate) retain: Retain,
     pub(crate) properties: Properties,
+    pub(crate) route: Route,
 }
 
 impl fmt::Debug for RecordMapper {
@@ -96,6 +112,7 @@ impl fmt::Debug for RecordMapper {
             .field("value", &self.value)
             .field("retain", &self.retain)
             .field("properties", &self.properties)
+            .field("route", &self.route)
             .finish()
     }
 }
@@ -122,6 +139,36 @@ impl RecordMapper {
                 .properties
                 .clone()
                 .map_or(Properties::None, Properties::Static),
+            // A program that does not compile is a config error (`Config::validate`).
+            route: cfg
+                .transform
+                .as_deref()
+                .and_then(|code| JqTransform::compile(code).ok())
+                .map_or(Route::One, |t| Route::Jq(Arc::new(t))),
+        }
+    }
+
+    /// Routes each record through a function that returns its publishes: none filters it
+    /// out (its offset passes), several fan out in order (its offset passes when every one
+    /// is acknowledged or handled by the error policy), an error applies the error policy.
+    /// A publish's unset fields take the configured topic, retain and properties; the value
+    /// serializer is not used.
+    #[must_use]
+    pub fn route(
+        mut self,
+        f: impl Fn(&Record) -> Result<Vec<Publish>, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.route = Route::Custom(Box::new(f));
+        self
+    }
+
+    /// The publishes of a record under a transform or route; `None` without one (the
+    /// plain path: one publish from the template and the value serializer).
+    pub(crate) fn routed(&self, r: &Record) -> Option<Result<Vec<Publish>, RejectReason>> {
+        match &self.route {
+            Route::One => None,
+            Route::Jq(t) => Some(t.run(r).map_err(RejectReason::Transform)),
+            Route::Custom(f) => Some(f(r).map_err(RejectReason::Transform)),
         }
     }
 

@@ -63,7 +63,11 @@ pub(crate) enum SessionStep {
 /// A record encoded as a PUBLISH.
 #[derive(Debug)]
 pub(crate) struct Msg {
+    /// This publish's id: in push order, unique.
     pub(crate) id: RecordId,
+    /// The id the ledger knows its record by (`id`, unless a route fanned the record out
+    /// into several publishes: then the first one's).
+    pub(crate) record_id: RecordId,
     pub(crate) coords: RecordCoords,
     pub(crate) packet: EncodedPublish,
     pub(crate) retain: bool,
@@ -490,7 +494,7 @@ impl Sink {
             let tracked = self
                 .ledger
                 .pending_id(&e.msg.coords.tp, e.msg.coords.offset)
-                == Some(e.msg.id);
+                == Some(e.msg.record_id);
             if !tracked {
                 // Revoked or rewound: consumed again anyway.
                 self.free(&e.msg);
@@ -549,7 +553,7 @@ impl Sink {
         self.free(&e.msg);
         self.reject(
             e.msg.coords,
-            e.msg.id,
+            e.msg.record_id,
             RejectReason::Poison { closes: s.closes },
             e.msg.record.map(|r| *r),
         );
@@ -626,12 +630,12 @@ impl Sink {
         if reason >= 0x80 {
             self.reject(
                 msg.coords,
-                msg.id,
+                msg.record_id,
                 RejectReason::Broker { code: reason },
                 msg.record.map(|r| *r),
             );
         } else {
-            self.acknowledged(msg.coords, msg.id);
+            self.acknowledged(msg.coords, msg.record_id);
         }
     }
 
@@ -822,7 +826,7 @@ impl Sink {
                 break;
             };
             self.free(&msg);
-            self.acknowledged(msg.coords, msg.id);
+            self.acknowledged(msg.coords, msg.record_id);
         }
         self.arm_ack_timer();
     }
@@ -896,7 +900,7 @@ impl Sink {
                     limit,
                     by_broker: true,
                 };
-                self.reject(e.msg.coords, e.msg.id, reason, e.msg.record.map(|r| *r));
+                self.reject(e.msg.coords, e.msg.record_id, reason, e.msg.record.map(|r| *r));
                 continue;
             }
             let Some(e) = self.inflight.get_mut(seq) else {
@@ -943,14 +947,14 @@ impl Sink {
                     limit,
                     by_broker: true,
                 };
-                self.reject(msg.coords, msg.id, reason, msg.record.map(|r| *r));
+                self.reject(msg.coords, msg.record_id, reason, msg.record.map(|r| *r));
                 continue;
             }
             if msg.retain && !self.retain_available {
                 self.free(&msg);
                 self.reject(
                     msg.coords,
-                    msg.id,
+                    msg.record_id,
                     RejectReason::RetainNotSupported,
                     msg.record.map(|r| *r),
                 );

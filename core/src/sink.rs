@@ -8,7 +8,8 @@ use bytes::Bytes;
 use crate::backoff::Backoff;
 use crate::bridge::{ActionReport, BridgeAction};
 use crate::config::{
-    Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion, StringPolicy, TombstonePolicy,
+    Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion, PublishProperties, StringPolicy,
+    TombstonePolicy,
 };
 use crate::event::{CommitOffsets, Event, FlushInProgress, PushError, PushRefusal, RejectReason};
 use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
@@ -18,6 +19,7 @@ use crate::record::{Record, RecordCoords, TopicPartition};
 use crate::send_order::SendOrder;
 use crate::session::{Conn, Inflight, Msg, Output, SessionStep, Suspect};
 use crate::timer::{Timer, TimerTable};
+use crate::transform::Publish;
 use crate::topic;
 use crate::wire::{self, Decoder, PublishParts};
 use crate::QoS;
@@ -105,6 +107,8 @@ pub struct Sink {
     pub(crate) flush: Option<FlushTarget>,
     pub(crate) flush_dirty: bool,
     pub(crate) dead_lettering: BTreeMap<RecordCoords, RecordId>,
+    /// Records routed to several publishes, by record id: what is left of each.
+    pub(crate) fanouts: BTreeMap<RecordId, FanOut>,
     /// `assign` was called: pushes for partitions not assigned are refused.
     pub(crate) assignments_used: bool,
 
@@ -155,10 +159,24 @@ pub struct Stats {
     pub rejected: u64,
     /// Tombstones not published (`tombstone = "skip"`); their offsets pass.
     pub tombstones_skipped: u64,
+    /// Records a transform (or route) turned into no publish; their offsets pass.
+    pub filtered: u64,
+    /// Publishes beyond the first of records a transform (or route) fanned out.
+    pub fanned_out: u64,
     /// PUBLISH packets resent with DUP after a session resumed.
     pub resent: u64,
     /// Successful CONNACKs.
     pub connects: u64,
+}
+
+/// What is left of a record that became several publishes.
+#[derive(Debug)]
+pub(crate) struct FanOut {
+    pub(crate) tp: TopicPartition,
+    /// Publishes not yet done; a dead letter being produced counts as one.
+    pub(crate) remaining: usize,
+    /// The error policy handled one of its publishes (it applies once per record).
+    pub(crate) handled: bool,
 }
 
 /// Publishes per `poll_transmit` call are coalesced up to about this many bytes.
@@ -232,6 +250,7 @@ impl Sink {
             flush: None,
             flush_dirty: false,
             dead_lettering: BTreeMap::new(),
+            fanouts: BTreeMap::new(),
             assignments_used: false,
             buffered_bytes: 0,
             refilling: false,
@@ -335,32 +354,88 @@ impl Sink {
         self.next_id += 1;
         self.stats.pushed += 1;
         self.ledger.push(&record.tp, record.offset, id);
-        if record.value.is_none() && self.cfg.tombstone == TombstonePolicy::Skip {
+        let tombstone = record.value.is_none();
+        if tombstone && self.cfg.tombstone == TombstonePolicy::Skip {
             self.stats.tombstones_skipped += 1;
             self.ledger.resolve(&record.tp, record.offset, id);
             self.flush_dirty = true;
             return Ok(());
         }
-        match self.encode(&record) {
-            Ok((packet, retain)) => {
-                let keep = self.cfg.error_policy == ErrorPolicy::DeadLetter;
-                let size = packet.bytes.len() + if keep { record.size() } else { 0 };
-                self.buffered_bytes += size;
-                self.pending.push_back(Msg {
-                    id,
-                    coords: record.coords(),
-                    packet,
-                    retain,
-                    record: keep.then(|| Box::new(record)),
-                    size,
-                });
+        // A tombstone policy other than the default decides tombstones before any route.
+        let routed = if tombstone && self.cfg.tombstone != TombstonePolicy::PublishNull {
+            None
+        } else {
+            self.mapper.routed(&record)
+        };
+        let encoded = match routed {
+            None => self.encode(&record).map(|p| vec![p]),
+            Some(Ok(publishes)) if publishes.is_empty() => {
+                self.stats.filtered += 1;
+                self.ledger.resolve(&record.tp, record.offset, id);
+                self.flush_dirty = true;
+                return Ok(());
             }
+            Some(Ok(publishes)) => publishes
+                .into_iter()
+                .map(|p| self.encode_routed(&record, p))
+                .collect(),
+            Some(Err(reason)) => Err(reason),
+        };
+        match encoded {
+            Ok(packets) => self.enqueue(id, record, packets),
             Err(reason) => {
                 let coords = record.coords();
                 self.reject(coords, id, reason, Some(record));
             }
         }
         Ok(())
+    }
+
+    /// Queues the publishes of one record (pushed as `id`): all or none of them.
+    fn enqueue(&mut self, id: RecordId, record: Record, packets: Vec<(wire::EncodedPublish, bool)>) {
+        let keep = self.cfg.error_policy == ErrorPolicy::DeadLetter;
+        let coords = record.coords();
+        let parts = packets.len();
+        if parts > 1 {
+            self.stats.fanned_out += parts as u64 - 1;
+            self.fanouts.insert(
+                id,
+                FanOut {
+                    tp: coords.tp.clone(),
+                    remaining: parts,
+                    handled: false,
+                },
+            );
+        }
+        let mut record = Some(record);
+        for (i, (packet, retain)) in packets.into_iter().enumerate() {
+            let kept = if !keep {
+                None
+            } else if i + 1 == parts {
+                record.take().map(Box::new)
+            } else {
+                record.clone().map(Box::new)
+            };
+            let size = packet.bytes.len() + kept.as_ref().map_or(0, |r| r.size());
+            self.buffered_bytes += size;
+            // The first publish carries the record's id; the others get ids of their own,
+            // so that the session tells them apart.
+            let msg_id = if i == 0 {
+                id
+            } else {
+                self.next_id += 1;
+                self.next_id - 1
+            };
+            self.pending.push_back(Msg {
+                id: msg_id,
+                record_id: id,
+                coords: coords.clone(),
+                packet,
+                retain,
+                record: kept,
+                size,
+            });
+        }
     }
 
     /// Pushes records in order until one is refused: returns those not taken (the first of
@@ -410,7 +485,39 @@ impl Sink {
     }
 
     fn encode(&self, r: &Record) -> Result<(wire::EncodedPublish, bool), RejectReason> {
-        let mut topic = self.mapper.topic(r)?;
+        let topic = self.checked_topic(self.mapper.topic(r)?)?;
+        let tombstone = r.value.is_none();
+        let (payload, retain) = match self.cfg.tombstone {
+            TombstonePolicy::ClearRetained if tombstone => (Bytes::new(), true),
+            TombstonePolicy::PublishEmpty if tombstone => (Bytes::new(), self.mapper.retain(r)),
+            _ => (self.mapper.payload(r)?, self.mapper.retain(r)),
+        };
+        self.mapper
+            .with_properties(r, |props| self.encode_publish(&topic, payload, retain, props))
+    }
+
+    /// One publish of a transform's (or route's) output: unset fields as configured.
+    fn encode_routed(
+        &self,
+        r: &Record,
+        p: Publish,
+    ) -> Result<(wire::EncodedPublish, bool), RejectReason> {
+        let topic = match p.topic {
+            Some(t) => t,
+            None => self.mapper.topic(r)?,
+        };
+        let topic = self.checked_topic(topic)?;
+        let retain = p.retain.unwrap_or_else(|| self.mapper.retain(r));
+        match &p.properties {
+            Some(props) => self.encode_publish(&topic, p.payload, retain, Some(props)),
+            None => self.mapper.with_properties(r, |props| {
+                self.encode_publish(&topic, p.payload, retain, props)
+            }),
+        }
+    }
+
+    /// The topic after `string_policy`, or why it cannot be published to.
+    fn checked_topic(&self, mut topic: String) -> Result<String, RejectReason> {
         let policy = self.cfg.string_policy;
         if policy == StringPolicy::Escape {
             if let Some(escaped) = topic::escape_refusable(&topic) {
@@ -428,14 +535,19 @@ impl Sink {
             }
             return Err(RejectReason::InvalidTopic { topic: cut, error });
         }
-        let tombstone = r.value.is_none();
-        let (payload, retain) = match self.cfg.tombstone {
-            TombstonePolicy::ClearRetained if tombstone => (Bytes::new(), true),
-            TombstonePolicy::PublishEmpty if tombstone => (Bytes::new(), self.mapper.retain(r)),
-            _ => (self.mapper.payload(r)?, self.mapper.retain(r)),
-        };
+        Ok(topic)
+    }
+
+    fn encode_publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        retain: bool,
+        props: Option<&PublishProperties>,
+    ) -> Result<(wire::EncodedPublish, bool), RejectReason> {
+        let policy = self.cfg.string_policy;
         let version = self.cfg.version;
-        self.mapper.with_properties(r, |props| {
+        {
             let props = props.filter(|_| version == MqttVersion::V5);
             if let Some(p) = props {
                 if let Some((field, value, rule)) =
@@ -448,7 +560,7 @@ impl Sink {
             }
             let parts = PublishParts {
                 version,
-                topic: &topic,
+                topic,
                 qos: self.qos,
                 retain,
                 properties: props,
@@ -464,7 +576,7 @@ impl Sink {
             }
             let packet = wire::encode_publish(parts).map_err(|e| RejectReason::Unencodable(e.0))?;
             Ok((packet, retain))
-        })
+        }
     }
 
     /// Applies the error policy to a rejected record.
@@ -475,6 +587,17 @@ impl Sink {
         reason: RejectReason,
         record: Option<Record>,
     ) {
+        if let Some(f) = self.fanouts.get_mut(&id) {
+            if f.handled {
+                // Another publish of a record the policy already handled: once per record.
+                if self.part_done(id) {
+                    self.ledger.resolve(&coords.tp, coords.offset, id);
+                    self.flush_dirty = true;
+                }
+                return;
+            }
+            f.handled = true;
+        }
         self.stats.rejected += 1;
         let policy = self.cfg.error_policy;
         self.events.push_back(Event::RecordRejected {
@@ -493,7 +616,9 @@ impl Sink {
                 self.ledger.fail(&coords.tp, coords.offset, id, reason);
             }
             ErrorPolicy::Skip => {
-                self.ledger.resolve(&coords.tp, coords.offset, id);
+                if self.part_done(id) {
+                    self.ledger.resolve(&coords.tp, coords.offset, id);
+                }
             }
             ErrorPolicy::DeadLetter => match record {
                 Some(record) => {
@@ -510,6 +635,9 @@ impl Sink {
 
     /// A record reached the broker (or, at QoS 0, the transport).
     pub(crate) fn acknowledged(&mut self, coords: RecordCoords, id: RecordId) {
+        if !self.part_done(id) {
+            return;
+        }
         if self.ledger.resolve(&coords.tp, coords.offset, id) {
             self.stats.acknowledged += 1;
             self.flush_dirty = true;
@@ -517,10 +645,28 @@ impl Sink {
         }
     }
 
-    /// The runtime produced a dead letter and Kafka confirmed it: its offset may pass.
+    /// One publish of record `id` is done (acknowledged, or handled by the policy): true
+    /// when that was the record's last (always, for a record of one publish).
+    fn part_done(&mut self, id: RecordId) -> bool {
+        if self.fanouts.is_empty() {
+            return true;
+        }
+        let Some(f) = self.fanouts.get_mut(&id) else {
+            return true;
+        };
+        f.remaining -= 1;
+        if f.remaining > 0 {
+            return false;
+        }
+        self.fanouts.remove(&id);
+        true
+    }
+
+    /// The runtime produced a dead letter and Kafka confirmed it: its offset may pass (for
+    /// a record of several publishes, once the others are done too).
     pub fn handle_dead_lettered(&mut self, coords: &RecordCoords) {
         if let Some(id) = self.dead_lettering.remove(coords) {
-            if self.ledger.resolve(&coords.tp, coords.offset, id) {
+            if self.part_done(id) && self.ledger.resolve(&coords.tp, coords.offset, id) {
                 self.flush_dirty = true;
             }
         }
@@ -552,6 +698,7 @@ impl Sink {
     pub fn revoke(&mut self, tp: &TopicPartition) {
         self.ledger.revoke(tp);
         self.dead_lettering.retain(|c, _| &c.tp != tp);
+        self.fanouts.retain(|_, f| &f.tp != tp);
         let mut freed = 0;
         self.pending.retain(|m| {
             let keep = &m.coords.tp != tp;
@@ -586,6 +733,7 @@ impl Sink {
         self.pending.clear();
         self.buffered_bytes -= freed;
         self.dead_lettering.clear();
+        self.fanouts.clear();
         self.flush = None;
         self.timers.stop(Timer::Flush);
         to

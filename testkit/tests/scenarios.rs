@@ -1840,3 +1840,130 @@ fn a_broker_that_does_not_honour_qos_2_stops_the_sink_or_downgrades_once() {
         }
     }
 }
+
+/// The jq `transform` shapes, filters and fans out (issue 14 point 1): a record with no
+/// output passes; one with several publishes passes only when every one is acknowledged.
+#[test]
+fn a_transform_shapes_filters_and_fans_out_and_the_offset_waits_for_every_publish() {
+    let tp = TopicPartition::new("readings", 0);
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.transform = Some(
+        r#"if .value.n % 3 == 0 then empty
+           elif .value.n % 3 == 1 then {topic: "one/\(.key)", payload: {n: .value.n, at: .offset}}
+           else (.value.n, {topic: "two/\(.key)", payload: "x\(.value.n)", retain: true},
+                 {topic: "three", payload: .value}) end"#
+            .into(),
+    );
+    // One publish in flight at a time, each answered after 100 ms.
+    cfg.max_inflight = 1;
+    let knobs = BrokerKnobs {
+        ack_delay: Duration::from_millis(100),
+        ..BrokerKnobs::default()
+    };
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 3);
+    connected(&mut h);
+    let value = |n: i64| format!(r#"{{"n":{n}}}"#);
+    // n = 0: filtered; 1: one shaped publish; 2: three publishes.
+    for n in 0..3 {
+        h.push(Record::new(tp.clone(), n, Some("k"), Some(value(n))))
+            .unwrap();
+    }
+    // The fan-out's second publish goes only after its first was answered: the record
+    // must still hold the position then.
+    assert!(h.run_until(Duration::from_secs(5), |h| h.broker.delivered().len() >= 3));
+    assert_eq!(
+        h.sink.commit_positions(),
+        vec![(tp.clone(), 2)],
+        "offset 2 passed before all of its publishes were acknowledged"
+    );
+    let Event::FlushCompleted { offsets } = h.flush() else {
+        panic!("the flush did not complete");
+    };
+    assert_eq!(offsets, vec![(tp.clone(), 3)]);
+    let got: Vec<(String, Bytes, bool)> = h
+        .broker
+        .delivered()
+        .iter()
+        .map(|p| (p.topic.clone(), p.payload.clone(), p.retain))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("one/k".into(), Bytes::from(r#"{"n":1,"at":1}"#), false),
+            ("sensors/k".into(), Bytes::from("2"), false),
+            ("two/k".into(), Bytes::from("x2"), true),
+            ("three".into(), Bytes::from(r#"{"n":2}"#), false),
+        ]
+    );
+    let stats = h.sink.stats();
+    assert_eq!((stats.filtered, stats.fanned_out), (1, 2));
+    assert_eq!(stats.acknowledged, 2, "records acknowledged, not publishes");
+}
+
+/// A record fanned out into several publishes is handled by the error policy once, however
+/// many of its publishes are refused, and under `fail` holds its offset although the others
+/// were acknowledged; a program error follows the policy with the record's coordinates.
+#[test]
+fn a_fanned_out_record_meets_the_error_policy_once() {
+    use mqtt_sink_core::ErrorPolicy;
+    let tp = TopicPartition::new("readings", 0);
+    for policy in [ErrorPolicy::Fail, ErrorPolicy::Skip, ErrorPolicy::DeadLetter] {
+        let mut cfg = test_config(MqttVersion::V5, 1);
+        cfg.error_policy = policy;
+        if policy == ErrorPolicy::DeadLetter {
+            cfg.dead_letter_topic = Some("dlq".into());
+        }
+        // Four publishes per record: two to topics the broker refuses (0x87).
+        cfg.transform = Some(
+            r#"if .value == "boom" then error("no \(.key)") else
+               ("ok/1", "no/1", "ok/2", "no/2") as $t | {topic: $t, payload: .value} end"#
+                .into(),
+        );
+        let knobs = BrokerKnobs {
+            topic_reason_codes: [("no/1".to_string(), 0x87), ("no/2".to_string(), 0x87)].into(),
+            ..BrokerKnobs::default()
+        };
+        let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 5);
+        connected(&mut h);
+        h.push(Record::new(tp.clone(), 0, Some("a"), Some("v")))
+            .unwrap();
+        h.push(Record::new(tp.clone(), 1, Some("b"), Some("boom")))
+            .unwrap();
+        let outcome = h.flush();
+        let mut rejected: Vec<String> = h
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::RecordRejected { coords, reason, .. } => Some(format!("{coords}: {reason}")),
+                _ => None,
+            })
+            .collect();
+        rejected.sort();
+        assert_eq!(rejected.len(), 2, "{policy}: {rejected:?}");
+        assert!(rejected[0].starts_with("readings/0@0: the broker rejected it"), "{rejected:?}");
+        assert_eq!(rejected[1], "readings/0@1: the transform failed: jq error: no b");
+        let delivered: Vec<_> = h.broker.delivered().iter().map(|d| d.topic.clone()).collect();
+        assert_eq!(delivered, ["ok/1", "ok/2"], "{policy}");
+        match policy {
+            ErrorPolicy::Fail => {
+                let Event::FlushFailed { offsets, .. } = outcome else {
+                    panic!("fail: {outcome:?}");
+                };
+                assert!(
+                    offsets.iter().all(|(_, o)| *o == 0),
+                    "fail: the refused record's offset passed: {offsets:?}"
+                );
+            }
+            _ => {
+                let Event::FlushCompleted { offsets } = outcome else {
+                    panic!("{policy}: {outcome:?}");
+                };
+                assert_eq!(offsets, vec![(tp.clone(), 2)], "{policy}");
+            }
+        }
+        let mut letters: Vec<i64> = h.dead_letters.iter().map(|r| r.offset).collect();
+        letters.sort_unstable();
+        let want: &[i64] = if policy == ErrorPolicy::DeadLetter { &[0, 1] } else { &[] };
+        assert_eq!(letters, want, "{policy}: one dead letter per record");
+    }
+}
