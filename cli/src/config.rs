@@ -600,6 +600,7 @@ pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
         ("qos_downgrade", m.qos_downgrade.to_string()),
         ("string_policy", s(&m.string_policy.to_string())),
         ("tombstone", s(&m.tombstone.to_string())),
+        ("transform", opt(m.transform.as_deref().map(s))),
         (
             "max_publish_rate",
             opt(m.max_publish_rate.map(|r| r.to_string())),

@@ -374,7 +374,17 @@ impl Collector for Scraped {
                 (
                     "mqtt_sink_records_published",
                     "Records handed to the broker connection.",
-                    st.pushed - st.tombstones_skipped,
+                    st.pushed - st.tombstones_skipped - st.filtered,
+                ),
+                (
+                    "mqtt_sink_records_filtered",
+                    "Records the transform turned into no publish (their offsets pass).",
+                    st.filtered,
+                ),
+                (
+                    "mqtt_sink_publishes_fanned_out",
+                    "Publishes beyond the first of records the transform fanned out.",
+                    st.fanned_out,
                 ),
                 (
                     "mqtt_sink_tombstones_skipped",

@@ -161,6 +161,16 @@ fn each_kind_of_mistake_names_the_key_and_exits_2() {
             "mqtt.tls_enabled = false: TLS options are set (tls_ca_file, tls_client_cert, tls_insecure_skip_verify or tls_alpn) but TLS is off",
         ),
         (
+            "a transform that does not compile",
+            GOOD.replace("port = 1883", "port = 1883\ntransform = '.value | {'"),
+            "mqtt.transform = \".value | {\": the jq program does not compile: expected",
+        ),
+        (
+            "a transform calling an unknown function",
+            GOOD.replace("port = 1883", "port = 1883\ntransform = 'nosuch(.)'"),
+            "mqtt.transform = \"nosuch(.)\": the jq program does not compile: undefined filter nosuch",
+        ),
+        (
             "tombstone",
             GOOD.replace("port = 1883", "port = 1883\ntombstone = \"clear\""),
             "mqtt.tombstone: unknown variant `clear`, expected one of `publish-null`, `skip`, `clear-retained`, `publish-empty`",
@@ -601,7 +611,7 @@ fn every_example_config_is_valid() {
         );
         assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
     }
-    assert_eq!(n, 9, "nine example configs");
+    assert_eq!(n, 10, "ten example configs");
 }
 
 #[test]

@@ -161,8 +161,8 @@ mod session;
 mod sink;
 mod template;
 mod timer;
-mod transform;
 pub mod topic;
+mod transform;
 mod wire;
 
 pub use bridge::{

@@ -153,6 +153,18 @@ impl RecordMapper {
     /// is acknowledged or handled by the error policy), an error applies the error policy.
     /// A publish's unset fields take the configured topic, retain and properties; the value
     /// serializer is not used.
+    ///
+    /// ```
+    /// use mqtt_sink_core::{Config, Publish, RecordMapper};
+    /// let cfg = Config::new("bridge", "localhost", 1883, "sensors");
+    /// let mapper = RecordMapper::from_config(&cfg).route(|r| {
+    ///     Ok(match r.value.as_deref() {
+    ///         None => vec![], // tombstones: filtered out, their offsets pass
+    ///         Some(v) => vec![Publish::payload(v.to_vec()), Publish::payload("seen").to("audit/all")],
+    ///     })
+    /// });
+    /// # let _ = mapper;
+    /// ```
     #[must_use]
     pub fn route(
         mut self,

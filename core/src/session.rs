@@ -900,7 +900,12 @@ impl Sink {
                     limit,
                     by_broker: true,
                 };
-                self.reject(e.msg.coords, e.msg.record_id, reason, e.msg.record.map(|r| *r));
+                self.reject(
+                    e.msg.coords,
+                    e.msg.record_id,
+                    reason,
+                    e.msg.record.map(|r| *r),
+                );
                 continue;
             }
             let Some(e) = self.inflight.get_mut(seq) else {

@@ -19,8 +19,8 @@ use crate::record::{Record, RecordCoords, TopicPartition};
 use crate::send_order::SendOrder;
 use crate::session::{Conn, Inflight, Msg, Output, SessionStep, Suspect};
 use crate::timer::{Timer, TimerTable};
-use crate::transform::Publish;
 use crate::topic;
+use crate::transform::Publish;
 use crate::wire::{self, Decoder, PublishParts};
 use crate::QoS;
 
@@ -392,7 +392,12 @@ impl Sink {
     }
 
     /// Queues the publishes of one record (pushed as `id`): all or none of them.
-    fn enqueue(&mut self, id: RecordId, record: Record, packets: Vec<(wire::EncodedPublish, bool)>) {
+    fn enqueue(
+        &mut self,
+        id: RecordId,
+        record: Record,
+        packets: Vec<(wire::EncodedPublish, bool)>,
+    ) {
         let keep = self.cfg.error_policy == ErrorPolicy::DeadLetter;
         let coords = record.coords();
         let parts = packets.len();
@@ -492,8 +497,9 @@ impl Sink {
             TombstonePolicy::PublishEmpty if tombstone => (Bytes::new(), self.mapper.retain(r)),
             _ => (self.mapper.payload(r)?, self.mapper.retain(r)),
         };
-        self.mapper
-            .with_properties(r, |props| self.encode_publish(&topic, payload, retain, props))
+        self.mapper.with_properties(r, |props| {
+            self.encode_publish(&topic, payload, retain, props)
+        })
     }
 
     /// One publish of a transform's (or route's) output: unset fields as configured.

@@ -129,7 +129,7 @@ impl JqTransform {
                             Ok(code) => format!("jq halt({code}): halt is not allowed here"),
                             Err(_) => "jq error".to_string(),
                         },
-                    })
+                    });
                 }
             };
             if out.len() == MAX_OUTPUTS {
@@ -244,6 +244,7 @@ fn publish_of(v: Val) -> Result<Publish, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::record::{Header, TopicPartition};
@@ -285,7 +286,10 @@ mod tests {
 
     #[test]
     fn outputs_are_payloads_or_publish_objects() {
-        assert_eq!(run(".value.t", br#"{"t":21.5}"#).unwrap()[0].payload, "21.5");
+        assert_eq!(
+            run(".value.t", br#"{"t":21.5}"#).unwrap()[0].payload,
+            "21.5"
+        );
         assert_eq!(run(".key", b"1").unwrap()[0].payload, "dev-1");
         let out = run(
             r#"{topic: "t/\(.key)", payload: {c: .value.t}, retain: true,
@@ -308,8 +312,11 @@ mod tests {
         assert!(run("select(.value.t > 30)", br#"{"t":21.5}"#)
             .unwrap()
             .is_empty());
-        let out = run(r#".value[] | {topic: "x/\(.id)", payload: .}"#, br#"[{"id":1},{"id":2}]"#)
-            .unwrap();
+        let out = run(
+            r#".value[] | {topic: "x/\(.id)", payload: .}"#,
+            br#"[{"id":1},{"id":2}]"#,
+        )
+        .unwrap();
         let topics: Vec<_> = out.iter().map(|p| p.topic.clone().unwrap()).collect();
         assert_eq!(topics, ["x/1", "x/2"]);
     }

@@ -1907,7 +1907,11 @@ fn a_transform_shapes_filters_and_fans_out_and_the_offset_waits_for_every_publis
 fn a_fanned_out_record_meets_the_error_policy_once() {
     use mqtt_sink_core::ErrorPolicy;
     let tp = TopicPartition::new("readings", 0);
-    for policy in [ErrorPolicy::Fail, ErrorPolicy::Skip, ErrorPolicy::DeadLetter] {
+    for policy in [
+        ErrorPolicy::Fail,
+        ErrorPolicy::Skip,
+        ErrorPolicy::DeadLetter,
+    ] {
         let mut cfg = test_config(MqttVersion::V5, 1);
         cfg.error_policy = policy;
         if policy == ErrorPolicy::DeadLetter {
@@ -1940,9 +1944,20 @@ fn a_fanned_out_record_meets_the_error_policy_once() {
             .collect();
         rejected.sort();
         assert_eq!(rejected.len(), 2, "{policy}: {rejected:?}");
-        assert!(rejected[0].starts_with("readings/0@0: the broker rejected it"), "{rejected:?}");
-        assert_eq!(rejected[1], "readings/0@1: the transform failed: jq error: no b");
-        let delivered: Vec<_> = h.broker.delivered().iter().map(|d| d.topic.clone()).collect();
+        assert!(
+            rejected[0].starts_with("readings/0@0: the broker rejected it"),
+            "{rejected:?}"
+        );
+        assert_eq!(
+            rejected[1],
+            "readings/0@1: the transform failed: jq error: no b"
+        );
+        let delivered: Vec<_> = h
+            .broker
+            .delivered()
+            .iter()
+            .map(|d| d.topic.clone())
+            .collect();
         assert_eq!(delivered, ["ok/1", "ok/2"], "{policy}");
         match policy {
             ErrorPolicy::Fail => {
@@ -1963,7 +1978,11 @@ fn a_fanned_out_record_meets_the_error_policy_once() {
         }
         let mut letters: Vec<i64> = h.dead_letters.iter().map(|r| r.offset).collect();
         letters.sort_unstable();
-        let want: &[i64] = if policy == ErrorPolicy::DeadLetter { &[0, 1] } else { &[] };
+        let want: &[i64] = if policy == ErrorPolicy::DeadLetter {
+            &[0, 1]
+        } else {
+            &[]
+        };
         assert_eq!(letters, want, "{policy}: one dead letter per record");
     }
 }
