@@ -2,7 +2,6 @@
 //! each static or computed per record from the whole record.
 
 use std::fmt;
-use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -78,7 +77,7 @@ pub enum Route {
     /// One publish: the topic from the template, the payload from the value serializer.
     One,
     /// The `transform` jq program: zero, one or several publishes.
-    Jq(Arc<JqTransform>),
+    Jq(JqTransform),
     /// A function of the whole record: zero, one or several publishes.
     Custom(Box<RouteFn>),
 }
@@ -144,7 +143,7 @@ impl RecordMapper {
                 .transform
                 .as_deref()
                 .and_then(|code| JqTransform::compile(code).ok())
-                .map_or(Route::One, |t| Route::Jq(Arc::new(t))),
+                .map_or(Route::One, Route::Jq),
         }
     }
 

@@ -367,8 +367,15 @@ impl Sink {
         } else {
             self.mapper.routed(&record)
         };
-        let encoded = match routed {
-            None => self.encode(&record).map(|p| vec![p]),
+        let encoded: Result<Vec<_>, _> = match routed {
+            // The plain path: one publish, no allocation for a list of them.
+            None => match self.encode(&record) {
+                Ok(p) => {
+                    self.enqueue(id, record, std::iter::once(p));
+                    return Ok(());
+                }
+                Err(reason) => Err(reason),
+            },
             Some(Ok(publishes)) if publishes.is_empty() => {
                 self.stats.filtered += 1;
                 self.ledger.resolve(&record.tp, record.offset, id);
@@ -382,7 +389,7 @@ impl Sink {
             Some(Err(reason)) => Err(reason),
         };
         match encoded {
-            Ok(packets) => self.enqueue(id, record, packets),
+            Ok(packets) => self.enqueue(id, record, packets.into_iter()),
             Err(reason) => {
                 let coords = record.coords();
                 self.reject(coords, id, reason, Some(record));
@@ -396,7 +403,7 @@ impl Sink {
         &mut self,
         id: RecordId,
         record: Record,
-        packets: Vec<(wire::EncodedPublish, bool)>,
+        packets: impl ExactSizeIterator<Item = (wire::EncodedPublish, bool)>,
     ) {
         let keep = self.cfg.error_policy == ErrorPolicy::DeadLetter;
         let coords = record.coords();

@@ -48,6 +48,15 @@ fn expected(records: &[Record]) -> Vec<Expected> {
         .collect()
 }
 
+/// What the broker received: (topic, payload, retain), in order.
+fn delivered_with_retain(h: &Harness) -> Vec<(String, Bytes, bool)> {
+    h.broker
+        .delivered()
+        .iter()
+        .map(|p| (p.topic.clone(), p.payload.clone(), p.retain))
+        .collect()
+}
+
 fn records(n: i64, partitions: i32) -> Vec<Record> {
     (0..n)
         .map(|i| {
@@ -1239,12 +1248,7 @@ fn tombstone_policy_decides_what_a_tombstone_becomes() {
             panic!("{policy}: the flush did not complete");
         };
         assert_eq!(offsets, vec![(tp.clone(), 3)], "{policy}");
-        let got: Vec<(String, Bytes, bool)> = h
-            .broker
-            .delivered()
-            .iter()
-            .map(|p| (p.topic.clone(), p.payload.clone(), p.retain))
-            .collect();
+        let got = delivered_with_retain(&h);
         let mut expected = vec![("sensors/k".to_string(), Bytes::from("1"), false)];
         if let Some((payload, retain)) = want {
             expected.push((
@@ -1880,12 +1884,7 @@ fn a_transform_shapes_filters_and_fans_out_and_the_offset_waits_for_every_publis
         panic!("the flush did not complete");
     };
     assert_eq!(offsets, vec![(tp.clone(), 3)]);
-    let got: Vec<(String, Bytes, bool)> = h
-        .broker
-        .delivered()
-        .iter()
-        .map(|p| (p.topic.clone(), p.payload.clone(), p.retain))
-        .collect();
+    let got = delivered_with_retain(&h);
     assert_eq!(
         got,
         vec![
