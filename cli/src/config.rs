@@ -572,6 +572,22 @@ pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
             m.tls_insecure_skip_verify.to_string(),
         ),
         ("tls_alpn", list(&m.tls_alpn)),
+        ("transport", s(&m.transport.to_string())),
+        ("ws_path", s(m.ws_path())),
+        (
+            "ws_headers",
+            // Names only: the values may be credentials.
+            if m.ws_headers.is_empty() {
+                "{}".to_string()
+            } else {
+                let names: Vec<String> = m
+                    .ws_headers
+                    .keys()
+                    .map(|k| format!("{} = \"***\"", s(k)))
+                    .collect();
+                format!("{{ {} }}", names.join(", "))
+            },
+        ),
         ("qos", m.qos.to_string()),
         ("flush_timeout", d(m.flush_timeout)),
         ("retain", m.retain.to_string()),
@@ -714,7 +730,8 @@ fn apply_env(doc: &mut toml::Table, env: &[(String, String)]) -> Result<(), Load
         let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
-            .filter(|v| !matches!(v, toml::Value::Table(_)));
+            // An inline table only where one is meant: the WebSocket upgrade's headers.
+            .filter(|v| key == "ws_headers" || !matches!(v, toml::Value::Table(_)));
         let v = parsed.unwrap_or_else(|| toml::Value::String(value.clone()));
         let v = if SECRETS.contains(&key.as_str())
             || key == "client_id"
@@ -765,6 +782,8 @@ port = 1883
 topic_root = "sensors"
 username = "user"
 password = "mqtt-s3cret"
+transport = "ws"
+ws_headers = { Authorization = "Bearer ws-s3cret" }
 "#;
 
     /// Rows of docs/configuration.md: (key, default, environment, rule).
@@ -876,7 +895,11 @@ topic_root = "sensors"
             }
             assert_eq!(shown.get(key), Some(default), "{key}: documented default");
             if default != "unset" {
-                let env = vec![(env.clone(), default.clone())];
+                let mut env = vec![(env.clone(), default.clone())];
+                if key.starts_with("mqtt.ws_") {
+                    // The WebSocket options are refused without the WebSocket transport.
+                    env.push(("MQTT_SINK_MQTT_TRANSPORT".into(), "\"ws\"".into()));
+                }
                 let set = parse(MINIMAL, &env, Path::new("."))
                     .unwrap_or_else(|e| panic!("{key} from {env:?}: {e}"));
                 let shown: BTreeMap<String, String> = effective(&set).into_iter().collect();
@@ -899,6 +922,8 @@ topic_root = "sensors"
         assert_eq!(shown["mqtt.password"], "\"***\"");
         assert_eq!(shown["kafka.properties.\"sasl.password\""], "\"***\"");
         assert_eq!(shown["mqtt.username"], "\"user\"");
+        assert_eq!(shown["mqtt.ws_headers"], "{ \"Authorization\" = \"***\" }");
+        assert_eq!(shown["mqtt.ws_path"], "\"/mqtt\"");
         assert!(shown["mqtt.client_id"].starts_with("\"sink-"), "suffixed");
     }
 

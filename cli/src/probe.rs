@@ -78,9 +78,13 @@ fn mqtt(cfg: &mqtt_sink_core::Config) -> Result<String, String> {
     let wait = cfg.connect_timeout + Duration::from_secs(1);
     let result = match rx.recv_timeout(wait) {
         Ok(Event::Connected(c)) => Ok(format!(
-            "CONNACK accepted (MQTT {}, TLS {}): window {}, max packet {}, topic aliases {}, max QoS {}, retain {}, session present {}",
+            "CONNACK accepted (MQTT {}, TLS {}{}): window {}, max packet {}, topic aliases {}, max QoS {}, retain {}, session present {}",
             cfg.version,
             if cfg.tls_enabled { "on" } else { "off" },
+            match cfg.transport {
+                mqtt_sink_core::Transport::Ws => format!(", WebSocket {}", cfg.ws_path()),
+                _ => String::new(),
+            },
             c.window,
             c.broker_max_packet.map_or("unlimited".into(), |n| n.to_string()),
             c.topic_alias_maximum.unwrap_or(0),

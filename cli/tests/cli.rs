@@ -161,6 +161,37 @@ fn each_kind_of_mistake_names_the_key_and_exits_2() {
             "mqtt.tls_enabled = false: TLS options are set (tls_ca_file, tls_client_cert, tls_insecure_skip_verify or tls_alpn) but TLS is off",
         ),
         (
+            "transport",
+            GOOD.replace("port = 1883", "port = 1883\ntransport = \"websocket\""),
+            "mqtt.transport: unknown variant `websocket`, expected `tcp` or `ws`",
+        ),
+        (
+            "a WebSocket path with TCP",
+            GOOD.replace("port = 1883", "port = 1883\nws_path = \"/mqtt\""),
+            "mqtt.ws_path = \"/mqtt\": is only used with transport = \"ws\"",
+        ),
+        (
+            "a WebSocket path without its slash",
+            GOOD.replace("port = 1883", "port = 1883\ntransport = \"ws\"\nws_path = \"mqtt\""),
+            "mqtt.ws_path = \"mqtt\": must be an HTTP path starting with \"/\"",
+        ),
+        (
+            "a WebSocket header the upgrade sets",
+            GOOD.replace(
+                "port = 1883",
+                "port = 1883\ntransport = \"ws\"\nws_headers = { Host = \"x\" }",
+            ),
+            "mqtt.ws_headers = \"Host\": is set by the WebSocket upgrade itself",
+        ),
+        (
+            "a WebSocket header value with a line break",
+            GOOD.replace(
+                "port = 1883",
+                "port = 1883\ntransport = \"ws\"\nws_headers = { Authorization = \"a\\r\\nX: y\" }",
+            ),
+            "mqtt.ws_headers.Authorization = (set): a header value must not hold control characters",
+        ),
+        (
             "a transform that does not compile",
             GOOD.replace("port = 1883", "port = 1883\ntransform = '.value | {'"),
             "mqtt.transform = \".value | {\": the jq program does not compile: expected",
@@ -611,7 +642,7 @@ fn every_example_config_is_valid() {
         );
         assert!(o.status.success(), "{}: {}", p.display(), stderr(&o));
     }
-    assert_eq!(n, 10, "ten example configs");
+    assert_eq!(n, 11, "eleven example configs");
 }
 
 #[test]

@@ -102,6 +102,32 @@ impl fmt::Display for ErrorPolicy {
     }
 }
 
+/// How the MQTT byte stream reaches the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Transport {
+    /// MQTT over TCP (over TLS with `tls_enabled`): the default.
+    #[default]
+    Tcp,
+    /// MQTT over WebSocket (RFC 6455 binary frames, subprotocol `mqtt`) at `ws_path`: `ws://`,
+    /// or `wss://` with `tls_enabled`. For networks that only open port 80 or 443.
+    Ws,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Ws => "ws",
+        })
+    }
+}
+
+/// The WebSocket path used when `ws_path` is not set: what EMQX, HiveMQ, AWS IoT Core and
+/// most brokers serve MQTT on.
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
+
 /// What a Kafka tombstone (a record with no value: on a compacted topic, "this key is
 /// gone") becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -172,7 +198,7 @@ impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
         Self(s.into())
     }
-    /// The secret itself, for the CONNECT packet only.
+    /// The secret itself, for the CONNECT packet (or the WebSocket upgrade) only.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -430,6 +456,16 @@ pub struct Config {
     /// IoT Core on port 443. Default: none offered.
     #[serde(default)]
     pub tls_alpn: Vec<String>,
+    /// `"tcp"` (default) or `"ws"`: MQTT over WebSocket (`wss` with `tls_enabled`).
+    #[serde(default)]
+    pub transport: Transport,
+    /// The HTTP path of the WebSocket upgrade, with `transport = "ws"`. Default: `/mqtt`.
+    #[serde(default)]
+    pub ws_path: Option<String>,
+    /// Extra HTTP headers of the WebSocket upgrade request (e.g. an `Authorization` a
+    /// gateway wants), with `transport = "ws"`. Their values are not printed.
+    #[serde(default)]
+    pub ws_headers: std::collections::BTreeMap<String, Secret>,
     /// QoS of every publish: 0 at-most-once, 1 at-least-once (default), 2 exactly-once.
     #[serde(default = "default_qos")]
     pub qos: u8,
@@ -650,6 +686,9 @@ impl Config {
             tls_client_key: None,
             tls_insecure_skip_verify: false,
             tls_alpn: Vec::new(),
+            transport: Transport::Tcp,
+            ws_path: None,
+            ws_headers: std::collections::BTreeMap::new(),
             qos: default_qos(),
             flush_timeout: default_flush_timeout(),
             retain: false,
@@ -716,6 +755,83 @@ impl Config {
         let cfg: Self = toml_de(s)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The WebSocket path in use with `transport = "ws"`: `ws_path`, or `/mqtt`.
+    pub fn ws_path(&self) -> &str {
+        self.ws_path.as_deref().unwrap_or(DEFAULT_WS_PATH)
+    }
+
+    /// The WebSocket options: only with `transport = "ws"`; a path of URL characters
+    /// starting with `/`; header names HTTP tokens, not those the upgrade itself sets;
+    /// values without control characters.
+    fn validate_ws(&self, bad: &mut impl FnMut(&str, String, &str)) {
+        if self.transport != Transport::Ws {
+            if let Some(p) = &self.ws_path {
+                bad(
+                    "ws_path",
+                    format!("{p:?}"),
+                    "is only used with transport = \"ws\"; set transport = \"ws\" or remove it",
+                );
+            }
+            if !self.ws_headers.is_empty() {
+                let names: Vec<&str> = self.ws_headers.keys().map(String::as_str).collect();
+                bad(
+                    "ws_headers",
+                    names.join(", "),
+                    "are only used with transport = \"ws\"; set transport = \"ws\" or remove them",
+                );
+            }
+            return;
+        }
+        if let Some(p) = &self.ws_path {
+            let url_char = |c: char| {
+                c.is_ascii_graphic()
+                    && !matches!(
+                        c,
+                        '#' | '"' | '<' | '>' | '\\' | '^' | '`' | '{' | '|' | '}'
+                    )
+            };
+            if !p.starts_with('/') || !p.chars().all(url_char) {
+                bad(
+                    "ws_path",
+                    format!("{p:?}"),
+                    "must be an HTTP path starting with \"/\" (e.g. \"/mqtt\"), without spaces or control characters",
+                );
+            }
+        }
+        const SET_BY_UPGRADE: [&str; 7] = [
+            "host",
+            "connection",
+            "upgrade",
+            "sec-websocket-key",
+            "sec-websocket-version",
+            "sec-websocket-protocol",
+            "sec-websocket-extensions",
+        ];
+        for (name, value) in &self.ws_headers {
+            let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+            if name.is_empty() || !name.chars().all(token) {
+                bad(
+                    "ws_headers",
+                    format!("{name:?}"),
+                    "a header name must be an HTTP token (letters, digits, and !#$%&'*+-.^_`|~)",
+                );
+            } else if SET_BY_UPGRADE.contains(&name.to_ascii_lowercase().as_str()) {
+                bad(
+                    "ws_headers",
+                    format!("{name:?}"),
+                    "is set by the WebSocket upgrade itself (the host and path come from server, port and ws_path); remove it",
+                );
+            }
+            if value.expose().chars().any(|c| c.is_control() && c != '\t') {
+                bad(
+                    &format!("ws_headers.{name}"),
+                    "(set)".into(),
+                    "a header value must not hold control characters (line breaks included)",
+                );
+            }
+        }
     }
 
     /// Checks every option and returns all problems at once.
@@ -872,6 +988,7 @@ impl Config {
                 );
             }
         }
+        self.validate_ws(&mut bad);
         if self.qos > 2 {
             bad("qos", self.qos.to_string(), "must be 0, 1 or 2");
         }

@@ -176,7 +176,8 @@ pub use builder::{
 pub use checkpoint::Checkpoints;
 pub use config::{
     format_address, Config, ConfigError, ConfigErrors, ErrorPolicy, HeaderSelection, MqttVersion,
-    PublishProperties, Secret, StringPolicy, TombstonePolicy, MAX_DURATION, MAX_MQTT_PACKET,
+    PublishProperties, Secret, StringPolicy, TombstonePolicy, Transport, DEFAULT_WS_PATH,
+    MAX_DURATION, MAX_MQTT_PACKET,
 };
 pub use event::{
     connack_text, reason_text, CommitOffsets, ConnectFailure, Connected, Event, FlushInProgress,

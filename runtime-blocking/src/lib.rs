@@ -1,15 +1,17 @@
 //! mqtt-sink driver for plain std threads: no async runtime.
 //!
-//! [`MqttSink`] publishes records to an MQTT broker over TCP or TLS (rustls, ring). It is a
-//! thin driver of [`mqtt_sink_core::Sink`]: one thread owns the core and the TLS state and
-//! moves bytes, records and time in and out; a thread per connection only connects and
-//! reads the socket. Every MQTT decision (packets, timeouts, resends) stays in the core.
+//! [`MqttSink`] publishes records to an MQTT broker over TCP or TLS (rustls, ring), or over
+//! WebSocket (tungstenite) on either. It is a thin driver of [`mqtt_sink_core::Sink`]: one
+//! thread owns the core and the TLS and WebSocket state and moves bytes, records and time
+//! in and out; a thread per connection only connects and reads the socket. Every MQTT
+//! decision (packets, timeouts, resends) stays in the core.
 //!
 //! [`Bridge`] consumes Kafka (a `BaseConsumer` in a consumer group) into an `MqttSink`,
 //! executing the actions of [`mqtt_sink_core::BridgeFlow`]; every decision is the core's.
 
 pub mod bridge;
 mod sink;
+mod ws;
 
 pub use bridge::{Bridge, BridgeBuilder};
 pub use mqtt_sink_core as core;

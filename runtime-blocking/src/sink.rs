@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use mqtt_sink_core::{
     ActionReport, BridgeAction, CommitOffsets, ConfigErrors, DeadLetterFn, Event, FlushOutcome,
-    Hooks, PushRefusal, Record, Sink, SinkParts, SinkRuntime,
+    Hooks, PushRefusal, Record, Sink, SinkParts, SinkRuntime, Transport,
 };
 use rustls::ClientConnection;
 
+use crate::ws::WsLayer;
 use crate::{Blocking, Config, MqttSinkBuilder, SinkError, TrySendError};
 
 /// A write that cannot make progress for this long counts as a lost connection, so that a
@@ -352,7 +353,12 @@ impl Driver {
         };
         let _ = tcp.set_nodelay(true);
         let _ = tcp.set_write_timeout(Some(WRITE_STALL));
-        let mut conn = Conn { id, tcp, tls: None };
+        let mut conn = Conn {
+            id,
+            tcp,
+            tls: None,
+            ws: None,
+        };
         let session = self.tls.clone().map(|cfg| {
             // SNI and the certificate check follow the address in use.
             let name = mqtt_sink_tls::server_name(self.sink.server().0)?;
@@ -363,6 +369,18 @@ impl Driver {
             tls.map_err(|e| format!("TLS setup failed: {e}"))
         });
         let session = session.transpose().map(|tls| conn.tls = tls);
+        // With `transport = "ws"`, the upgrade request goes first (in TLS with TLS); the
+        // CONNECT the core writes next waits in the WebSocket layer for its answer.
+        let session = session.and_then(|()| {
+            let cfg = self.sink.config();
+            if cfg.transport != Transport::Ws {
+                return Ok(());
+            }
+            let (server, port) = self.sink.server();
+            let request = mqtt_sink_tls::ws_request(cfg, server, port)?;
+            conn.ws = Some(WsLayer::start(request)?);
+            conn.write(&[])
+        });
         self.conn = Some(conn);
         match session {
             Ok(()) => self.sink.handle_connected(now),
@@ -384,9 +402,13 @@ impl Driver {
     fn close_transport(&mut self) {
         self.attempt += 1;
         if let Some(mut c) = self.conn.take() {
+            if let Some(ws) = c.ws.as_mut() {
+                ws.close();
+                let _ = c.write(&[]);
+            }
             if let Some(tls) = c.tls.as_mut() {
                 tls.send_close_notify();
-                let _ = c.write(&[]);
+                let _ = c.write_below(&[]);
             }
             let _ = c.tcp.shutdown(Shutdown::Both);
         }
@@ -408,11 +430,38 @@ struct Conn {
     tcp: TcpStream,
     /// With TLS, what the core writes before the handshake is done waits in rustls.
     tls: Option<ClientConnection>,
+    /// With `transport = "ws"`: the WebSocket between MQTT and TLS (or TCP).
+    ws: Option<WsLayer>,
 }
 
 impl Conn {
+    /// Writes the core's bytes (in WebSocket frames, with `transport = "ws"`) and whatever
+    /// the layers below have pending.
+    fn write(&mut self, mqtt: &[u8]) -> Result<(), String> {
+        let Some(ws) = self.ws.as_mut() else {
+            return self.write_below(mqtt);
+        };
+        ws.write(mqtt)?;
+        let frames = ws.take_output();
+        self.write_below(&frames)
+    }
+
+    /// Bytes read from the socket: the MQTT bytes they carry (TLS and WebSocket answers
+    /// are written).
+    fn read(&mut self, data: Vec<u8>) -> Result<Vec<u8>, String> {
+        let plain = self.read_below(data)?;
+        let Some(ws) = self.ws.as_mut() else {
+            return Ok(plain);
+        };
+        let mut mqtt = Vec::new();
+        let read = ws.read(&plain, &mut mqtt);
+        let answers = ws.take_output();
+        self.write_below(&answers)?;
+        read.map(|()| mqtt)
+    }
+
     /// Writes `plain` (encrypted, with TLS) and any TLS records pending.
-    fn write(&mut self, plain: &[u8]) -> Result<(), String> {
+    fn write_below(&mut self, plain: &[u8]) -> Result<(), String> {
         let written = match &mut self.tls {
             None => self.tcp.write_all(plain),
             Some(tls) => tls.writer().write_all(plain).and_then(|()| {
@@ -426,7 +475,7 @@ impl Conn {
     }
 
     /// Bytes read from the socket: the plaintext they carry (TLS answers are written).
-    fn read(&mut self, data: Vec<u8>) -> Result<Vec<u8>, String> {
+    fn read_below(&mut self, data: Vec<u8>) -> Result<Vec<u8>, String> {
         let Some(tls) = &mut self.tls else {
             return Ok(data);
         };
@@ -443,7 +492,7 @@ impl Conn {
                 .read_exact(&mut plain[start..])
                 .map_err(failed)?;
         }
-        self.write(&[])?;
+        self.write_below(&[])?;
         Ok(plain)
     }
 }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use mqtt_sink_core::{
     BridgeAction, CommitOffsets, ConfigErrors, DeadLetterFn, Event, Hooks, PushError, Sink,
-    SinkParts,
+    SinkParts, Transport,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
@@ -93,7 +93,13 @@ impl Driver {
                             (conn, out_pos) = (None, 0);
                             out.clear();
                             let ((host, port), tls) = (self.sink.server(), self.tls.clone());
-                            connecting = Some(Box::pin(open(host.to_string(), port, tls)));
+                            let cfg = self.sink.config();
+                            let ws = (cfg.transport == Transport::Ws)
+                                .then(|| tls::ws_request(cfg, host, port))
+                                .transpose();
+                            let host = host.to_string();
+                            connecting =
+                                Some(Box::pin(async move { open(host, port, tls, ws?).await }));
                         }
                         Event::CloseTransport => (connecting, close) = (None, true),
                         _ => {}

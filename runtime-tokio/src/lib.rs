@@ -1,8 +1,9 @@
 //! mqtt-sink driver for the tokio runtime.
 //!
-//! [`MqttSink`] publishes records to an MQTT broker over TCP or TLS (rustls, ring). It is a
-//! thin driver of [`mqtt_sink_core::Sink`]: one task moves socket bytes, records and time in
-//! and out of the core; every MQTT decision (packets, timeouts, resends) stays in the core.
+//! [`MqttSink`] publishes records to an MQTT broker over TCP or TLS (rustls, ring), or over
+//! WebSocket (tokio-tungstenite) on either. It is a thin driver of [`mqtt_sink_core::Sink`]:
+//! one task moves socket bytes, records and time in and out of the core; every MQTT
+//! decision (packets, timeouts, resends) stays in the core.
 //!
 //! [`Bridge`] consumes Kafka (a `StreamConsumer` in a consumer group) into an `MqttSink`,
 //! executing the actions of [`mqtt_sink_core::BridgeFlow`]. It needs a multi-thread runtime

@@ -21,6 +21,10 @@
 //! - there is no broker-side packet size limit beyond MQTT's 256 MB (a 10 MB QoS 1 PUBLISH
 //!   is accepted) and no client id length limit.
 //!
+//! With [`Amqtt::start_with`] it also serves MQTT over WebSocket (`type: ws`: Python's
+//! `websockets`, subprotocol `mqtt`, any path, messages up to 1 MiB), in plain text and/or
+//! over TLS (`wss`) with a given certificate.
+//!
 //! If the listener cannot bind, the broker logs `Broker startup failed` but keeps running;
 //! [`Amqtt::start`] watches for that line (and retries on a fresh port if the port was taken
 //! in the meantime).
@@ -50,6 +54,12 @@ pub struct Amqtt {
     child: Option<Child>,
     /// Its MQTT 3.1.1 listener port on 127.0.0.1 (anonymous access).
     pub port: u16,
+    /// Its MQTT-over-WebSocket listener port (`ws://`), with [`AmqttOptions::ws`].
+    pub ws_port: Option<u16>,
+    /// Its MQTT-over-WebSocket-over-TLS listener port (`wss://`), with
+    /// [`AmqttOptions::wss`].
+    pub wss_port: Option<u16>,
+    options: AmqttOptions,
     /// Its working directory (the generated `broker.yaml`); removed when dropped.
     pub dir: PathBuf,
     /// How long [`Amqtt::start`] took until the listener answered a CONNECT with a CONNACK.
@@ -67,6 +77,15 @@ pub fn binary() -> PathBuf {
     PathBuf::from(home).join(".cache/mqtt-sink/amqtt-venv/bin/amqtt")
 }
 
+/// Which listeners besides the MQTT one ([`Amqtt::start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct AmqttOptions {
+    /// A plain WebSocket listener (`ws://127.0.0.1:<ws_port>/<any path>`).
+    pub ws: bool,
+    /// A WebSocket listener over TLS with this certificate chain and key (PEM files).
+    pub wss: Option<(PathBuf, PathBuf)>,
+}
+
 /// The config: one TCP listener on 127.0.0.1:`port`, anonymous access, and no other plugin
 /// (no `$SYS` topics, no packet logging). amqtt rejects unknown keys.
 pub fn config_yaml(port: u16) -> String {
@@ -74,6 +93,26 @@ pub fn config_yaml(port: u16) -> String {
         "listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n\
          plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n"
     )
+}
+
+/// [`config_yaml`] plus the WebSocket listeners on `ws` and `wss` (port, and for `wss` the
+/// certificate and key).
+fn config_yaml_with(port: u16, ws: Option<u16>, wss: Option<(u16, &PathBuf, &PathBuf)>) -> String {
+    let mut yaml = config_yaml(port);
+    let mut extra = String::new();
+    if let Some(p) = ws {
+        extra.push_str(&format!("  ws:\n    type: ws\n    bind: 127.0.0.1:{p}\n"));
+    }
+    if let Some((p, cert, key)) = wss {
+        extra.push_str(&format!(
+            "  wss:\n    type: ws\n    bind: 127.0.0.1:{p}\n    ssl: true\n    certfile: {}\n    keyfile: {}\n",
+            cert.display(),
+            key.display()
+        ));
+    }
+    let at = yaml.find("plugins:").expect("listeners come first");
+    yaml.insert_str(at, &extra);
+    yaml
 }
 
 /// Appends every line of `r` to `log` (keeping the last [`LOG_LINES`]) on its own thread.
@@ -102,6 +141,12 @@ impl Amqtt {
     /// [`start`](Self::start), or `None` after printing a `SKIPPED:` line when the amqtt
     /// venv is not installed here (`.ci/run` installs it); any other failure panics.
     pub fn start_or_skip(test: &str) -> Option<Self> {
+        Self::start_with_or_skip(test, AmqttOptions::default())
+    }
+
+    /// [`start_with`](Self::start_with), or `None` after printing a `SKIPPED:` line when
+    /// the amqtt venv is not installed here.
+    pub fn start_with_or_skip(test: &str, options: AmqttOptions) -> Option<Self> {
         let bin = binary();
         if !bin.exists() {
             eprintln!(
@@ -111,7 +156,7 @@ impl Amqtt {
             );
             return None;
         }
-        match Self::start() {
+        match Self::start_with(options) {
             Ok(b) => Some(b),
             Err(e) => panic!("{test}: amqtt did not start: {e}"),
         }
@@ -121,6 +166,13 @@ impl Amqtt {
     /// 30 s) until it answers an MQTT 3.1.1 CONNECT with a successful CONNACK. On failure
     /// the error carries the last lines of its output.
     pub fn start() -> Result<Self, String> {
+        Self::start_with(AmqttOptions::default())
+    }
+
+    /// [`start`](Self::start) with WebSocket listeners too (each on a free port of its own;
+    /// the broker is ready when its MQTT listener answers, and amqtt opens every listener
+    /// before that one answers or logs `Broker startup failed`).
+    pub fn start_with(options: AmqttOptions) -> Result<Self, String> {
         let t0 = Instant::now();
         let bin = binary();
         if !bin.exists() {
@@ -139,6 +191,9 @@ impl Amqtt {
             let mut a = Self {
                 child: None,
                 port,
+                ws_port: options.ws.then(free_port),
+                wss_port: options.wss.as_ref().map(|_| free_port()),
+                options: options.clone(),
                 dir,
                 startup: Duration::ZERO,
                 log: Arc::new(Mutex::new(VecDeque::new())),
@@ -158,7 +213,9 @@ impl Amqtt {
 
     fn spawn(&mut self, bin: &std::path::Path) -> Result<(), Failure> {
         let conf = self.dir.join("broker.yaml");
-        std::fs::write(&conf, config_yaml(self.port))
+        let wss = self.options.wss.as_ref().zip(self.wss_port);
+        let wss = wss.map(|((cert, key), p)| (p, cert, key));
+        std::fs::write(&conf, config_yaml_with(self.port, self.ws_port, wss))
             .map_err(|e| Failure::Fatal(format!("{}: {e}", conf.display())))?;
         let mut c = Command::new(bin);
         c.arg("-c")
@@ -216,9 +273,21 @@ impl Amqtt {
                     Failure::Fatal(msg)
                 });
             }
-            match mqtt_handshake(self.port, "amqtt") {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e,
+            // Ready when MQTT answers and every WebSocket listener accepts connections.
+            let ws_down = [self.ws_port, self.wss_port]
+                .into_iter()
+                .flatten()
+                .find(|p| {
+                    std::net::TcpStream::connect_timeout(
+                        &std::net::SocketAddr::from(([127, 0, 0, 1], *p)),
+                        Duration::from_secs(1),
+                    )
+                    .is_err()
+                });
+            match (mqtt_handshake(self.port, "amqtt"), ws_down) {
+                (Ok(()), None) => return Ok(()),
+                (Ok(()), Some(p)) => last = format!("WebSocket listener on {p} not accepting"),
+                (Err(e), _) => last = e,
             }
             std::thread::sleep(Duration::from_millis(50));
         }

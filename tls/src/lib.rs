@@ -1,5 +1,5 @@
-//! rustls client configuration from the sink's TLS options (ring is the only provider),
-//! shared by the runtimes.
+//! What the runtimes share about the transport: the rustls client configuration from the
+//! sink's TLS options (ring is the only provider) and the WebSocket upgrade request.
 
 use std::sync::Arc;
 
@@ -141,5 +141,62 @@ impl ServerCertVerifier for NoVerify {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The most MQTT bytes sent in one WebSocket frame. MQTT over WebSocket lets packets span
+/// frames (MQTT 5 6.0, 3.1.1 6.0); brokers' WebSocket servers cap a message (Python's
+/// `websockets`, under amqtt, at 1 MiB), and the core hands over batches larger than that.
+pub const WS_MAX_FRAME: usize = 64 * 1024;
+
+/// The WebSocket upgrade request for `server`:`port` with `transport = "ws"`:
+/// `ws://` (`wss://` with TLS, which the runtime has already set up underneath) at
+/// `ws_path`, subprotocol `mqtt`, plus `ws_headers`. Errors name the options.
+pub fn ws_request(
+    cfg: &Config,
+    server: &str,
+    port: u16,
+) -> Result<tungstenite::handshake::client::Request, String> {
+    use tungstenite::client::{ClientRequestBuilder, IntoClientRequest};
+    let scheme = if cfg.tls_enabled { "wss" } else { "ws" };
+    let url = format!(
+        "{scheme}://{}{}",
+        mqtt_sink_core::format_address(server, port),
+        cfg.ws_path()
+    );
+    let uri: tungstenite::http::Uri = url.parse().map_err(|e| {
+        format!("{url} (from server, port and ws_path) is not a valid WebSocket URL: {e}")
+    })?;
+    let mut request = ClientRequestBuilder::new(uri).with_sub_protocol("mqtt");
+    for (name, value) in &cfg.ws_headers {
+        request = request.with_header(name, value.expose());
+    }
+    request
+        .into_client_request()
+        .map_err(|e| format!("ws_headers: cannot build the WebSocket upgrade request: {e}"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upgrade_request_names_the_path_the_subprotocol_and_the_headers() {
+        let mut cfg = Config::new("c", "broker.example", 443, "t");
+        cfg.transport = mqtt_sink_core::Transport::Ws;
+        let r = ws_request(&cfg, "broker.example", 443).unwrap();
+        assert_eq!(r.uri().to_string(), "wss://broker.example:443/mqtt");
+        assert_eq!(r.headers()["Sec-WebSocket-Protocol"], "mqtt");
+        cfg.tls_enabled = false;
+        cfg.ws_path = Some("/ws?x=1".into());
+        cfg.ws_headers.insert(
+            "Authorization".into(),
+            mqtt_sink_core::Secret::new("Bearer t"),
+        );
+        let r = ws_request(&cfg, "::1", 8080).unwrap();
+        assert_eq!(r.uri().to_string(), "ws://[::1]:8080/ws?x=1");
+        assert_eq!(r.headers()["Authorization"], "Bearer t");
+        assert_eq!(r.headers()["Host"], "[::1]:8080");
     }
 }
