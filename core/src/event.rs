@@ -74,7 +74,7 @@ pub enum Event {
     },
     /// `close` finished: DISCONNECT was sent (if connected) and the sink takes no records.
     Closed,
-    /// The sink cannot go on (a broker that does not honour the configured QoS, without
+    /// The sink cannot go on (a broker that does not honour the QoS asked for, without
     /// `qos_downgrade`): it closes for good (`Closed` follows), takes no more records, and a
     /// flush in progress ends with this. Nothing unacknowledged is committed.
     Fatal(String),
@@ -86,10 +86,10 @@ pub enum Event {
         /// The client id.
         client_id: String,
     },
-    /// The broker does not honour the configured QoS and `qos_downgrade = true`: publishes
-    /// continue at QoS `to` (reported once).
+    /// The broker does not honour the configured QoS (or one a transform gave publishes)
+    /// and `qos_downgrade = true`: publishes above QoS `to` continue at `to` (reported once).
     QosDowngraded {
-        /// The configured QoS.
+        /// The QoS asked for: the configured one, or a transform's above it.
         from: u8,
         /// The QoS publishes continue at.
         to: u8,

@@ -150,8 +150,8 @@ impl RecordMapper {
     /// Routes each record through a function that returns its publishes: none filters it
     /// out (its offset passes), several fan out in order (its offset passes when every one
     /// is acknowledged or handled by the error policy), an error applies the error policy.
-    /// A publish's unset fields take the configured topic, retain and properties; the value
-    /// serializer is not used.
+    /// A publish's unset fields take the configured topic, QoS, retain and properties; the
+    /// value serializer is not used.
     ///
     /// ```
     /// use mqtt_sink_core::{Config, Publish, RecordMapper};

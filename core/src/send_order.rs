@@ -89,6 +89,16 @@ impl<T> SendOrder<T> {
     }
 
     /// Every entry, lowest sequence first.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &T> + '_ {
+        self.slots.iter().flatten()
+    }
+
+    /// Every entry, lowest sequence first.
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
+        self.slots.iter_mut().flatten()
+    }
+
+    /// Every entry, lowest sequence first.
     pub(crate) fn into_values(self) -> impl DoubleEndedIterator<Item = T> {
         self.slots.into_iter().flatten()
     }
@@ -125,11 +135,14 @@ mod tests {
             assert_eq!(ours.first(), model.values().next());
             assert_eq!(ours.get(seq), model.get(&seq));
             assert!(ours.keys().eq(model.keys().copied()));
+            assert!(ours.values().eq(model.values()));
         }
         if let Some((&k, _)) = model.iter().next() {
             *ours.get_mut(k).expect("present") += 1;
             *model.get_mut(&k).expect("present") += 1;
         }
+        ours.values_mut().for_each(|v| *v += 7);
+        model.values_mut().for_each(|v| *v += 7);
         assert!(ours.into_values().rev().eq(model.into_values().rev()));
     }
 }

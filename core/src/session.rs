@@ -70,11 +70,28 @@ pub(crate) struct Msg {
     pub(crate) record_id: RecordId,
     pub(crate) coords: RecordCoords,
     pub(crate) packet: EncodedPublish,
+    /// The QoS `packet` is encoded at: the configured one, or the one a transform (route)
+    /// gave this publish; lowered with the packet under `qos_downgrade`.
+    pub(crate) qos: QoS,
     pub(crate) retain: bool,
     /// The record itself, kept only under the dead-letter policy.
     pub(crate) record: Option<Box<Record>>,
     /// Bytes counted against `max_buffered_bytes`.
     pub(crate) size: usize,
+}
+
+impl Msg {
+    /// Lowers this publish to QoS `to` (1 or 2) if it is above it (`qos_downgrade`).
+    fn lower_qos(&mut self, to: QoS) {
+        debug_assert!(
+            to != QoS::AtMostOnce,
+            "a downgrade never drops the packet id"
+        );
+        if self.qos > to {
+            wire::set_qos(&mut self.packet, to);
+            self.qos = to;
+        }
+    }
 }
 
 /// A QoS 1/2 publish awaiting its acknowledgement flow.
@@ -304,10 +321,11 @@ impl Sink {
                 let Some(seq) = self.by_pkid.get(&pkid).copied() else {
                     return Ok(()); // a late duplicate: nothing awaits it
                 };
-                if self.qos != QoS::AtLeastOnce {
+                let qos = self.inflight.get(seq).map(|e| e.msg.qos);
+                if qos == Some(QoS::ExactlyOnce) {
                     // RabbitMQ's MQTT plugin answers QoS 2 with PUBACK: it does QoS 1.
                     let why = format!("it answered a QoS 2 PUBLISH (packet id {pkid}) with PUBACK");
-                    if !self.qos_not_honoured(now, QoS::AtLeastOnce, why) {
+                    if !self.qos_not_honoured(now, QoS::ExactlyOnce, QoS::AtLeastOnce, why) {
                         return Ok(());
                     }
                 }
@@ -322,7 +340,7 @@ impl Sink {
                     }
                     return Ok(());
                 };
-                if self.qos != QoS::ExactlyOnce {
+                if self.inflight.get(seq).map(|e| e.msg.qos) != Some(QoS::ExactlyOnce) {
                     return Err(format!("PUBREC for QoS 1 packet id {pkid}"));
                 }
                 if reason >= 0x80 {
@@ -427,14 +445,22 @@ impl Sink {
                 SessionStep::Persistent => {}
             }
         }
-        if let Some(max) = props.maximum_qos.filter(|m| *m < self.qos as u8) {
-            let why = format!("its CONNACK says Maximum QoS {max}");
-            let to = if max == 1 {
-                QoS::AtLeastOnce
-            } else {
-                QoS::AtMostOnce
-            };
-            if !self.qos_not_honoured(now, to, why) {
+        self.broker_max_qos = match props.maximum_qos {
+            Some(0) => QoS::AtMostOnce,
+            Some(1) => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        // The configured QoS, and any above it that publishes held from before ask for (a
+        // transform's); those pushed from now on are checked as they are sent.
+        let held = self
+            .pending
+            .iter()
+            .chain(self.inflight.values().map(|e| &e.msg));
+        let wanted = held.map(|m| m.qos).fold(self.qos, QoS::max);
+        if wanted > self.broker_max_qos {
+            let max = self.broker_max_qos;
+            let why = format!("its CONNACK says Maximum QoS {}", max as u8);
+            if !self.qos_not_honoured(now, wanted, max, why) {
                 return;
             }
         }
@@ -490,7 +516,8 @@ impl Sink {
         }
         self.by_pkid.clear();
         let old = std::mem::take(&mut self.inflight);
-        for e in old.into_values().rev() {
+        let mut again = Vec::with_capacity(old.len());
+        for e in old.into_values() {
             let tracked = self
                 .ledger
                 .pending_id(&e.msg.coords.tp, e.msg.coords.offset)
@@ -501,8 +528,20 @@ impl Sink {
             } else {
                 let mut msg = e.msg;
                 wire::set_dup(&mut msg.packet, false);
-                self.pending.push_front(msg);
+                again.push(msg);
             }
+        }
+        // QoS 0 publishes the lost connection left unwritten wait at the front of the queue
+        // (`reset_output`); where a transform mixes QoS, they came between these: all go
+        // out again in push order.
+        if let Some(last) = again.iter().map(|m| m.id).max() {
+            while self.pending.front().is_some_and(|m| m.id < last) {
+                again.extend(self.pending.pop_front());
+            }
+            again.sort_by_key(|m| m.id);
+        }
+        for msg in again.into_iter().rev() {
+            self.pending.push_front(msg);
         }
     }
 
@@ -877,6 +916,20 @@ impl Sink {
             let Some(&seq) = self.resend.front() else {
                 break;
             };
+            // A QoS 0 publish the lost connection left unwritten goes before the resends
+            // pushed after it (a transform mixing QoS): in push order, as first sent.
+            let next = self.inflight.get(seq).map(|e| e.msg.id);
+            if self
+                .pending
+                .front()
+                .is_some_and(|m| m.qos == QoS::AtMostOnce && next.is_some_and(|id| m.id < id))
+            {
+                if !self.rate_allows(now) {
+                    break;
+                }
+                self.send_front(now, buf, base);
+                continue;
+            }
             let released = self.inflight.get(seq).map(|e| e.released);
             if released == Some(false) && (!self.probe_free() || !self.resend_within_window()) {
                 break;
@@ -933,67 +986,88 @@ impl Sink {
             return;
         }
         while buf.len() < limit {
-            if self.qos != QoS::AtMostOnce
+            let Some(qos) = self.pending.front().map(|m| m.qos) else {
+                break;
+            };
+            if qos > self.broker_max_qos {
+                // Pushed since CONNACK at a QoS (a transform's) this broker does not allow.
+                let max = self.broker_max_qos;
+                let why = format!("its CONNACK says Maximum QoS {}", max as u8);
+                if !self.qos_not_honoured(now, qos, max, why) {
+                    buf.append(&mut self.control); // the DISCONNECT
+                    return;
+                }
+                continue; // lowered to `max`
+            }
+            // A QoS 1/2 publish waits for a window slot, and so does everything after it
+            // (in order); a QoS 0 one needs none.
+            if qos != QoS::AtMostOnce
                 && (self.inflight.len() >= usize::from(self.window) || !self.probe_free())
             {
                 break;
             }
-            if self.pending.is_empty() || !self.rate_allows(now) {
+            if !self.rate_allows(now) {
                 break;
             }
-            let Some(mut msg) = self.pending.pop_front() else {
-                break;
-            };
-            let size = msg.packet.bytes.len();
-            if let Some(limit) = self.broker_max_packet.filter(|l| size > *l as usize) {
-                self.free(&msg);
-                let reason = RejectReason::PacketTooLarge {
-                    size,
-                    limit,
-                    by_broker: true,
-                };
-                self.reject(msg.coords, msg.record_id, reason, msg.record.map(|r| *r));
-                continue;
-            }
-            if msg.retain && !self.retain_available {
-                self.free(&msg);
-                self.reject(
-                    msg.coords,
-                    msg.record_id,
-                    RejectReason::RetainNotSupported,
-                    msg.record.map(|r| *r),
-                );
-                continue;
-            }
-            if self.qos == QoS::AtMostOnce {
-                // Done once written (`on_written`); memory stays bounded by the buffer.
-                self.write_publish(&msg.packet, buf);
-                let end = base.wrapping_add(buf.len() as u64);
-                self.output.qos0.push_back((end, msg));
-                continue;
-            }
-            let pkid = self.alloc_pkid();
-            wire::set_pkid(&mut msg.packet, pkid);
-            self.write_publish(&msg.packet, buf);
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            self.by_pkid.insert(pkid, seq);
-            let end = base.wrapping_add(buf.len() as u64);
-            self.output.unwritten.push_back((seq, end));
-            self.last_handed = self.last_handed.max(Some(msg.id));
-            self.probe = Some(seq);
-            self.inflight.insert(
-                seq,
-                Inflight {
-                    msg,
-                    pkid,
-                    released: false,
-                    sent_at: None,
-                    handed_at: Some(now),
-                    end,
-                },
-            );
+            self.send_front(now, buf, base);
         }
+    }
+
+    /// Hands out the publish at the front of the queue (`base`: where `buf[0]` is in this
+    /// connection's output), or rejects it when this broker cannot take it.
+    fn send_front(&mut self, now: Instant, buf: &mut Vec<u8>, base: u64) {
+        let Some(mut msg) = self.pending.pop_front() else {
+            return;
+        };
+        let size = msg.packet.bytes.len();
+        if let Some(limit) = self.broker_max_packet.filter(|l| size > *l as usize) {
+            self.free(&msg);
+            let reason = RejectReason::PacketTooLarge {
+                size,
+                limit,
+                by_broker: true,
+            };
+            self.reject(msg.coords, msg.record_id, reason, msg.record.map(|r| *r));
+            return;
+        }
+        if msg.retain && !self.retain_available {
+            self.free(&msg);
+            self.reject(
+                msg.coords,
+                msg.record_id,
+                RejectReason::RetainNotSupported,
+                msg.record.map(|r| *r),
+            );
+            return;
+        }
+        if msg.qos == QoS::AtMostOnce {
+            // Done once written (`on_written`); memory stays bounded by the buffer.
+            self.write_publish(&msg.packet, buf);
+            let end = base.wrapping_add(buf.len() as u64);
+            self.output.qos0.push_back((end, msg));
+            return;
+        }
+        let pkid = self.alloc_pkid();
+        wire::set_pkid(&mut msg.packet, pkid);
+        self.write_publish(&msg.packet, buf);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.by_pkid.insert(pkid, seq);
+        let end = base.wrapping_add(buf.len() as u64);
+        self.output.unwritten.push_back((seq, end));
+        self.last_handed = self.last_handed.max(Some(msg.id));
+        self.probe = Some(seq);
+        self.inflight.insert(
+            seq,
+            Inflight {
+                msg,
+                pkid,
+                released: false,
+                sent_at: None,
+                handed_at: Some(now),
+                end,
+            },
+        );
     }
 
     /// Takes one publish's allowance under `max_publish_rate`; when none is free, arms the
@@ -1026,7 +1100,11 @@ impl Sink {
     fn hold_for_batch(&mut self, now: Instant) -> bool {
         let batch = usize::from(self.window) / 8;
         let free = usize::from(self.window).saturating_sub(self.inflight.len());
-        let hold = self.qos != QoS::AtMostOnce
+        // A QoS 0 publish at the front needs no slot: nothing to wait for.
+        let hold = self
+            .pending
+            .front()
+            .is_some_and(|m| m.qos != QoS::AtMostOnce)
             && !self.refill_due
             && free > 0
             && free < batch
@@ -1163,43 +1241,59 @@ impl Sink {
             .map_or(Ok(()), |r| Err(SinkError::Fatal(r.clone())))
     }
 
-    /// The broker gives QoS `to` at most where the config asks for more. With
-    /// `qos_downgrade` (and `to` at least 1) publishes go on at `to`: true. Otherwise the
-    /// sink stops for good (never a silent downgrade, never a reconnect loop): false.
-    fn qos_not_honoured(&mut self, now: Instant, to: QoS, why: String) -> bool {
+    /// The broker gives QoS `to` at most where publishes ask for `from`: the configured
+    /// QoS, or a higher one a transform (route) gave publishes. With `qos_downgrade` (and
+    /// `to` at least 1) publishes above `to` go on at `to`, and so do those pushed later:
+    /// true. Otherwise the sink stops for good (never a silent downgrade, never a reconnect
+    /// loop): false.
+    fn qos_not_honoured(&mut self, now: Instant, from: QoS, to: QoS, why: String) -> bool {
         if self.fatal.is_some() {
             return false; // said once; the rest of the window's answers change nothing
         }
-        let (from, addr) = (self.qos as u8, self.server_address());
+        let addr = self.server_address();
+        let (from_n, to_n) = (from as u8, to as u8);
         if self.cfg.qos_downgrade && to != QoS::AtMostOnce {
             self.events.push_back(Event::QosDowngraded {
-                from,
-                to: to as u8,
-                why: format!("the MQTT broker at {addr} does not honour QoS {from}: {why}"),
+                from: from_n,
+                to: to_n,
+                why: format!("the MQTT broker at {addr} does not honour QoS {from_n}: {why}"),
             });
-            self.qos = to;
-            // Queued and in-flight publishes go on (and are resent) at the new QoS.
+            self.qos = self.qos.min(to);
+            self.qos_ceiling = self.qos_ceiling.min(to);
+            // Queued and in-flight publishes above it go on (and are resent) at the new QoS.
             for msg in self.pending.iter_mut() {
-                wire::set_qos(&mut msg.packet, to);
+                msg.lower_qos(to);
             }
-            let seqs: Vec<u64> = self.inflight.keys().collect();
-            for seq in seqs {
-                if let Some(e) = self.inflight.get_mut(seq) {
-                    wire::set_qos(&mut e.msg.packet, to);
-                }
+            for e in self.inflight.values_mut() {
+                e.msg.lower_qos(to);
             }
             return true;
         }
-        let fix = if to == QoS::AtMostOnce {
-            "allow QoS 1 on the broker, or set qos = 0 if at-most-once is acceptable".to_string()
+        // Above the configured QoS: a transform's (route's) `qos` asked for it.
+        let by_transform = from > self.qos;
+        let asked = if by_transform {
+            format!("QoS {from_n} (the transform's qos)")
         } else {
-            format!(
-                "set qos = {}, or qos_downgrade = true to continue at QoS {}",
-                to as u8, to as u8
-            )
+            format!("qos = {from_n}")
         };
-        let reason =
-            format!("the MQTT broker at {addr} does not honour qos = {from}: {why}; {fix}");
+        let fix = match (to, by_transform) {
+            (QoS::AtMostOnce, false) => {
+                "allow QoS 1 on the broker, or set qos = 0 if at-most-once is acceptable"
+                    .to_string()
+            }
+            (QoS::AtMostOnce, true) => format!(
+                "allow QoS {from_n} on the broker, or have the transform publish at qos 0 if \
+                 at-most-once is acceptable"
+            ),
+            (_, false) => {
+                format!("set qos = {to_n}, or qos_downgrade = true to continue at QoS {to_n}")
+            }
+            (_, true) => format!(
+                "have the transform publish at qos {to_n} at most, or set qos_downgrade = true \
+                 to continue at QoS {to_n}"
+            ),
+        };
+        let reason = format!("the MQTT broker at {addr} does not honour {asked}: {why}; {fix}");
         self.fatal = Some(reason.clone());
         self.events.push_back(Event::Fatal(reason));
         self.flush = None;

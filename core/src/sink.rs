@@ -48,7 +48,11 @@ use crate::QoS;
 pub struct Sink {
     pub(crate) cfg: Config,
     pub(crate) mapper: RecordMapper,
+    /// The QoS of a publish that names none (`qos`; lowered by `qos_downgrade`).
     pub(crate) qos: QoS,
+    /// The highest QoS any publish goes at: `ExactlyOnce` until `qos_downgrade` lowered
+    /// publishes to what a broker honours; a transform's (route's) QoS above it is capped.
+    pub(crate) qos_ceiling: QoS,
 
     // The MQTT session (see session.rs).
     pub(crate) conn: Conn,
@@ -66,6 +70,8 @@ pub struct Sink {
     pub(crate) next_pkid: u16,
     pub(crate) window: u16,
     pub(crate) broker_max_packet: Option<u32>,
+    /// The broker's MQTT 5 Maximum QoS on this connection (`ExactlyOnce` when it says none).
+    pub(crate) broker_max_qos: QoS,
     pub(crate) retain_available: bool,
     /// MQTT 5 topic aliases of this connection: how many the broker allows, and the
     /// topics that have one.
@@ -169,6 +175,13 @@ pub struct Stats {
     pub connects: u64,
 }
 
+/// One publish encoded, not yet queued.
+pub(crate) struct Encoded {
+    packet: wire::EncodedPublish,
+    qos: QoS,
+    retain: bool,
+}
+
 /// What is left of a record that became several publishes.
 #[derive(Debug)]
 pub(crate) struct FanOut {
@@ -211,6 +224,7 @@ impl Sink {
         let window = cfg.max_inflight as u16;
         let mut sink = Self {
             qos: cfg.qos(),
+            qos_ceiling: QoS::ExactlyOnce,
             decoder: Decoder::new(incoming_limit(&cfg) as usize),
             control: Vec::new(),
             pending: VecDeque::new(),
@@ -221,6 +235,7 @@ impl Sink {
             next_pkid: 1,
             window,
             broker_max_packet: None,
+            broker_max_qos: QoS::ExactlyOnce,
             retain_available: true,
             alias_max: 0,
             aliases: BTreeMap::new(),
@@ -403,7 +418,7 @@ impl Sink {
         &mut self,
         id: RecordId,
         record: Record,
-        packets: impl ExactSizeIterator<Item = (wire::EncodedPublish, bool)>,
+        packets: impl ExactSizeIterator<Item = Encoded>,
     ) {
         let keep = self.cfg.error_policy == ErrorPolicy::DeadLetter;
         let coords = record.coords();
@@ -420,7 +435,7 @@ impl Sink {
             );
         }
         let mut record = Some(record);
-        for (i, (packet, retain)) in packets.into_iter().enumerate() {
+        for (i, e) in packets.into_iter().enumerate() {
             let kept = if !keep {
                 None
             } else if i + 1 == parts {
@@ -428,7 +443,7 @@ impl Sink {
             } else {
                 record.clone().map(Box::new)
             };
-            let size = packet.bytes.len() + kept.as_ref().map_or(0, |r| r.size());
+            let size = e.packet.bytes.len() + kept.as_ref().map_or(0, |r| r.size());
             self.buffered_bytes += size;
             // The first publish carries the record's id; the others get ids of their own,
             // so that the session tells them apart.
@@ -442,8 +457,9 @@ impl Sink {
                 id: msg_id,
                 record_id: id,
                 coords: coords.clone(),
-                packet,
-                retain,
+                packet: e.packet,
+                qos: e.qos,
+                retain: e.retain,
                 record: kept,
                 size,
             });
@@ -496,7 +512,7 @@ impl Sink {
         Ok(ActionReport::Done)
     }
 
-    fn encode(&self, r: &Record) -> Result<(wire::EncodedPublish, bool), RejectReason> {
+    fn encode(&self, r: &Record) -> Result<Encoded, RejectReason> {
         let topic = self.checked_topic(self.mapper.topic(r)?)?;
         let tombstone = r.value.is_none();
         let (payload, retain) = match self.cfg.tombstone {
@@ -505,26 +521,24 @@ impl Sink {
             _ => (self.mapper.payload(r)?, self.mapper.retain(r)),
         };
         self.mapper.with_properties(r, |props| {
-            self.encode_publish(&topic, payload, retain, props)
+            self.encode_publish(&topic, payload, self.qos, retain, props)
         })
     }
 
     /// One publish of a transform's (or route's) output: unset fields as configured.
-    fn encode_routed(
-        &self,
-        r: &Record,
-        p: Publish,
-    ) -> Result<(wire::EncodedPublish, bool), RejectReason> {
+    fn encode_routed(&self, r: &Record, p: Publish) -> Result<Encoded, RejectReason> {
         let topic = match p.topic {
             Some(t) => t,
             None => self.mapper.topic(r)?,
         };
         let topic = self.checked_topic(topic)?;
         let retain = p.retain.unwrap_or_else(|| self.mapper.retain(r));
+        // Above what `qos_downgrade` settled for: at that (it was said once).
+        let qos = p.qos.unwrap_or(self.qos).min(self.qos_ceiling);
         match &p.properties {
-            Some(props) => self.encode_publish(&topic, p.payload, retain, Some(props)),
+            Some(props) => self.encode_publish(&topic, p.payload, qos, retain, Some(props)),
             None => self.mapper.with_properties(r, |props| {
-                self.encode_publish(&topic, p.payload, retain, props)
+                self.encode_publish(&topic, p.payload, qos, retain, props)
             }),
         }
     }
@@ -555,9 +569,10 @@ impl Sink {
         &self,
         topic: &str,
         payload: Bytes,
+        qos: QoS,
         retain: bool,
         props: Option<&PublishProperties>,
-    ) -> Result<(wire::EncodedPublish, bool), RejectReason> {
+    ) -> Result<Encoded, RejectReason> {
         let policy = self.cfg.string_policy;
         let version = self.cfg.version;
         {
@@ -574,7 +589,7 @@ impl Sink {
             let parts = PublishParts {
                 version,
                 topic,
-                qos: self.qos,
+                qos,
                 retain,
                 properties: props,
                 payload,
@@ -588,7 +603,11 @@ impl Sink {
                 });
             }
             let packet = wire::encode_publish(parts).map_err(|e| RejectReason::Unencodable(e.0))?;
-            Ok((packet, retain))
+            Ok(Encoded {
+                packet,
+                qos,
+                retain,
+            })
         }
     }
 

@@ -10,20 +10,24 @@ use jaq_json::{Map, Val};
 
 use crate::config::PublishProperties;
 use crate::record::Record;
+use crate::QoS;
 
 /// At most this many publishes per record: a program that outputs without end (`repeat`,
 /// `range(infinite)`) fails the record instead of filling memory.
 pub const MAX_OUTPUTS: usize = 1024;
 
 /// One publish a record becomes. What is left unset takes the configured value: the topic
-/// from `topic_template` (or `{topic_root}/{key}`), retain from `retain`, properties from
-/// `properties` (MQTT 5).
+/// from `topic_template` (or `{topic_root}/{key}`), the QoS from `qos`, retain from
+/// `retain`, properties from `properties` (MQTT 5).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Publish {
     /// The whole MQTT topic.
     pub topic: Option<String>,
     /// The payload bytes.
     pub payload: Bytes,
+    /// The QoS of this publish, in place of the configured `qos`. A broker that does not
+    /// honour it is treated as for `qos` (see `qos_downgrade`).
+    pub qos: Option<QoS>,
     /// The retain flag.
     pub retain: Option<bool>,
     /// MQTT 5 properties, in place of the configured ones.
@@ -45,6 +49,13 @@ impl Publish {
         self.topic = Some(topic.into());
         self
     }
+
+    /// Sets the QoS.
+    #[must_use]
+    pub fn qos(mut self, qos: QoS) -> Self {
+        self.qos = Some(qos);
+        self
+    }
 }
 
 /// A compiled jq program (the `transform` option), run on each record.
@@ -52,7 +63,7 @@ impl Publish {
 /// Its input is the record as JSON: `key` (text, or null), `value` (parsed when it is JSON,
 /// else text; null for a tombstone), `headers` (an object of text values), `topic`,
 /// `partition`, `offset` and `timestamp` (milliseconds, or null). Each output is one
-/// publish: an object with a `payload` key is `{payload, topic?, retain?, properties?}`,
+/// publish: an object with a `payload` key is `{payload, topic?, qos?, retain?, properties?}`,
 /// anything else is the payload itself. A payload that is a string is sent as its text (as
 /// `jq -r` prints it); any other value as compact JSON. No output filters the record out.
 pub struct JqTransform {
@@ -219,8 +230,17 @@ fn publish_of(v: Val) -> Result<Publish, String> {
                         .map_err(|_| "topic is not valid UTF-8".to_string())?,
                 );
             }
-            ("topic", Val::Null) | ("retain", Val::Null) | ("properties", Val::Null) => {}
+            ("topic" | "qos" | "retain" | "properties", Val::Null) => {}
             ("topic", other) => return Err(format!("topic must be a string, got {other}")),
+            ("qos", Val::Num(n)) => {
+                p.qos = Some(match n.as_isize() {
+                    Some(0) => QoS::AtMostOnce,
+                    Some(1) => QoS::AtLeastOnce,
+                    Some(2) => QoS::ExactlyOnce,
+                    _ => return Err(format!("qos must be 0, 1 or 2, got {v}")),
+                });
+            }
+            ("qos", other) => return Err(format!("qos must be 0, 1 or 2, got {other}")),
             ("retain", Val::Bool(b)) => p.retain = Some(*b),
             ("retain", other) => return Err(format!("retain must be true or false, got {other}")),
             ("properties", props @ Val::Obj(_)) => {
@@ -235,7 +255,7 @@ fn publish_of(v: Val) -> Result<Publish, String> {
             }
             (other, _) => {
                 return Err(format!(
-                    "unknown key {other:?}: an object with a payload key may hold topic, payload, retain and properties"
+                    "unknown key {other:?}: an object with a payload key may hold topic, payload, qos, retain and properties"
                 ))
             }
         }
@@ -308,6 +328,46 @@ mod tests {
     }
 
     #[test]
+    fn a_qos_key_sets_the_qos_of_its_publish() {
+        let out = run(
+            "{payload: 1, qos: 0}, {payload: 2, qos: 1}, {payload: 3, qos: 2}, \
+             {payload: 4, qos: null}, {payload: 5}, 6",
+            b"1",
+        )
+        .unwrap();
+        let qos: Vec<_> = out.iter().map(|p| p.qos).collect();
+        assert_eq!(
+            qos,
+            [
+                Some(QoS::AtMostOnce),
+                Some(QoS::AtLeastOnce),
+                Some(QoS::ExactlyOnce),
+                None,
+                None,
+                None
+            ]
+        );
+        // Computed from the record.
+        let out = run("{payload: .value, qos: .value.q}", br#"{"q":2}"#).unwrap();
+        assert_eq!(out[0].qos, Some(QoS::ExactlyOnce));
+        assert_eq!(
+            Publish::payload("x").qos(QoS::AtMostOnce).qos,
+            Some(QoS::AtMostOnce)
+        );
+    }
+
+    #[test]
+    fn a_qos_other_than_0_1_or_2_is_an_error_naming_the_output() {
+        for bad in ["3", "-1", "1.5", "\"1\"", "true", "[1]"] {
+            let e = run(&format!("{{payload: 1}}, {{payload: 1, qos: {bad}}}"), b"1").unwrap_err();
+            assert!(
+                e.starts_with("output 2: qos must be 0, 1 or 2, got "),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn zero_outputs_filter_and_several_fan_out() {
         assert!(run("select(.value.t > 30)", br#"{"t":21.5}"#)
             .unwrap()
@@ -331,8 +391,11 @@ mod tests {
         assert!(e.starts_with("jq error"), "{e}");
         let e = run("error(\"bad reading\")", b"1").unwrap_err();
         assert!(e.contains("bad reading"), "{e}");
-        let e = run("{payload: 1, qos: 1}", b"1").unwrap_err();
-        assert!(e.contains("unknown key \"qos\""), "{e}");
+        let e = run("{payload: 1, priority: 1}", b"1").unwrap_err();
+        assert!(
+            e.contains("unknown key \"priority\"") && e.contains("qos"),
+            "{e}"
+        );
         let e = run("{payload: 1, retain: 1}", b"1").unwrap_err();
         assert!(e.contains("retain must be"), "{e}");
         let e = run("{payload: 1, properties: {nope: 1}}", b"1").unwrap_err();

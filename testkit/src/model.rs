@@ -10,6 +10,10 @@
 //! 6. the same seed gives the same transcript;
 //! 7. a flush with missing acks times out at its deadline, not later;
 //! 8. QoS 2 delivers each record to the broker once per session.
+//!
+//! With [`Scenario::mixed_qos`] a transform gives each record its own QoS (its offset
+//! modulo 3): the delivery invariants hold for its QoS 1/2 records, and every publish
+//! reaches the broker at its record's QoS, resends included.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -91,6 +95,19 @@ pub struct Scenario {
     pub max_inflight: u32,
     /// Buffer limit in records.
     pub max_buffered: usize,
+    /// A transform sets each record's QoS to its offset modulo 3, over `qos`.
+    pub mixed_qos: bool,
+}
+
+impl Scenario {
+    /// The QoS of the record at `offset`.
+    pub fn qos_of(&self, offset: i64) -> u8 {
+        if self.mixed_qos {
+            (offset % 3) as u8
+        } else {
+            self.qos
+        }
+    }
 }
 
 /// Scenario strategy.
@@ -110,6 +127,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
         prop::option::of(1u16..20),
         1u32..50,
         5usize..200,
+        prop::bool::weighted(0.25),
     )
         .prop_map(
             |(
@@ -123,6 +141,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
                 rm,
                 max_inflight,
                 max_buffered,
+                mixed_qos,
             )| {
                 // As in Kafka, a key always maps to the same partition.
                 let log = log
@@ -140,6 +159,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
                     receive_maximum: rm,
                     max_inflight,
                     max_buffered,
+                    mixed_qos,
                 }
             },
         )
@@ -201,10 +221,12 @@ impl Kafka {
             .collect()
     }
 
-    fn expected(&self) -> Vec<Expected> {
+    /// The records that must arrive: those at QoS 1/2.
+    fn expected(&self, s: &Scenario) -> Vec<Expected> {
         self.logs
             .iter()
             .flatten()
+            .filter(|r| s.qos_of(r.offset) > 0)
             .map(|r| Expected {
                 topic: format!(
                     "sensors/{}",
@@ -236,7 +258,17 @@ fn config(s: &Scenario) -> Config {
     // a healthy record. Poison detection has its own property (`poison_records_are_...`).
     cfg.poison_after = 0;
     cfg.flush_timeout = Duration::from_secs(30);
+    if s.mixed_qos {
+        // The payload and topic as without it (the value is not JSON: its text).
+        cfg.transform = Some("{payload: .value, qos: (.offset % 3)}".into());
+    }
     cfg
+}
+
+/// The offset a model payload (`p{partition}-o{offset}-...`) names.
+fn offset_of(payload: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(payload).ok()?;
+    text.split('-').nth(1)?.strip_prefix('o')?.parse().ok()
 }
 
 /// Runs a scenario, checking invariants 1, 3, 4 and 7 after every step, and 2 at the end
@@ -335,7 +367,7 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
             }
             Op::Reorder(b) => h.broker.knobs_mut().reorder_acks = *b,
         }
-        check_step(&mut h, &mut acked, &mut seen_delivered, s.qos)?;
+        check_step(&mut h, &mut acked, &mut seen_delivered, s)?;
     }
 
     // Heal, then everything must be acknowledged and committed (invariant 2).
@@ -349,7 +381,7 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
         }
         // Healed: the flush may take long (a slow broker, a window of 1) but must complete.
         let outcome = h.flush_with_deadline(h.now + Duration::from_secs(3600));
-        check_step(&mut h, &mut acked, &mut seen_delivered, s.qos)?;
+        check_step(&mut h, &mut acked, &mut seen_delivered, s)?;
         if matches!(outcome, Event::FlushCompleted { .. }) {
             break;
         }
@@ -371,7 +403,12 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
             tp
         );
     }
-    if s.qos == 0 {
+    // Every publish at its record's QoS (invariant 8's QoS 2 included).
+    for r in h.broker.received() {
+        let want = offset_of(&r.payload).map(|o| s.qos_of(o));
+        prop_assert_eq!(Some(r.qos), want, "QoS of {:?}", r.payload);
+    }
+    if !s.mixed_qos && s.qos == 0 {
         // At-most-once: what was written before a cut may be lost; nothing more to check.
         return Ok(Outcome {
             events: h.events,
@@ -379,24 +416,39 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
         });
     }
     let faulty = faults || rewinds > 0;
+    // QoS 0 records may be lost on a cut by design: only the others are checked.
+    let at_least_once = |p: &Bytes| offset_of(p).is_some_and(|o| s.qos_of(o) > 0);
     let delivered: Vec<_> = h
         .broker
         .delivered()
         .iter()
+        .filter(|d| at_least_once(&d.payload))
         .map(|d| (d.topic.clone(), d.payload.clone()))
         .collect();
-    let report = check(&kafka.expected(), &delivered, faulty).map_err(TestCaseError::fail)?;
+    let expected = kafka.expected(s);
+    let report = check(&expected, &delivered, faulty).map_err(TestCaseError::fail)?;
     // Invariant 3 on the raw PUBLISH stream (rejections and DUP resends included).
     let received: Vec<_> = h
         .broker
         .received()
         .iter()
+        .filter(|r| at_least_once(&r.payload))
         .map(|r| (r.topic.clone(), r.payload.clone()))
         .collect();
-    check(&kafka.expected(), &received, true).map_err(TestCaseError::fail)?;
+    check(&expected, &received, true).map_err(TestCaseError::fail)?;
     if exactly_once_check {
         prop_assert_eq!(rewinds, 0, "test setup: no rewinds in an exactly-once run");
-        prop_assert_eq!(report.duplicates, 0, "QoS 2 delivered a record twice");
+        let qos2 = |p: &Bytes| offset_of(p).is_some_and(|o| s.qos_of(o) == 2);
+        let twice = if s.mixed_qos {
+            let delivered: Vec<_> = delivered.into_iter().filter(|(_, p)| qos2(p)).collect();
+            let expected: Vec<_> = expected.into_iter().filter(|e| qos2(&e.payload)).collect();
+            check(&expected, &delivered, faulty)
+                .map_err(TestCaseError::fail)?
+                .duplicates
+        } else {
+            report.duplicates
+        };
+        prop_assert_eq!(twice, 0, "QoS 2 delivered a record twice");
     }
     Ok(Outcome {
         events: h.events,
@@ -408,7 +460,7 @@ fn check_step(
     h: &mut Harness,
     acked: &mut BTreeSet<Bytes>,
     seen: &mut usize,
-    qos: u8,
+    s: &Scenario,
 ) -> Result<(), TestCaseError> {
     for d in &h.broker.delivered()[*seen..] {
         acked.insert(d.payload.clone());
@@ -421,8 +473,8 @@ fn check_step(
         .chain(h.sink.commit_positions().iter())
         .cloned()
         .collect::<Vec<_>>();
-    for (tp, pos) in positions.into_iter().filter(|_| qos > 0) {
-        for offset in 0..pos {
+    for (tp, pos) in positions {
+        for offset in (0..pos).filter(|&o| s.qos_of(o) > 0) {
             let p = format!("p{}-o{offset}-", tp.partition);
             let ok = acked
                 .range(Bytes::from(p.clone())..)

@@ -1985,3 +1985,366 @@ fn a_fanned_out_record_meets_the_error_policy_once() {
         assert_eq!(letters, want, "{policy}: one dead letter per record");
     }
 }
+
+/// Four publishes per record, one per QoS and one at the configured QoS, each to a topic
+/// that names it and with the record's offset as its payload.
+const QOS_FAN_OUT: &str = r#"{topic: "q/0", payload: "\(.offset)", qos: 0},
+    {topic: "q/1", payload: "\(.offset)", qos: 1},
+    {topic: "q/2", payload: "\(.offset)", qos: 2},
+    {topic: "q/default", payload: "\(.offset)"}"#;
+
+/// What the broker read, as (topic, payload, QoS), in order.
+fn received_qos(h: &Harness) -> Vec<(String, String, u8)> {
+    h.broker
+        .received()
+        .iter()
+        .map(|r| {
+            let payload = String::from_utf8(r.payload.to_vec()).unwrap();
+            (r.topic.clone(), payload, r.qos)
+        })
+        .collect()
+}
+
+/// What `QOS_FAN_OUT` sends for offsets `offsets` under `qos = default`, where the broker
+/// allows QoS `max` at most.
+fn qos_fan_out(offsets: std::ops::Range<i64>, default: u8, max: u8) -> Vec<(String, String, u8)> {
+    offsets
+        .flat_map(|off| {
+            [("q/0", 0), ("q/1", 1), ("q/2", 2), ("q/default", default)]
+                .map(|(t, q)| (t.to_string(), off.to_string(), q.min(max)))
+        })
+        .collect()
+}
+
+/// A transform's `qos` key sets the QoS of its publish over the configured `qos`: each
+/// publish reaches the broker at its own QoS and takes its own acknowledgement flow (a QoS 0
+/// one is done once written and needs no window slot; a PUBACK answers a QoS 1 one under
+/// `qos = 2`, a PUBREC a QoS 2 one under `qos = 1`), in push order with one slot in the
+/// window, and a record's offset passes only when all of its publishes are done.
+#[test]
+fn a_transform_sets_qos_per_publish() {
+    let tp = TopicPartition::new("readings", 0);
+    for version in VERSIONS {
+        for qos in 0..=2u8 {
+            let case = format!("{version:?} qos = {qos}");
+            let mut cfg = test_config(version, qos);
+            cfg.transform = Some(QOS_FAN_OUT.into());
+            cfg.max_inflight = 1;
+            let knobs = BrokerKnobs {
+                ack_delay: Duration::from_millis(50),
+                ..BrokerKnobs::default()
+            };
+            let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 7);
+            connected(&mut h);
+            for off in 0..5 {
+                h.push(Record::new(tp.clone(), off, Some("k"), Some("v")))
+                    .unwrap();
+            }
+            let seen = |h: &Harness, topic: &str, off: &str| {
+                h.broker
+                    .received()
+                    .iter()
+                    .any(|r| r.topic == topic && r.payload == off)
+            };
+            // While record 0's last publish waits for its answer (50 ms), record 1's QoS 0
+            // publish is not held for the window's one slot.
+            let sent = h.run_until(Duration::from_secs(5), |h| seen(h, "q/default", "0"));
+            assert!(sent, "{case}: {:?}", h.events);
+            h.run_for(Duration::from_millis(10));
+            assert!(seen(&h, "q/0", "1"), "{case}: {:?}", received_qos(&h));
+            assert!(!seen(&h, "q/1", "1"), "{case}: window 1 exceeded");
+            // Record 1's QoS 2 publish is in flight: record 0 passed, record 1 waits.
+            let sent = h.run_until(Duration::from_secs(5), |h| seen(h, "q/2", "1"));
+            assert!(sent, "{case}: {:?}", h.events);
+            assert_eq!(
+                h.sink.commit_positions(),
+                vec![(tp.clone(), 1)],
+                "{case}: an offset passed before all of its publishes were done"
+            );
+            let outcome = h.flush();
+            assert_eq!(
+                outcome,
+                Event::FlushCompleted {
+                    offsets: vec![(tp.clone(), 5)]
+                },
+                "{case}"
+            );
+            assert_eq!(received_qos(&h), qos_fan_out(0..5, qos, 2), "{case}");
+            assert_eq!(h.broker.delivered().len(), 20, "{case}: each once");
+            let qos2 = if qos == 2 { 10 } else { 5 };
+            assert_eq!(
+                h.broker.pubrels(),
+                qos2,
+                "{case}: one PUBREL per QoS 2 publish"
+            );
+            assert_eq!(h.sink.stats().acknowledged, 5, "{case}");
+            assert!(
+                h.protocol_errors.is_empty(),
+                "{case}: {:?}",
+                h.protocol_errors
+            );
+            let trouble = h.count_events(|e| {
+                matches!(
+                    e,
+                    Event::Fatal(_) | Event::QosDowngraded { .. } | Event::ConnectionLost(_)
+                )
+            });
+            assert_eq!(trouble, 0, "{case}: {:?}", h.events);
+            assert_eq!(h.broker.connects().len(), 1, "{case}");
+            assert_no_violations(&h);
+        }
+    }
+
+    // Any other value fails the record, named by its coordinates.
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.transform = Some(r#"{payload: .value, qos: (if .offset == 1 then 3 else 1 end)}"#.into());
+    cfg.error_policy = ErrorPolicy::Skip;
+    let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 7);
+    connected(&mut h);
+    for off in 0..3 {
+        h.push(Record::new(tp.clone(), off, Some("k"), Some("v")))
+            .unwrap();
+    }
+    assert!(matches!(h.flush(), Event::FlushCompleted { .. }));
+    assert_eq!(
+        rejections(&h),
+        [
+            "record readings/0@1 rejected (skip): the transform failed: output 1: qos must be \
+             0, 1 or 2, got 3"
+        ]
+    );
+    assert_eq!(h.broker.delivered().len(), 2);
+}
+
+/// A QoS 0 publish at the head of the queue needs no window slot, so it is not held back
+/// while the sink waits for a batch of free slots (`REFILL_DELAY`) either.
+#[test]
+fn a_qos_0_publish_is_not_held_for_a_batch_of_window_slots() {
+    let tp = TopicPartition::new("readings", 0);
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    // 16 slots: the sink holds QoS 1/2 publishes while fewer than 2 are free.
+    cfg.max_inflight = 16;
+    cfg.transform = Some(
+        r#"if .offset == 0 then range(15) as $i | {topic: "w/\($i)", payload: "x"}
+           else ({payload: "a", qos: 0}, {payload: "b", qos: 0}) end"#
+            .into(),
+    );
+    let knobs = BrokerKnobs {
+        ack_delay: Duration::from_millis(50),
+        ..BrokerKnobs::default()
+    };
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 5);
+    connected(&mut h);
+    h.push(Record::new(tp.clone(), 0, Some("k"), Some("v")))
+        .unwrap();
+    assert_eq!(h.sink.stats().inflight, 15);
+    h.push(Record::new(tp.clone(), 1, Some("k"), Some("v")))
+        .unwrap();
+    // Both went out (and were written) at once: nothing queued, no refill wait.
+    assert_eq!(h.sink.stats().buffered_records, 15);
+    assert_eq!(h.sink.defer_input_until(), None);
+    let Event::FlushCompleted { offsets } = h.flush() else {
+        panic!("the flush did not complete");
+    };
+    assert_eq!(offsets, vec![(tp, 2)]);
+}
+
+/// A broker whose CONNACK says Maximum QoS 1, with `qos_downgrade = true`: only the
+/// publishes a transform gives QoS 2 go at QoS 1 (said once); QoS 0 ones stay at 0, and so
+/// does `qos = 0` (a downgrade never raises a QoS). Publishes held at the CONNACK are
+/// lowered then; ones pushed after it, as they are sent. Without `qos_downgrade` the sink
+/// stops at the first QoS 2 publish, naming the transform's `qos`, and commits nothing
+/// unacknowledged.
+#[test]
+fn a_broker_maximum_qos_of_1_downgrades_only_the_qos_2_publishes() {
+    let tp = TopicPartition::new("readings", 0);
+    let knobs = BrokerKnobs {
+        maximum_qos: Some(1),
+        ..BrokerKnobs::default()
+    };
+    for qos in [0u8, 1] {
+        for held in [false, true] {
+            let case = format!("qos = {qos}, records held at CONNACK: {held}");
+            let mut cfg = test_config(MqttVersion::V5, qos);
+            cfg.transform = Some(QOS_FAN_OUT.into());
+            cfg.qos_downgrade = true;
+            let mut h = Harness::new(cfg, knobs.clone(), LinkKnobs::default(), 3);
+            let push = |h: &mut Harness, off: i64| {
+                h.push(Record::new(tp.clone(), off, Some("k"), Some("v")))
+                    .unwrap();
+            };
+            if held {
+                assert!(!h.sink.is_connected());
+                push(&mut h, 0);
+                push(&mut h, 1);
+            }
+            connected(&mut h);
+            for off in if held { 2..5 } else { 0..5 } {
+                push(&mut h, off);
+            }
+            let outcome = h.flush();
+            assert_eq!(
+                outcome,
+                Event::FlushCompleted {
+                    offsets: vec![(tp.clone(), 5)]
+                },
+                "{case}"
+            );
+            assert_eq!(received_qos(&h), qos_fan_out(0..5, qos, 1), "{case}");
+            let said: Vec<_> = h
+                .events
+                .iter()
+                .filter(|(_, e)| matches!(e, Event::QosDowngraded { .. } | Event::Fatal(_)))
+                .map(|(_, e)| e.clone())
+                .collect();
+            assert_eq!(said.len(), 1, "{case}: {said:?}");
+            assert!(
+                matches!(said[0], Event::QosDowngraded { from: 2, to: 1, .. }),
+                "{case}: {said:?}"
+            );
+            assert_eq!(h.broker.connects().len(), 1, "{case}");
+            assert_no_violations(&h);
+        }
+    }
+
+    // QoS 2 publishes in flight in a session resumed on a broker that now allows QoS 1:
+    // lowered at the CONNACK, resent at QoS 1 (DUP, same packet ids).
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.transform = Some(QOS_FAN_OUT.into());
+    cfg.qos_downgrade = true;
+    cfg.clean_session = false;
+    let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), 3);
+    connected(&mut h);
+    h.broker.knobs_mut().ack_loss = 1.0;
+    h.push(Record::new(tp.clone(), 0, Some("k"), Some("v")))
+        .unwrap();
+    h.run_for(Duration::from_millis(100));
+    assert_eq!(h.sink.stats().inflight, 3);
+    *h.broker.knobs_mut() = BrokerKnobs {
+        maximum_qos: Some(1),
+        ..BrokerKnobs::default()
+    };
+    h.cut();
+    connected(&mut h);
+    assert!(
+        matches!(h.events.iter().rev().find(|(_, e)| matches!(e, Event::Connected(_))),
+            Some((_, Event::Connected(c))) if c.session_present),
+        "the session was not resumed"
+    );
+    let Event::FlushCompleted { offsets } = h.flush() else {
+        panic!("the flush did not complete: {:?}", h.events);
+    };
+    assert_eq!(offsets, vec![(tp.clone(), 1)]);
+    let resent: Vec<_> = h
+        .broker
+        .received()
+        .iter()
+        .filter(|r| r.connection == h.broker.connection_index())
+        .map(|r| (r.topic.as_str(), r.qos, r.dup))
+        .collect();
+    assert_eq!(
+        resent,
+        [("q/1", 1, true), ("q/2", 1, true), ("q/default", 1, true)]
+    );
+    assert_eq!(
+        h.count_events(|e| matches!(e, Event::QosDowngraded { from: 2, to: 1, .. })),
+        1
+    );
+    assert_no_violations(&h);
+
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.transform = Some(QOS_FAN_OUT.into());
+    let addr = format!("{}:{}", cfg.server, cfg.port);
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 3);
+    connected(&mut h);
+    for off in 0..3 {
+        // Refused once the sink stopped.
+        let _ = h.push(Record::new(tp.clone(), off, Some("k"), Some("v")));
+    }
+    let outcome = h.flush();
+    assert!(matches!(outcome, Event::Fatal(_)), "{outcome:?}");
+    let fatal: Vec<String> = h
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Fatal(_)))
+        .map(|(_, e)| e.to_string())
+        .collect();
+    assert!(
+        fatal[0].contains(&format!(
+            "the MQTT broker at {addr} does not honour QoS 2 (the transform's qos): its \
+             CONNACK says Maximum QoS 1; have the transform publish at qos 1 at most, or set \
+             qos_downgrade = true"
+        )),
+        "{}",
+        fatal[0]
+    );
+    assert!(h.sink.is_closed());
+    assert_eq!(received_qos(&h), qos_fan_out(0..1, 1, 1)[..2]);
+    assert!(h.sink.commit_positions().iter().all(|(_, o)| *o == 0));
+    assert!(h.committed_of(&tp).is_none());
+    assert_no_violations(&h);
+}
+
+/// Publishes of mixed QoS cut off unwritten go out again after the reconnect in push
+/// order: a QoS 0 one (sent again as new) between two QoS 1 ones, whether these are resent
+/// in a resumed session (with DUP) or published again as new after a lost one.
+#[test]
+fn mixed_qos_publishes_cut_off_go_out_again_in_push_order() {
+    let tp = TopicPartition::new("readings", 0);
+    for keep_sessions in [true, false] {
+        let mut cfg = test_config(MqttVersion::V311, 1);
+        cfg.clean_session = false;
+        cfg.transform = Some(
+            r#"{topic: "a", payload: "\(.offset)", qos: 1}, {topic: "b", payload: "\(.offset)", qos: 0},
+               {topic: "c", payload: "\(.offset)"}"#
+                .into(),
+        );
+        let knobs = BrokerKnobs {
+            keep_sessions,
+            ..BrokerKnobs::default()
+        };
+        let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 11);
+        connected(&mut h);
+        // A socket that takes nothing: all three wait in the runtime's buffer.
+        h.link.bytes_per_ms = Some(0);
+        for off in 0..2 {
+            h.push(Record::new(tp.clone(), off, Some("k"), Some("v")))
+                .unwrap();
+        }
+        h.run_for(Duration::from_millis(10));
+        assert_eq!(h.sink.stats().inflight, 4, "keep_sessions {keep_sessions}");
+        h.cut();
+        h.link.bytes_per_ms = None;
+        connected(&mut h);
+        let Event::FlushCompleted { offsets } = h.flush() else {
+            panic!("keep_sessions {keep_sessions}: the flush did not complete");
+        };
+        assert_eq!(offsets, vec![(tp.clone(), 2)]);
+        let got: Vec<_> = h
+            .broker
+            .received()
+            .iter()
+            .map(|r| {
+                (
+                    format!("{}{}", r.topic, String::from_utf8_lossy(&r.payload)),
+                    r.qos,
+                    r.dup,
+                )
+            })
+            .collect();
+        let dup = keep_sessions;
+        assert_eq!(
+            got,
+            [
+                ("a0".to_string(), 1, dup),
+                ("b0".into(), 0, false),
+                ("c0".into(), 1, dup),
+                ("a1".into(), 1, dup),
+                ("b1".into(), 0, false),
+                ("c1".into(), 1, dup),
+            ],
+            "keep_sessions {keep_sessions}"
+        );
+        assert_no_violations(&h);
+    }
+}
