@@ -11,7 +11,6 @@
 
 pub mod bridge;
 mod sink;
-mod ws;
 
 pub use bridge::{Bridge, BridgeBuilder};
 pub use mqtt_sink_core as core;

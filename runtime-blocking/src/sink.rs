@@ -4,7 +4,7 @@
 //! thread per connection attempt connects, then reads the socket.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 
 use mqtt_sink_core::{
     ActionReport, BridgeAction, CommitOffsets, ConfigErrors, DeadLetterFn, Event, FlushOutcome,
-    Hooks, PushRefusal, Record, Sink, SinkParts, SinkRuntime, Transport,
+    Hooks, PushRefusal, Record, Sink, SinkParts, SinkRuntime,
 };
-use rustls::ClientConnection;
+use mqtt_sink_tls::Layers;
 
-use crate::ws::WsLayer;
 use crate::{Blocking, Config, MqttSinkBuilder, SinkError, TrySendError};
 
 /// A write that cannot make progress for this long counts as a lost connection, so that a
@@ -353,36 +352,20 @@ impl Driver {
         };
         let _ = tcp.set_nodelay(true);
         let _ = tcp.set_write_timeout(Some(WRITE_STALL));
-        let mut conn = Conn {
-            id,
-            tcp,
-            tls: None,
-            ws: None,
-        };
-        let session = self.tls.clone().map(|cfg| {
-            // SNI and the certificate check follow the address in use.
-            let name = mqtt_sink_tls::server_name(self.sink.server().0)?;
-            let mut tls = ClientConnection::new(cfg, name);
-            // `Conn::write` hands rustls all the core transmitted, then drains it; the
-            // default limit (64 KiB) would refuse a larger batch.
-            tls.iter_mut().for_each(|t| t.set_buffer_limit(None));
-            tls.map_err(|e| format!("TLS setup failed: {e}"))
-        });
-        let session = session.transpose().map(|tls| conn.tls = tls);
-        // With `transport = "ws"`, the upgrade request goes first (in TLS with TLS); the
-        // CONNECT the core writes next waits in the WebSocket layer for its answer.
-        let session = session.and_then(|()| {
-            let cfg = self.sink.config();
-            if cfg.transport != Transport::Ws {
-                return Ok(());
+        // SNI and the certificate check follow the address in use; with WebSocket, the
+        // upgrade request goes first and the CONNECT the core writes next waits for its
+        // answer (with TLS, in rustls until the handshake is done).
+        let (server, port) = self.sink.server();
+        let mut conn = match Layers::new(self.sink.config(), self.tls.clone(), server, port) {
+            Ok(layers) => Conn { id, tcp, layers },
+            Err(e) => {
+                let _ = tcp.shutdown(Shutdown::Both);
+                return self.lose(now, e);
             }
-            let (server, port) = self.sink.server();
-            let request = mqtt_sink_tls::ws_request(cfg, server, port)?;
-            conn.ws = Some(WsLayer::start(request)?);
-            conn.write(&[])
-        });
+        };
+        let first = conn.write(&[]);
         self.conn = Some(conn);
-        match session {
+        match first {
             Ok(()) => self.sink.handle_connected(now),
             Err(e) => self.lose(now, e),
         }
@@ -402,14 +385,7 @@ impl Driver {
     fn close_transport(&mut self) {
         self.attempt += 1;
         if let Some(mut c) = self.conn.take() {
-            if let Some(ws) = c.ws.as_mut() {
-                ws.close();
-                let _ = c.write(&[]);
-            }
-            if let Some(tls) = c.tls.as_mut() {
-                tls.send_close_notify();
-                let _ = c.write_below(&[]);
-            }
+            c.layers.close(&mut c.tcp);
             let _ = c.tcp.shutdown(Shutdown::Both);
         }
     }
@@ -428,72 +404,21 @@ impl Driver {
 struct Conn {
     id: u64,
     tcp: TcpStream,
-    /// With TLS, what the core writes before the handshake is done waits in rustls.
-    tls: Option<ClientConnection>,
-    /// With `transport = "ws"`: the WebSocket between MQTT and TLS (or TCP).
-    ws: Option<WsLayer>,
+    /// WebSocket and TLS, as configured: what the core writes before their handshakes are
+    /// done waits in them.
+    layers: Layers,
 }
 
 impl Conn {
-    /// Writes the core's bytes (in WebSocket frames, with `transport = "ws"`) and whatever
-    /// the layers below have pending.
+    /// Writes the core's bytes and whatever the layers have pending.
     fn write(&mut self, mqtt: &[u8]) -> Result<(), String> {
-        let Some(ws) = self.ws.as_mut() else {
-            return self.write_below(mqtt);
-        };
-        ws.write(mqtt)?;
-        let frames = ws.take_output();
-        self.write_below(&frames)
+        self.layers.write(mqtt, &mut self.tcp)
     }
 
-    /// Bytes read from the socket: the MQTT bytes they carry (TLS and WebSocket answers
-    /// are written).
+    /// Bytes read from the socket: the MQTT bytes they carry (the layers' answers are
+    /// written).
     fn read(&mut self, data: Vec<u8>) -> Result<Vec<u8>, String> {
-        let plain = self.read_below(data)?;
-        let Some(ws) = self.ws.as_mut() else {
-            return Ok(plain);
-        };
-        let mut mqtt = Vec::new();
-        let read = ws.read(&plain, &mut mqtt);
-        let answers = ws.take_output();
-        self.write_below(&answers)?;
-        read.map(|()| mqtt)
-    }
-
-    /// Writes `plain` (encrypted, with TLS) and any TLS records pending.
-    fn write_below(&mut self, plain: &[u8]) -> Result<(), String> {
-        let written = match &mut self.tls {
-            None => self.tcp.write_all(plain),
-            Some(tls) => tls.writer().write_all(plain).and_then(|()| {
-                while tls.wants_write() {
-                    tls.write_tls(&mut self.tcp)?;
-                }
-                Ok(())
-            }),
-        };
-        written.map_err(|e| format!("write failed: {e}"))
-    }
-
-    /// Bytes read from the socket: the plaintext they carry (TLS answers are written).
-    fn read_below(&mut self, data: Vec<u8>) -> Result<Vec<u8>, String> {
-        let Some(tls) = &mut self.tls else {
-            return Ok(data);
-        };
-        let (mut rd, mut plain) = (&data[..], Vec::new());
-        let failed = |e: std::io::Error| format!("TLS read failed: {e}");
-        while !rd.is_empty() {
-            tls.read_tls(&mut rd).map_err(failed)?;
-            let state = tls
-                .process_new_packets()
-                .map_err(|e| format!("TLS failed: {e}"))?;
-            let start = plain.len();
-            plain.resize(start + state.plaintext_bytes_to_read(), 0);
-            tls.reader()
-                .read_exact(&mut plain[start..])
-                .map_err(failed)?;
-        }
-        self.write_below(&[])?;
-        Ok(plain)
+        self.layers.read(data, &mut self.tcp)
     }
 }
 

@@ -1,13 +1,23 @@
 //! What the runtimes share about the transport: the rustls client configuration from the
-//! sink's TLS options (ring is the only provider) and the WebSocket upgrade request.
+//! sink's TLS options (ring is the only provider), the WebSocket upgrade request, and the
+//! sans-IO layers between the core's MQTT bytes and a socket ([`Layers`]: WebSocket, TLS).
 
+use std::io::{Read, Write};
 use std::sync::Arc;
+
+mod ws;
+#[cfg(feature = "tokio")]
+mod ws_tokio;
+pub use tungstenite::handshake::client::Request as WsRequest;
+pub use ws::WsLayer;
+#[cfg(feature = "tokio")]
+pub use ws_tokio::{ws_connect, WsIo};
 
 use mqtt_sink_core::{Config, ConfigErrors};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::{ClientConnection, DigitallySignedStruct, SignatureScheme};
 
 /// The client config a sink's runtime starts with: `None` when `tls_enabled` is off; a
 /// problem is a config error of `tls` (as a sink builder's `start` reports it).
@@ -152,11 +162,7 @@ pub const WS_MAX_FRAME: usize = 64 * 1024;
 /// The WebSocket upgrade request for `server`:`port` with `transport = "ws"`:
 /// `ws://` (`wss://` with TLS, which the runtime has already set up underneath) at
 /// `ws_path`, subprotocol `mqtt`, plus `ws_headers`. Errors name the options.
-pub fn ws_request(
-    cfg: &Config,
-    server: &str,
-    port: u16,
-) -> Result<tungstenite::handshake::client::Request, String> {
+pub fn ws_request(cfg: &Config, server: &str, port: u16) -> Result<WsRequest, String> {
     use tungstenite::client::{ClientRequestBuilder, IntoClientRequest};
     let scheme = if cfg.tls_enabled { "wss" } else { "ws" };
     let url = format!(
@@ -174,6 +180,116 @@ pub fn ws_request(
     request
         .into_client_request()
         .map_err(|e| format!("ws_headers: cannot build the WebSocket upgrade request: {e}"))
+}
+
+/// What lies between the core's MQTT bytes and a socket, sans-IO: a WebSocket
+/// (`transport = "ws"`) over TLS (`tls_enabled`), either or both or neither. What the core
+/// writes before the handshakes are done waits in them.
+#[allow(missing_debug_implementations)]
+pub struct Layers {
+    tls: Option<ClientConnection>,
+    ws: Option<WsLayer>,
+}
+
+impl Layers {
+    /// The layers of a connection to `server`:`port` (SNI and the certificate check follow
+    /// `server`); with WebSocket, [`write`](Self::write) of nothing sends the upgrade.
+    pub fn new(
+        cfg: &Config,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        server: &str,
+        port: u16,
+    ) -> Result<Self, String> {
+        let tls = match tls {
+            Some(c) => {
+                let mut t = ClientConnection::new(c, server_name(server)?)
+                    .map_err(|e| format!("TLS setup failed: {e}"))?;
+                // `write` hands rustls all the core transmitted, then drains it; the default
+                // limit (64 KiB) would refuse a larger batch.
+                t.set_buffer_limit(None);
+                Some(t)
+            }
+            None => None,
+        };
+        let ws = match cfg.transport {
+            mqtt_sink_core::Transport::Ws => Some(WsLayer::start(ws_request(cfg, server, port)?)?),
+            _ => None,
+        };
+        Ok(Self { tls, ws })
+    }
+
+    /// Writes the core's bytes (in WebSocket frames, encrypted) to `sock`, with whatever
+    /// the layers have pending.
+    pub fn write(&mut self, mqtt: &[u8], sock: &mut impl Write) -> Result<(), String> {
+        match self.ws.as_mut() {
+            Some(ws) => {
+                ws.write(mqtt)?;
+                let frames = ws.take_output();
+                self.write_tls(&frames, sock)
+            }
+            None => self.write_tls(mqtt, sock),
+        }
+    }
+
+    /// Bytes read from the socket: the MQTT bytes they carry (the layers' answers are
+    /// written to `sock`).
+    pub fn read(&mut self, data: Vec<u8>, sock: &mut impl Write) -> Result<Vec<u8>, String> {
+        let plain = self.read_tls(data, sock)?;
+        let Some(ws) = self.ws.as_mut() else {
+            return Ok(plain);
+        };
+        let mut mqtt = Vec::new();
+        let read = ws.read(&plain, &mut mqtt);
+        let answers = ws.take_output();
+        self.write_tls(&answers, sock)?;
+        read.map(|()| mqtt)
+    }
+
+    /// Closes the WebSocket and TLS sessions (their goodbyes are written to `sock`).
+    pub fn close(&mut self, sock: &mut impl Write) {
+        if let Some(ws) = self.ws.as_mut() {
+            ws.close();
+            let _ = self.write(&[], sock);
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            tls.send_close_notify();
+            let _ = self.write_tls(&[], sock);
+        }
+    }
+
+    fn write_tls(&mut self, plain: &[u8], sock: &mut impl Write) -> Result<(), String> {
+        let written = match &mut self.tls {
+            None => sock.write_all(plain),
+            Some(tls) => tls.writer().write_all(plain).and_then(|()| {
+                while tls.wants_write() {
+                    tls.write_tls(sock)?;
+                }
+                Ok(())
+            }),
+        };
+        written.map_err(|e| format!("write failed: {e}"))
+    }
+
+    fn read_tls(&mut self, data: Vec<u8>, sock: &mut impl Write) -> Result<Vec<u8>, String> {
+        let Some(tls) = &mut self.tls else {
+            return Ok(data);
+        };
+        let (mut rd, mut plain) = (&data[..], Vec::new());
+        let failed = |e: std::io::Error| format!("TLS read failed: {e}");
+        while !rd.is_empty() {
+            tls.read_tls(&mut rd).map_err(failed)?;
+            let state = tls
+                .process_new_packets()
+                .map_err(|e| format!("TLS failed: {e}"))?;
+            let start = plain.len();
+            plain.resize(start + state.plaintext_bytes_to_read(), 0);
+            tls.reader()
+                .read_exact(&mut plain[start..])
+                .map_err(failed)?;
+        }
+        self.write_tls(&[], sock)?;
+        Ok(plain)
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! MQTT over WebSocket (`transport = "ws"`) for the sink's thread: tungstenite run over an
-//! in-memory pipe, so that the thread that owns the core and the TLS state also owns the
-//! WebSocket state and never blocks on it. Bytes read from the connection go in; MQTT
+//! MQTT over WebSocket (`transport = "ws"`), sans-IO: tungstenite run over an in-memory
+//! pipe, so that the thread that owns the core and the TLS state also owns the WebSocket
+//! state and never blocks on it (the blocking runtime's sink thread). Bytes read from the connection go in; MQTT
 //! bytes come out; what tungstenite wants written (the upgrade request, frames, pongs, the
 //! close) is taken out and written below (TLS or TCP).
 
@@ -51,7 +51,8 @@ enum State {
 }
 
 /// One connection's WebSocket.
-pub(crate) struct WsLayer {
+#[allow(missing_debug_implementations)]
+pub struct WsLayer {
     state: State,
     /// The path asked for, for error messages.
     path: String,
@@ -59,7 +60,7 @@ pub(crate) struct WsLayer {
 
 impl WsLayer {
     /// Starts the upgrade: [`take_output`](Self::take_output) has the request.
-    pub(crate) fn start(request: Request) -> Result<Self, String> {
+    pub fn start(request: Request) -> Result<Self, String> {
         let path = request.uri().path().to_string();
         let failed = |e: tungstenite::Error| format!("WebSocket upgrade failed: {e}");
         let handshake = match ClientHandshake::start(Pipe::default(), request, None)
@@ -84,20 +85,20 @@ impl WsLayer {
     }
 
     /// What is to be written to the connection now.
-    pub(crate) fn take_output(&mut self) -> Vec<u8> {
+    pub fn take_output(&mut self) -> Vec<u8> {
         self.pipe()
             .map(|p| std::mem::take(&mut p.tx))
             .unwrap_or_default()
     }
 
-    /// MQTT bytes to send: binary frames of at most [`mqtt_sink_tls::WS_MAX_FRAME`] bytes,
+    /// MQTT bytes to send: binary frames of at most [`crate::WS_MAX_FRAME`] bytes,
     /// once the upgrade is done (until then they wait).
-    pub(crate) fn write(&mut self, mqtt: &[u8]) -> Result<(), String> {
+    pub fn write(&mut self, mqtt: &[u8]) -> Result<(), String> {
         match &mut self.state {
             State::Upgrading { queued, .. } => queued.extend_from_slice(mqtt),
             State::Open(ws) => {
                 let failed = |e: tungstenite::Error| format!("WebSocket write failed: {e}");
-                for chunk in mqtt.chunks(mqtt_sink_tls::WS_MAX_FRAME) {
+                for chunk in mqtt.chunks(crate::WS_MAX_FRAME) {
                     let frame = Message::Binary(Bytes::copy_from_slice(chunk));
                     ws.write(frame).map_err(failed)?;
                 }
@@ -109,7 +110,7 @@ impl WsLayer {
     }
 
     /// Bytes read from the connection: the MQTT bytes they carry go to `mqtt`.
-    pub(crate) fn read(&mut self, data: &[u8], mqtt: &mut Vec<u8>) -> Result<(), String> {
+    pub fn read(&mut self, data: &[u8], mqtt: &mut Vec<u8>) -> Result<(), String> {
         let Some(pipe) = self.pipe() else {
             return Err("the WebSocket is closed".into());
         };
@@ -173,7 +174,7 @@ impl WsLayer {
     }
 
     /// Starts the closing handshake: the close frame is in [`take_output`](Self::take_output).
-    pub(crate) fn close(&mut self) {
+    pub fn close(&mut self) {
         if let State::Open(ws) = &mut self.state {
             let _ = ws.close(None);
             let _ = ws.flush();
@@ -205,7 +206,7 @@ mod tests {
         let mut cfg = mqtt_sink_core::Config::new("c", "127.0.0.1", 80, "t");
         cfg.transport = mqtt_sink_core::Transport::Ws;
         cfg.tls_enabled = false;
-        mqtt_sink_tls::ws_request(&cfg, "127.0.0.1", 80).unwrap()
+        crate::ws_request(&cfg, "127.0.0.1", 80).unwrap()
     }
 
     #[test]
@@ -227,7 +228,7 @@ mod tests {
         server.get_mut().rx.extend(ws.take_output());
         assert_eq!(server.read().unwrap(), Message::binary(&b"CONNECT"[..]));
         // A large batch goes in frames of at most WS_MAX_FRAME bytes.
-        let big = vec![7u8; mqtt_sink_tls::WS_MAX_FRAME * 2 + 1];
+        let big = vec![7u8; crate::WS_MAX_FRAME * 2 + 1];
         ws.write(&big).unwrap();
         server.get_mut().rx.extend(ws.take_output());
         let mut got = Vec::new();
@@ -235,7 +236,7 @@ mod tests {
             let Message::Binary(b) = server.read().unwrap() else {
                 panic!("binary frames")
             };
-            assert!(b.len() <= mqtt_sink_tls::WS_MAX_FRAME);
+            assert!(b.len() <= crate::WS_MAX_FRAME);
             got.extend_from_slice(&b);
         }
         assert_eq!(got, big);
