@@ -81,6 +81,11 @@ pub fn tpl(parts: &[TopicPartition]) -> TopicPartitionList {
     t
 }
 
+/// One commit at a time in this process, in the order asked: a commit of acknowledged
+/// positions running on a [`Committer`] never lands after a later checkpoint's commit of
+/// the same partition (Kafka keeps the last one written: it would move the position back).
+static COMMITS: Mutex<()> = Mutex::new(());
+
 /// Commits exactly `offsets` (positions: the next offset to consume), synchronously.
 pub fn commit<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
@@ -94,6 +99,9 @@ pub fn commit<C: Consumer<X>, X: ConsumerContext>(
         t.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*off))
             .map_err(|e| e.to_string())?;
     }
+    let _one_at_a_time = COMMITS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     consumer
         .commit(&t, CommitMode::Sync)
         .map_err(|e| e.to_string())
@@ -312,7 +320,9 @@ pub fn execute<C: Consumer<X>, X: ConsumerContext>(
             }
             return Some(ActionReport::Sought(tp.clone(), *offset, result));
         }
-        BridgeAction::Commit(offsets) => {
+        // Without a `Committer` (inside a rebalance callback): done here, and reported
+        // like one the committer ran.
+        BridgeAction::Commit(offsets) | BridgeAction::CommitAsync(offsets) => {
             let result = commit(consumer, offsets);
             if let Err(e) = &result {
                 tracing::warn!("commit {} failed: {e}", OffsetList(offsets));
@@ -322,6 +332,82 @@ pub fn execute<C: Consumer<X>, X: ConsumerContext>(
         _ => return None,
     }
     Some(ActionReport::Done)
+}
+
+/// Runs the flow's commits of acknowledged positions ([`BridgeAction::CommitAsync`]) off
+/// the consumer's loop, one at a time on a thread of its own, and hands each of Kafka's
+/// answers to the flow (`handle_async_commit`). (librdkafka reports a manual asynchronous
+/// commit to no callback rdkafka exposes, so the commit runs synchronously here instead.)
+pub struct Committer {
+    tx: Option<std::sync::mpsc::Sender<CommitOffsets>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Committer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Committer").finish_non_exhaustive()
+    }
+}
+
+impl Committer {
+    /// Starts the thread, committing through `consumer` and reporting to `flow`.
+    pub fn start<C, X>(consumer: Arc<C>, flow: SharedFlow) -> Result<Self, BridgeError>
+    where
+        C: Consumer<X> + Send + Sync + 'static,
+        X: ConsumerContext + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel::<CommitOffsets>();
+        let thread = std::thread::Builder::new()
+            .name("mqtt-sink-commit".into())
+            .spawn(move || {
+                for offsets in rx {
+                    let result = commit(&*consumer, &offsets);
+                    if let Err(e) = &result {
+                        tracing::warn!("commit {} failed: {e}", OffsetList(&offsets));
+                    }
+                    lock(&flow).handle_async_commit(&offsets, result);
+                }
+            })
+            .map_err(|e| BridgeError::Kafka(format!("cannot start the commit thread: {e}")))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a commit; `false` once stopped.
+    fn queue(&self, offsets: CommitOffsets) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.send(offsets).is_ok())
+    }
+
+    /// Waits for the commit under way (if any) and ends the thread: before the stop's own
+    /// commit, so that no earlier one lands after it.
+    pub fn stop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// [`execute`], with commits of acknowledged positions handed to `committer`.
+pub fn execute_with<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    committer: Option<&Committer>,
+    action: &BridgeAction,
+) -> Option<ActionReport> {
+    if let (BridgeAction::CommitAsync(offsets), Some(c)) = (action, committer) {
+        if c.queue(offsets.clone()) {
+            return Some(ActionReport::Done);
+        }
+    }
+    execute(consumer, action)
 }
 
 /// Assigned partitions with their committed positions (the flow's rewind floor), read
@@ -362,11 +448,21 @@ pub fn drain<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
     port: &impl SinkPort,
 ) {
+    drain_with(flow, consumer, None, port);
+}
+
+/// [`drain`], with commits of acknowledged positions handed to `committer`.
+pub fn drain_with<C: Consumer<X>, X: ConsumerContext>(
+    flow: &Mutex<BridgeFlow>,
+    consumer: &C,
+    committer: Option<&Committer>,
+    port: &impl SinkPort,
+) {
     loop {
         let Some(action) = lock(flow).poll_action(Instant::now()) else {
             return;
         };
-        let report = match execute(consumer, &action) {
+        let report = match execute_with(consumer, committer, &action) {
             Some(r) => r,
             None => port.execute(action),
         };

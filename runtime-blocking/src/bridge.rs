@@ -13,7 +13,9 @@ use mqtt_sink_core::{
     ActionReport, BridgeAction, BridgeError, BridgeParts, BridgeRuntime, BridgeStats, Config,
     KafkaConfig, SinkError,
 };
-use mqtt_sink_kafka::{drain, lock, offer, FlowContext, SharedFlow, SinkPort};
+use mqtt_sink_kafka::{
+    drain, drain_with, lock, offer, Committer, FlowContext, SharedFlow, SinkPort,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 pub use mqtt_sink_kafka::StatsHandle;
@@ -34,8 +36,11 @@ impl BridgeRuntime for Blocking {
     /// the consumer and subscribes.
     fn start(parts: BridgeParts<Self>) -> Result<Bridge, BridgeError> {
         let (sink, consumer, flow) = mqtt_sink_kafka::start_bridge(parts, MqttSink::client)?;
+        let consumer: Arc<BaseConsumer<FlowContext<SinkClient>>> = Arc::new(consumer);
+        let committer = Committer::start(consumer.clone(), flow.clone())?;
         Ok(Bridge {
             consumer,
+            committer,
             sink,
             flow,
             topics: BTreeMap::new(),
@@ -53,7 +58,9 @@ impl SinkPort for SinkClient {
 
 /// A running bridge. [`run`](Self::run) consumes until told to stop.
 pub struct Bridge {
-    consumer: BaseConsumer<FlowContext<SinkClient>>,
+    consumer: Arc<BaseConsumer<FlowContext<SinkClient>>>,
+    /// Commits acknowledged positions off this loop.
+    committer: Committer,
     sink: MqttSink,
     flow: SharedFlow,
     topics: BTreeMap<String, Arc<str>>,
@@ -87,7 +94,12 @@ impl Bridge {
     /// flush, commit, DISCONNECT (bounded by the flush timeout).
     pub fn run(mut self, stop: &AtomicBool) -> Result<BridgeStats, BridgeError> {
         loop {
-            drain(&self.flow, &self.consumer, &*self.sink);
+            drain_with(
+                &self.flow,
+                &*self.consumer,
+                Some(&self.committer),
+                &*self.sink,
+            );
             let now = Instant::now();
             let f = lock(&self.flow);
             if let Some(e) = f.fatal_error() {
@@ -121,8 +133,10 @@ impl Bridge {
                 std::thread::sleep(wait);
             }
         }
+        // The commit under way (if any) lands before the stop's own.
+        self.committer.stop();
         lock(&self.flow).stop(Instant::now());
-        drain(&self.flow, &self.consumer, &*self.sink);
+        drain(&self.flow, &*self.consumer, &*self.sink);
         self.consumer.unsubscribe();
         let stats = lock(&self.flow).stats().clone();
         self.sink.close().map_err(sink_error)?;
