@@ -284,6 +284,12 @@ struct Scraped(Arc<Shared>);
 impl Collector for Scraped {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let stats = self.0.snapshot();
+        let sink = self
+            .0
+            .sink
+            .lock()
+            .ok()
+            .and_then(|f| f.as_ref().and_then(|f| f()));
         let counters = [
             (
                 "mqtt_sink_records_consumed",
@@ -291,14 +297,20 @@ impl Collector for Scraped {
                 stats.consumed,
             ),
             (
+                // The bridge's Rust transform and the sink's jq `transform` alike.
                 "mqtt_sink_records_filtered",
-                "Records dropped by the transform.",
-                stats.filtered,
+                "Records a transform turned into no publish (their offsets pass).",
+                stats.filtered + sink.as_ref().map_or(0, |s| s.filtered),
             ),
             (
                 "mqtt_sink_commits",
-                "Kafka commits accepted.",
+                "Kafka commits accepted (checkpoints, revokes, the stop).",
                 stats.commits,
+            ),
+            (
+                "mqtt_sink_commits_acknowledged",
+                "Commits of acknowledged positions between checkpoints (kafka.commit_min_interval) Kafka accepted.",
+                stats.async_commits,
             ),
             (
                 "mqtt_sink_commit_errors",
@@ -320,12 +332,6 @@ impl Collector for Scraped {
             let c = ConstCounter::new(v);
             c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
         }
-        let sink = self
-            .0
-            .sink
-            .lock()
-            .ok()
-            .and_then(|f| f.as_ref().and_then(|f| f()));
         // The address as a label: which of `servers` is (or was last) in use.
         let server = self.0.server.lock().map(|s| s.clone()).unwrap_or_default();
         let connected = ConstGauge::new(i64::from(self.0.connected.load(Ordering::Relaxed)));
@@ -375,11 +381,6 @@ impl Collector for Scraped {
                     "mqtt_sink_records_published",
                     "Records handed to the broker connection.",
                     st.pushed - st.tombstones_skipped - st.filtered,
-                ),
-                (
-                    "mqtt_sink_records_filtered",
-                    "Records the transform turned into no publish (their offsets pass).",
-                    st.filtered,
                 ),
                 (
                     "mqtt_sink_publishes_fanned_out",

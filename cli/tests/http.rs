@@ -193,6 +193,16 @@ fn health_answers_while_clients_abuse_the_port_and_metrics_match_the_subscriber(
         assert_eq!(code, 200, "{addr}");
         let s = samples(&body);
         assert!(s.len() > 10, "{addr}: too few samples parsed from:\n{body}");
+        // Each metric is described once (two families of one name are invalid OpenMetrics).
+        let mut types: Vec<&str> = body.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let described = types.len();
+        types.sort_unstable();
+        types.dedup();
+        assert_eq!(
+            types.len(),
+            described,
+            "{addr}: a metric described twice:\n{body}"
+        );
         let find = |name: &str| s.iter().find(|x| x.metric == name).map(value);
         acknowledged += find("mqtt_sink_records_acknowledged_total").unwrap_or(0.0);
         // Connected, and to which broker (the address in use, of `servers` when several).
