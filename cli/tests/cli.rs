@@ -161,6 +161,14 @@ fn each_kind_of_mistake_names_the_key_and_exits_2() {
             "mqtt.tls_enabled = false: TLS options are set (tls_ca_file, tls_client_cert, tls_insecure_skip_verify or tls_alpn) but TLS is off",
         ),
         (
+            "commit_min_interval above commit_interval",
+            GOOD.replace(
+                "topics = [\"readings\"]",
+                "topics = [\"readings\"]\ncommit_min_interval = \"10s\"",
+            ),
+            "kafka.commit_min_interval = 10s: must be at most commit_interval (5s)",
+        ),
+        (
             "transport",
             GOOD.replace("port = 1883", "port = 1883\ntransport = \"websocket\""),
             "mqtt.transport: unknown variant `websocket`, expected `tcp` or `ws`",
