@@ -81,13 +81,35 @@ pub fn tpl(parts: &[TopicPartition]) -> TopicPartitionList {
     t
 }
 
-/// One commit at a time in this process, in the order asked: a commit of acknowledged
-/// positions running on a [`Committer`] never lands after a later checkpoint's commit of
-/// the same partition (Kafka keeps the last one written: it would move the position back).
-static COMMITS: Mutex<()> = Mutex::new(());
+/// Commits queued on a [`Committer`] and not yet answered, in this process. A commit asked
+/// for later (a checkpoint's, a revoke's, the stop's) waits for them: Kafka keeps the last
+/// commit written, and an earlier one landing after it would move the position back.
+static QUEUED: Mutex<usize> = Mutex::new(0);
+static ANSWERED: std::sync::Condvar = std::sync::Condvar::new();
 
-/// Commits exactly `offsets` (positions: the next offset to consume), synchronously.
+fn queued() -> MutexGuard<'static, usize> {
+    QUEUED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Commits exactly `offsets` (positions: the next offset to consume), synchronously, after
+/// the commits queued on a [`Committer`] before it.
 pub fn commit<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    offsets: &CommitOffsets,
+) -> Result<(), String> {
+    let mut n = queued();
+    while *n > 0 {
+        n = ANSWERED
+            .wait(n)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+    drop(n);
+    commit_now(consumer, offsets)
+}
+
+fn commit_now<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
     offsets: &CommitOffsets,
 ) -> Result<(), String> {
@@ -99,9 +121,6 @@ pub fn commit<C: Consumer<X>, X: ConsumerContext>(
         t.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*off))
             .map_err(|e| e.to_string())?;
     }
-    let _one_at_a_time = COMMITS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     consumer
         .commit(&t, CommitMode::Sync)
         .map_err(|e| e.to_string())
@@ -361,11 +380,13 @@ impl Committer {
             .name("mqtt-sink-commit".into())
             .spawn(move || {
                 for offsets in rx {
-                    let result = commit(&*consumer, &offsets);
+                    let result = commit_now(&*consumer, &offsets);
                     if let Err(e) = &result {
                         tracing::warn!("commit {} failed: {e}", OffsetList(&offsets));
                     }
                     lock(&flow).handle_async_commit(&offsets, result);
+                    *queued() -= 1;
+                    ANSWERED.notify_all();
                 }
             })
             .map_err(|e| BridgeError::Kafka(format!("cannot start the commit thread: {e}")))?;
@@ -377,7 +398,16 @@ impl Committer {
 
     /// Queues a commit; `false` once stopped.
     fn queue(&self, offsets: CommitOffsets) -> bool {
-        self.tx.as_ref().is_some_and(|tx| tx.send(offsets).is_ok())
+        let Some(tx) = self.tx.as_ref() else {
+            return false;
+        };
+        *queued() += 1;
+        if tx.send(offsets).is_err() {
+            *queued() -= 1;
+            ANSWERED.notify_all();
+            return false;
+        }
+        true
     }
 
     /// Waits for the commit under way (if any) and ends the thread: before the stop's own
