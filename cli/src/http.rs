@@ -304,13 +304,8 @@ impl Collector for Scraped {
             ),
             (
                 "mqtt_sink_commits",
-                "Kafka commits accepted (checkpoints, revokes, the stop).",
+                "Kafka commits accepted.",
                 stats.commits,
-            ),
-            (
-                "mqtt_sink_commits_acknowledged",
-                "Commits of acknowledged positions between checkpoints (kafka.commit_min_interval) Kafka accepted.",
-                stats.async_commits,
             ),
             (
                 "mqtt_sink_commit_errors",

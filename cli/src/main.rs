@@ -305,7 +305,6 @@ fn run(cfg: DaemonConfig, runtime: Runtime) -> ExitCode {
             tracing::info!(
                 consumed = stats.consumed,
                 commits = stats.commits,
-                acknowledged_commits = stats.async_commits,
                 rewinds = stats.rewinds,
                 committed = %OffsetList(&stats.committed),
                 "mqtt-sink stopped"

@@ -64,14 +64,6 @@ pub enum BridgeAction {
     RewindSink,
     /// Sink: `handle_committed` (Kafka confirmed these positions).
     CommittedSink(CommitOffsets),
-    /// Sink: report its commit positions now (`Sink::commit_positions`) with
-    /// [`ActionReport::Positions`]; no flush.
-    Positions,
-    /// Consumer: commit these positions asynchronously (at most one commit in flight per
-    /// partition); report [`ActionReport::Done`] once it is queued, or
-    /// [`ActionReport::Committed`] with the error if the client refused it at once. Kafka's
-    /// answer comes later: pass it to [`handle_async_commit`](BridgeFlow::handle_async_commit).
-    CommitAsync(CommitOffsets),
 }
 
 /// The result of an executed action, for [`BridgeFlow::handle_report`].
@@ -86,8 +78,6 @@ pub enum ActionReport {
     Committed(CommitOffsets, Result<(), String>),
     /// [`BridgeAction::Seek`]: the partition, the offset and the consumer's answer.
     Sought(TopicPartition, i64, Result<(), String>),
-    /// [`BridgeAction::Positions`]: the sink's commit positions.
-    Positions(CommitOffsets),
     /// An action that reports nothing (pause, resume, the sink's assign, revoke, rewind
     /// and committed).
     Done,
@@ -134,10 +124,8 @@ pub struct BridgeStats {
     /// read from a position a failed seek left behind: they are not committed and will be
     /// consumed again (here or by the partition's new owner).
     pub dropped: u64,
-    /// Commits Kafka accepted (checkpoints, revokes, the stop).
+    /// Commits Kafka accepted.
     pub commits: u64,
-    /// Asynchronous commits of acknowledged positions Kafka accepted (`commit_min_interval`).
-    pub async_commits: u64,
     /// Commits Kafka refused (the next checkpoint commits again; nothing is lost).
     pub commit_errors: u64,
     /// The last refusal.
@@ -184,11 +172,6 @@ struct Part {
     moved: bool,
     seek: Option<Seek>,
     seek_backoff: Backoff,
-    /// The position an asynchronous commit in flight asked for.
-    committing: Option<i64>,
-    /// The position after the last record pushed to the sink: until the committed one
-    /// reaches it, acknowledgements may advance it.
-    pushed_end: Option<i64>,
 }
 
 impl Part {
@@ -199,16 +182,7 @@ impl Part {
             moved: false,
             seek: None,
             seek_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5), 0),
-            committing: None,
-            pushed_end: None,
         }
-    }
-
-    /// Records pushed since may be acknowledged past what is committed (or being
-    /// committed): worth asking the sink.
-    fn unsettled(&self) -> bool {
-        let floor = self.committed.max(self.committing);
-        self.committing.is_none() && self.pushed_end.is_some_and(|e| Some(e) > floor)
     }
 }
 
@@ -234,7 +208,6 @@ enum Awaiting {
     Flushed,
     Committed,
     Seek(TopicPartition),
-    Positions,
 }
 
 /// A step queued: built into an action when polled, so it sees the state of that moment.
@@ -292,9 +265,6 @@ pub struct BridgeFlow {
     phase: Phase,
     steps: VecDeque<Step>,
     awaiting: Option<Awaiting>,
-    /// `commit_min_interval` (zero: commits at checkpoints only) and when the sink's
-    /// positions may be asked next.
-    ack_commits: (Duration, Instant),
     flush_started: Option<Instant>,
     /// The sink refused for good (closed): the bridge must stop with this error.
     fatal: Option<String>,
@@ -327,7 +297,6 @@ impl BridgeFlow {
             phase: Phase::Running,
             steps: VecDeque::new(),
             awaiting: None,
-            ack_commits: (kafka.commit_min_interval, now),
             flush_started: None,
             fatal: None,
             stats: BridgeStats::default(),
@@ -491,17 +460,10 @@ impl BridgeFlow {
         match report {
             ActionReport::Pushed(rest, why) => self.handle_pushed(now, rest, why),
             ActionReport::Flushed(outcome) => self.handle_flushed(now, outcome),
-            // An asynchronous commit the client refused at once comes back the same way.
-            ActionReport::Committed(offsets, result)
-                if self.awaiting != Some(Awaiting::Committed) =>
-            {
-                self.handle_async_commit(&offsets, result)
-            }
             ActionReport::Committed(offsets, result) => self.handle_commit_result(&offsets, result),
             ActionReport::Sought(tp, offset, result) => {
                 self.handle_seek_result(now, &tp, offset, result)
             }
-            ActionReport::Positions(offsets) => self.handle_positions(now, offsets),
             ActionReport::Done => {}
         }
     }
@@ -626,79 +588,6 @@ impl BridgeFlow {
         }
     }
 
-    /// The report of [`BridgeAction::Positions`]: the partitions whose acknowledged position
-    /// moved past what is committed are committed asynchronously (one commit in flight per
-    /// partition).
-    pub fn handle_positions(&mut self, _now: Instant, offsets: CommitOffsets) {
-        if self.awaiting != Some(Awaiting::Positions) {
-            return;
-        }
-        self.awaiting = None;
-        let mut commit = CommitOffsets::new();
-        for (tp, pos) in offsets {
-            let Some(p) = self.parts.get_mut(&tp) else {
-                continue;
-            };
-            if p.committing.is_none() && p.seek.is_none() && Some(pos) > p.committed {
-                p.committing = Some(pos);
-                commit.push((tp, pos));
-            }
-        }
-        if !commit.is_empty() {
-            self.steps
-                .push_front(Step::Act(BridgeAction::CommitAsync(commit)));
-        }
-    }
-
-    /// Kafka's answer to a commit (the consumer's commit callback). Positions of an
-    /// asynchronous commit in flight are taken as committed on success (the sink hears of
-    /// it); answers to the synchronous commits, already reported, change nothing.
-    pub fn handle_async_commit(&mut self, offsets: &CommitOffsets, result: Result<(), String>) {
-        let (mut confirmed, mut answered) = (CommitOffsets::new(), false);
-        for (tp, off) in offsets {
-            let Some(p) = self.parts.get_mut(tp) else {
-                continue;
-            };
-            if p.committing != Some(*off) {
-                continue;
-            }
-            answered = true;
-            p.committing = None;
-            if result.is_ok() {
-                p.committed = p.committed.max(Some(*off));
-                confirmed.push((tp.clone(), *off));
-            }
-        }
-        if let (true, Err(e)) = (answered, &result) {
-            // The next commit (or checkpoint) asks again; nothing is lost.
-            self.stats.commit_errors += 1;
-            self.stats.last_commit_error = Some(e.clone());
-        }
-        if confirmed.is_empty() {
-            return;
-        }
-        self.stats.async_commits += 1;
-        for (tp, off) in &confirmed {
-            match self.stats.committed.iter_mut().find(|(t, _)| t == tp) {
-                Some((_, o)) => *o = (*o).max(*off),
-                None => self.stats.committed.push((tp.clone(), *off)),
-            }
-        }
-        self.steps
-            .push_back(Step::Act(BridgeAction::CommittedSink(confirmed)));
-    }
-
-    /// A commit of acknowledged positions is wanted: on, some partition unsettled.
-    fn ack_commits_wanted(&self) -> bool {
-        !self.ack_commits.0.is_zero()
-            && matches!(self.phase, Phase::Running)
-            && self.parts.values().any(Part::unsettled)
-    }
-
-    fn ack_commit_due(&self, now: Instant) -> bool {
-        self.ack_commits_wanted() && now >= self.ack_commits.1
-    }
-
     /// The report of [`BridgeAction::Seek`]. A failed seek is asked again after a backoff;
     /// until one succeeds, the partition's records are dropped (they come from the wrong
     /// position) and its commit position stays at the rewind point.
@@ -763,7 +652,6 @@ impl BridgeFlow {
                     BridgeAction::Flush => Some(Awaiting::Flushed),
                     BridgeAction::Commit(_) => Some(Awaiting::Committed),
                     BridgeAction::Seek { tp, .. } => Some(Awaiting::Seek(tp.clone())),
-                    BridgeAction::Positions => Some(Awaiting::Positions),
                     _ => None,
                 };
                 return Some(a);
@@ -802,13 +690,9 @@ impl BridgeFlow {
     }
 
     /// When to call [`poll_action`](Self::poll_action) again at the latest, if nothing
-    /// happens before (a checkpoint, the end of a backoff, a pause, a seek retry, a commit
-    /// of acknowledged positions).
+    /// happens before (a checkpoint, the end of a backoff, a pause, a seek retry).
     pub fn poll_timeout(&self) -> Instant {
         let mut next = self.checkpoints.next_deadline();
-        if self.ack_commits_wanted() {
-            next = next.min(self.ack_commits.1);
-        }
         // A pause is due only while records wait and there is something to pause.
         let pausable = self.paused.is_empty() && !self.parts.is_empty() && !self.held.is_empty();
         if let Some(since) = self.holding.filter(|_| pausable) {
@@ -866,10 +750,6 @@ impl BridgeFlow {
                 return Some(Step::Act(BridgeAction::Pause(unpaused)));
             }
         }
-        if self.ack_commit_due(now) {
-            self.ack_commits.1 = now + self.ack_commits.0;
-            return Some(Step::Act(BridgeAction::Positions));
-        }
         if !self.held.is_empty() && !self.sink_full && self.checkpoints.may_consume(now) {
             // `commit_every` counts records: push no more than make the checkpoint due.
             let take = match self.checkpoints.records_until_due() {
@@ -879,11 +759,6 @@ impl BridgeFlow {
             let rest = self.held.split_off(take);
             let records = std::mem::replace(&mut self.held, rest);
             self.held_bytes = self.held.iter().map(Record::size).sum();
-            for r in &records {
-                if let Some(p) = self.parts.get_mut(&r.tp) {
-                    p.pushed_end = p.pushed_end.max(Some(r.offset + 1));
-                }
-            }
             return Some(Step::Act(BridgeAction::Push(records)));
         }
         None
@@ -972,12 +847,9 @@ mod tests {
         Record::new(tp(p), off, Some("k"), Some("v"))
     }
 
-    /// A flow committing at checkpoints only (the tests of acknowledged commits turn them
-    /// on).
     fn flow(now: Instant) -> BridgeFlow {
         let mut k = KafkaConfig::new("b", "g", vec!["t".into()]);
         k.commit_interval = Duration::from_secs(5);
-        k.commit_min_interval = Duration::ZERO;
         BridgeFlow::new(&k, now)
     }
 
@@ -1189,7 +1061,6 @@ mod tests {
         let mut k = KafkaConfig::new("b", "g", vec!["t".into()]);
         k.commit_interval = Duration::from_secs(3600);
         k.commit_every = Some(100);
-        k.commit_min_interval = Duration::ZERO;
         let mut f = BridgeFlow::new(&k, now);
         f.handle_assigned(vec![(tp(0), None)]);
         run(&mut f, now, sink_takes_all);
@@ -1310,106 +1181,5 @@ mod tests {
         assert!(f.may_poll_consumer(later));
         assert_eq!(f.stats().rewinds, 0);
         assert_eq!(f.stats().committed, vec![(tp(0), 7)]);
-    }
-
-    /// Issue 15 point 3: between checkpoints, acknowledged positions are committed
-    /// asynchronously as they advance, at most every `commit_min_interval`, one commit in
-    /// flight per partition; Kafka's answer (the commit callback) confirms them.
-    #[test]
-    fn acknowledged_positions_are_committed_asynchronously_one_in_flight_per_partition() {
-        let t0 = Instant::now();
-        let ms = |n: u64| t0 + Duration::from_millis(n);
-        let mut k = KafkaConfig::new("b", "g", vec!["t".into()]);
-        k.commit_interval = Duration::from_secs(3600);
-        let mut f = BridgeFlow::new(&k, t0);
-        f.handle_assigned(vec![(tp(0), Some(0)), (tp(1), Some(0))]);
-        run(&mut f, t0, sink_takes_all);
-        f.handle_records(
-            t0,
-            (0..10).map(|o| rec(0, o)).chain((0..5).map(|o| rec(1, o))),
-        );
-        // The sink has acknowledged up to these positions (tp 1: nothing yet).
-        let mut acked = vec![(tp(0), 4), (tp(1), 0)];
-        let answer = |acked: &CommitOffsets| {
-            let acked = acked.clone();
-            move |a: &BridgeAction| match a {
-                BridgeAction::Positions => Some(ActionReport::Positions(acked.clone())),
-                other => sink_takes_all(other),
-            }
-        };
-        let acts = run(&mut f, ms(0), answer(&acked));
-        assert!(matches!(acts[0], BridgeAction::Push(_)), "{acts:?}");
-        assert_eq!(
-            acts[1..],
-            [
-                BridgeAction::Positions,
-                BridgeAction::CommitAsync(vec![(tp(0), 4)])
-            ],
-            "only what advanced, never more than acknowledged"
-        );
-        assert!(
-            f.may_poll_consumer(ms(0)),
-            "an asynchronous commit does not block"
-        );
-        // Not again before the interval.
-        acked = vec![(tp(0), 8), (tp(1), 3)];
-        assert_eq!(run(&mut f, ms(50), answer(&acked)), vec![]);
-        assert_eq!(f.poll_timeout(), ms(100));
-        // tp 0 has a commit in flight: only tp 1 is committed now.
-        let acts = run(&mut f, ms(100), answer(&acked));
-        assert_eq!(
-            acts,
-            vec![
-                BridgeAction::Positions,
-                BridgeAction::CommitAsync(vec![(tp(1), 3)])
-            ]
-        );
-        // Kafka confirms tp 0 at 4; an answer to another commit (a checkpoint's, or one
-        // for a position not in flight) changes nothing.
-        f.handle_async_commit(&vec![(tp(0), 2)], Ok(()));
-        f.handle_async_commit(&vec![(tp(0), 4)], Ok(()));
-        assert_eq!(f.stats().async_commits, 1);
-        assert_eq!(f.stats().committed, vec![(tp(0), 4)]);
-        let acts = run(&mut f, ms(150), answer(&acked));
-        assert_eq!(acts, vec![BridgeAction::CommittedSink(vec![(tp(0), 4)])]);
-        // A refused commit is counted and asked again at the next turn.
-        f.handle_async_commit(&vec![(tp(1), 3)], Err("coordinator moved".into()));
-        assert_eq!(f.stats().commit_errors, 1);
-        let acts = run(&mut f, ms(200), answer(&acked));
-        assert_eq!(
-            acts,
-            vec![
-                BridgeAction::Positions,
-                BridgeAction::CommitAsync(vec![(tp(0), 8), (tp(1), 3)])
-            ]
-        );
-        // A client that refuses the commit at once reports it like a synchronous one.
-        f.handle_report(
-            ms(200),
-            ActionReport::Committed(vec![(tp(1), 3)], Err("queue full".into())),
-        );
-        assert_eq!(f.stats().commit_errors, 2);
-        // Once everything pushed is committed, the flow stops asking (no idle wake-ups).
-        f.handle_async_commit(&vec![(tp(0), 8)], Ok(()));
-        acked = vec![(tp(0), 10), (tp(1), 5)];
-        run(&mut f, ms(300), answer(&acked));
-        f.handle_async_commit(&vec![(tp(0), 10), (tp(1), 5)], Ok(()));
-        run(&mut f, ms(300), answer(&acked));
-        assert_eq!(f.stats().committed, vec![(tp(0), 10), (tp(1), 5)]);
-        assert_eq!(f.poll_timeout(), t0 + Duration::from_secs(3600));
-        assert_eq!(run(&mut f, ms(1000), answer(&acked)), vec![]);
-    }
-
-    #[test]
-    fn acknowledged_commits_are_off_with_a_zero_interval() {
-        let t0 = Instant::now();
-        let mut k = KafkaConfig::new("b", "g", vec!["t".into()]);
-        k.commit_min_interval = Duration::ZERO;
-        let mut f = BridgeFlow::new(&k, t0);
-        f.handle_assigned(vec![(tp(0), None)]);
-        f.handle_records(t0, (0..10).map(|o| rec(0, o)));
-        let acts = run(&mut f, t0, sink_takes_all);
-        assert!(!acts.contains(&BridgeAction::Positions), "{acts:?}");
-        assert_eq!(f.poll_timeout(), t0 + k.commit_interval);
     }
 }

@@ -23,11 +23,6 @@ pub struct KafkaConfig {
     pub commit_interval: Duration,
     /// Also checkpoint after this many records pushed to the sink.
     pub commit_every: Option<u64>,
-    /// Between checkpoints, commit the acknowledged positions asynchronously as they
-    /// advance, at most this often (and one commit in flight per partition), so that a
-    /// crash replays about what was in flight, not everything since the last checkpoint.
-    /// Zero: commit at checkpoints only. Default: 100 ms.
-    pub commit_min_interval: Duration,
 }
 
 impl std::fmt::Debug for KafkaConfig {
@@ -45,7 +40,6 @@ impl std::fmt::Debug for KafkaConfig {
             .field("properties", &props)
             .field("commit_interval", &self.commit_interval)
             .field("commit_every", &self.commit_every)
-            .field("commit_min_interval", &self.commit_min_interval)
             .finish()
     }
 }
@@ -101,7 +95,6 @@ impl KafkaConfig {
             properties: BTreeMap::new(),
             commit_interval: Duration::from_secs(5),
             commit_every: None,
-            commit_min_interval: Duration::from_millis(100),
         }
     }
 

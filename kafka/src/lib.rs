@@ -81,35 +81,8 @@ pub fn tpl(parts: &[TopicPartition]) -> TopicPartitionList {
     t
 }
 
-/// Commits queued on a [`Committer`] and not yet answered, in this process. A commit asked
-/// for later (a checkpoint's, a revoke's, the stop's) waits for them: Kafka keeps the last
-/// commit written, and an earlier one landing after it would move the position back.
-static QUEUED: Mutex<usize> = Mutex::new(0);
-static ANSWERED: std::sync::Condvar = std::sync::Condvar::new();
-
-fn queued() -> MutexGuard<'static, usize> {
-    QUEUED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Commits exactly `offsets` (positions: the next offset to consume), synchronously, after
-/// the commits queued on a [`Committer`] before it.
+/// Commits exactly `offsets` (positions: the next offset to consume), synchronously.
 pub fn commit<C: Consumer<X>, X: ConsumerContext>(
-    consumer: &C,
-    offsets: &CommitOffsets,
-) -> Result<(), String> {
-    let mut n = queued();
-    while *n > 0 {
-        n = ANSWERED
-            .wait(n)
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-    }
-    drop(n);
-    commit_now(consumer, offsets)
-}
-
-fn commit_now<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
     offsets: &CommitOffsets,
 ) -> Result<(), String> {
@@ -339,9 +312,7 @@ pub fn execute<C: Consumer<X>, X: ConsumerContext>(
             }
             return Some(ActionReport::Sought(tp.clone(), *offset, result));
         }
-        // Without a `Committer` (inside a rebalance callback): done here, and reported
-        // like one the committer ran.
-        BridgeAction::Commit(offsets) | BridgeAction::CommitAsync(offsets) => {
+        BridgeAction::Commit(offsets) => {
             let result = commit(consumer, offsets);
             if let Err(e) = &result {
                 tracing::warn!("commit {} failed: {e}", OffsetList(offsets));
@@ -351,93 +322,6 @@ pub fn execute<C: Consumer<X>, X: ConsumerContext>(
         _ => return None,
     }
     Some(ActionReport::Done)
-}
-
-/// Runs the flow's commits of acknowledged positions ([`BridgeAction::CommitAsync`]) off
-/// the consumer's loop, one at a time on a thread of its own, and hands each of Kafka's
-/// answers to the flow (`handle_async_commit`). (librdkafka reports a manual asynchronous
-/// commit to no callback rdkafka exposes, so the commit runs synchronously here instead.)
-pub struct Committer {
-    tx: Option<std::sync::mpsc::Sender<CommitOffsets>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for Committer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Committer").finish_non_exhaustive()
-    }
-}
-
-impl Committer {
-    /// Starts the thread, committing through `consumer` and reporting to `flow`.
-    pub fn start<C, X>(consumer: Arc<C>, flow: SharedFlow) -> Result<Self, BridgeError>
-    where
-        C: Consumer<X> + Send + Sync + 'static,
-        X: ConsumerContext + 'static,
-    {
-        let (tx, rx) = std::sync::mpsc::channel::<CommitOffsets>();
-        let thread = std::thread::Builder::new()
-            .name("mqtt-sink-commit".into())
-            .spawn(move || {
-                for offsets in rx {
-                    let result = commit_now(&*consumer, &offsets);
-                    if let Err(e) = &result {
-                        tracing::warn!("commit {} failed: {e}", OffsetList(&offsets));
-                    }
-                    lock(&flow).handle_async_commit(&offsets, result);
-                    *queued() -= 1;
-                    ANSWERED.notify_all();
-                }
-            })
-            .map_err(|e| BridgeError::Kafka(format!("cannot start the commit thread: {e}")))?;
-        Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    /// Queues a commit; `false` once stopped.
-    fn queue(&self, offsets: CommitOffsets) -> bool {
-        let Some(tx) = self.tx.as_ref() else {
-            return false;
-        };
-        *queued() += 1;
-        if tx.send(offsets).is_err() {
-            *queued() -= 1;
-            ANSWERED.notify_all();
-            return false;
-        }
-        true
-    }
-
-    /// Waits for the commit under way (if any) and ends the thread: before the stop's own
-    /// commit, so that no earlier one lands after it.
-    pub fn stop(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Committer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// [`execute`], with commits of acknowledged positions handed to `committer`.
-pub fn execute_with<C: Consumer<X>, X: ConsumerContext>(
-    consumer: &C,
-    committer: Option<&Committer>,
-    action: &BridgeAction,
-) -> Option<ActionReport> {
-    if let (BridgeAction::CommitAsync(offsets), Some(c)) = (action, committer) {
-        if c.queue(offsets.clone()) {
-            return Some(ActionReport::Done);
-        }
-    }
-    execute(consumer, action)
 }
 
 /// Assigned partitions with their committed positions (the flow's rewind floor), read
@@ -478,21 +362,11 @@ pub fn drain<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
     port: &impl SinkPort,
 ) {
-    drain_with(flow, consumer, None, port);
-}
-
-/// [`drain`], with commits of acknowledged positions handed to `committer`.
-pub fn drain_with<C: Consumer<X>, X: ConsumerContext>(
-    flow: &Mutex<BridgeFlow>,
-    consumer: &C,
-    committer: Option<&Committer>,
-    port: &impl SinkPort,
-) {
     loop {
         let Some(action) = lock(flow).poll_action(Instant::now()) else {
             return;
         };
-        let report = match execute_with(consumer, committer, &action) {
+        let report = match execute(consumer, &action) {
             Some(r) => r,
             None => port.execute(action),
         };

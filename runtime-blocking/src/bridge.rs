@@ -13,9 +13,7 @@ use mqtt_sink_core::{
     ActionReport, BridgeAction, BridgeError, BridgeParts, BridgeRuntime, BridgeStats, Config,
     KafkaConfig, SinkError,
 };
-use mqtt_sink_kafka::{
-    drain, drain_with, lock, offer, Committer, FlowContext, SharedFlow, SinkPort,
-};
+use mqtt_sink_kafka::{drain, lock, offer, FlowContext, SharedFlow, SinkPort};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 pub use mqtt_sink_kafka::StatsHandle;
@@ -36,11 +34,8 @@ impl BridgeRuntime for Blocking {
     /// the consumer and subscribes.
     fn start(parts: BridgeParts<Self>) -> Result<Bridge, BridgeError> {
         let (sink, consumer, flow) = mqtt_sink_kafka::start_bridge(parts, MqttSink::client)?;
-        let consumer: Arc<BaseConsumer<FlowContext<SinkClient>>> = Arc::new(consumer);
-        let committer = Committer::start(consumer.clone(), flow.clone())?;
         Ok(Bridge {
             consumer,
-            committer,
             sink,
             flow,
             topics: BTreeMap::new(),
@@ -58,9 +53,7 @@ impl SinkPort for SinkClient {
 
 /// A running bridge. [`run`](Self::run) consumes until told to stop.
 pub struct Bridge {
-    consumer: Arc<BaseConsumer<FlowContext<SinkClient>>>,
-    /// Commits acknowledged positions off this loop.
-    committer: Committer,
+    consumer: BaseConsumer<FlowContext<SinkClient>>,
     sink: MqttSink,
     flow: SharedFlow,
     topics: BTreeMap<String, Arc<str>>,
@@ -94,12 +87,7 @@ impl Bridge {
     /// flush, commit, DISCONNECT (bounded by the flush timeout).
     pub fn run(mut self, stop: &AtomicBool) -> Result<BridgeStats, BridgeError> {
         loop {
-            drain_with(
-                &self.flow,
-                &*self.consumer,
-                Some(&self.committer),
-                &*self.sink,
-            );
+            drain(&self.flow, &self.consumer, &*self.sink);
             let now = Instant::now();
             let f = lock(&self.flow);
             if let Some(e) = f.fatal_error() {
@@ -133,10 +121,8 @@ impl Bridge {
                 std::thread::sleep(wait);
             }
         }
-        // The commit under way (if any) lands before the stop's own.
-        self.committer.stop();
         lock(&self.flow).stop(Instant::now());
-        drain(&self.flow, &*self.consumer, &*self.sink);
+        drain(&self.flow, &self.consumer, &*self.sink);
         self.consumer.unsubscribe();
         let stats = lock(&self.flow).stats().clone();
         self.sink.close().map_err(sink_error)?;

@@ -8,15 +8,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqtt_sink_core::{
     ActionReport, BridgeAction, BridgeParts, BridgeRuntime, BridgeStats, Config, KafkaConfig,
 };
-use mqtt_sink_kafka::{
-    execute, execute_with, lock, offer, Committer, FlowContext, SharedFlow, SinkPort,
-};
+use mqtt_sink_kafka::{execute, lock, offer, FlowContext, SharedFlow, SinkPort};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::task::block_in_place;
 
@@ -47,12 +44,9 @@ impl BridgeRuntime for Tokio {
     fn start(parts: BridgeParts<Tokio>) -> Result<Bridge, BridgeError> {
         let port = |sink: &MqttSink| Port(sink.client());
         let (sink, consumer, flow) = mqtt_sink_kafka::start_bridge(parts, port)?;
-        let consumer: Arc<StreamConsumer<FlowContext<Port>>> = Arc::new(consumer);
-        let committer = Committer::start(consumer.clone(), flow.clone())?;
         Ok(Bridge {
             sink,
             consumer,
-            committer,
             flow,
         })
     }
@@ -61,9 +55,7 @@ impl BridgeRuntime for Tokio {
 /// A running bridge. [`run`](Self::run) consumes until its stop future resolves.
 pub struct Bridge {
     sink: MqttSink,
-    consumer: Arc<StreamConsumer<FlowContext<Port>>>,
-    /// Commits acknowledged positions off this task.
-    committer: Committer,
+    consumer: StreamConsumer<FlowContext<Port>>,
     flow: SharedFlow,
 }
 
@@ -98,9 +90,9 @@ impl Bridge {
             let report = match &action {
                 // Synchronous calls into librdkafka: off the worker while they wait.
                 BridgeAction::Commit(_) | BridgeAction::Seek { .. } => {
-                    block_in_place(|| execute(&*self.consumer, &action))
+                    block_in_place(|| execute(&self.consumer, &action))
                 }
-                _ => execute_with(&*self.consumer, Some(&self.committer), &action),
+                _ => execute(&self.consumer, &action),
             };
             let report = match report {
                 Some(r) => r,
@@ -112,7 +104,7 @@ impl Bridge {
 
     /// Consumes, publishes and checkpoints until `stop` resolves; then stops gracefully:
     /// flush, commit, DISCONNECT (bounded by the flush timeout).
-    pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<BridgeStats, BridgeError> {
+    pub async fn run(self, stop: impl Future<Output = ()>) -> Result<BridgeStats, BridgeError> {
         tokio::pin!(stop);
         let mut topics = BTreeMap::new();
         loop {
@@ -143,8 +135,6 @@ impl Bridge {
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
         }
-        // The commit under way (if any) lands before the stop's own.
-        block_in_place(|| self.committer.stop());
         lock(&self.flow).stop(Instant::now());
         self.drain().await;
         self.consumer.unsubscribe();

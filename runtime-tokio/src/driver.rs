@@ -212,7 +212,6 @@ impl Driver {
             // Not the sink's (push and flush have commands of their own).
             Cmd::Act(_) => {}
             Cmd::Stats(reply) => drop(reply.send(sink.stats())),
-            Cmd::Positions(reply) => drop(reply.send(sink.commit_positions())),
             Cmd::Flush(reply) if sink.is_flushing() => self.flush_queued.push(reply),
             Cmd::Flush(reply) => {
                 self.flush_waiters.push(reply);

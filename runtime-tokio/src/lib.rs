@@ -64,8 +64,6 @@ enum Cmd {
     /// A sink action of the flow: assign, revoke, rewind, committed.
     Act(BridgeAction),
     Stats(Reply<mqtt_sink_core::Stats>),
-    /// The flow asks for the commit positions (acknowledged so far).
-    Positions(Reply<CommitOffsets>),
     Flush(Reply<Result<CommitOffsets, SinkError>>),
     Close,
     /// A dead letter's delivery report (sent from the producer's thread).
@@ -145,10 +143,6 @@ impl SinkClient {
             },
             BridgeAction::Flush => {
                 ActionReport::Flushed(FlushOutcome::from_flush(self.flush().await))
-            }
-            // A closed sink has nothing acknowledged to add.
-            BridgeAction::Positions => {
-                ActionReport::Positions(self.call(Cmd::Positions).await.unwrap_or_default())
             }
             other => {
                 // A closed sink shows in the next push (fatal) or flush (failed).

@@ -213,9 +213,6 @@ struct Member {
     stale: VecDeque<Record>,
     /// Consecutive idle passes with the flow's `poll_timeout` in the past.
     spinning: u32,
-    /// Kafka's answers to asynchronous commits, delivered to the flow on its next turn
-    /// (a consumer's commit callback runs in a later poll).
-    commit_answers: VecDeque<(mqtt_sink_core::CommitOffsets, Result<(), String>)>,
 }
 
 /// The composed model. See the module docs.
@@ -278,7 +275,6 @@ impl BridgeHarness {
                 unpushed: BTreeMap::new(),
                 stale: VecDeque::new(),
                 spinning: 0,
-                commit_answers: VecDeque::new(),
             });
             b.kafka.join(m);
         }
@@ -499,7 +495,6 @@ impl BridgeHarness {
         mb.unpushed.clear();
         mb.stale.clear();
         mb.spinning = 0;
-        mb.commit_answers.clear();
         self.kafka.join(m);
         let mut t = self.target.clone();
         let old = t.remove(&m).unwrap_or_default();

@@ -118,11 +118,6 @@ impl BridgeHarness {
 
     fn drain_actions(&mut self, m: MemberId) -> bool {
         let mut any = false;
-        let mb = &mut self.members[m];
-        while let Some((offsets, r)) = mb.commit_answers.pop_front() {
-            any = true;
-            mb.flow.handle_async_commit(&offsets, r);
-        }
         for _ in 0..MAX_ACTIONS {
             let now = self.members[m].h.now;
             let Some(a) = self.members[m].flow.poll_action(now) else {
@@ -170,19 +165,6 @@ impl BridgeHarness {
                     self.stats.commits += 1;
                 }
                 ActionReport::Committed(offsets, r)
-            }
-            BridgeAction::CommitAsync(offsets) => {
-                self.observe();
-                self.inv.check_commit(m, &offsets);
-                let r = self.kafka.commit(m, &offsets);
-                if r.is_ok() {
-                    self.stats.commits += 1;
-                }
-                self.members[m].commit_answers.push_back((offsets, r));
-                ActionReport::Done
-            }
-            BridgeAction::Positions => {
-                ActionReport::Positions(self.members[m].h.sink.commit_positions())
             }
             BridgeAction::Push(records) => {
                 let coords: Vec<_> = if d.push_revoked_held {
