@@ -4,6 +4,8 @@
 //!     cargo build --release -p mqtt-sink-cli -p mqtt-sink-testkit
 //!     target/release/mqtt-sink-bench [--records 200000] [--runs 3] [--qos 0,1,2] [--kafka mock|tansu]
 //!         [--partitions 16] [--only tokio|blocking|rumqttc] [--broker-nodelay]
+//!         [--latency [--latency-rates 10000,20000] [--latency-seconds 10]
+//!         [--latency-fetch-wait 5] [--latency-partitions 1]]
 //!
 //! Every contender runs as its own process, so that its CPU time (user + sys, from
 //! `/proc/<pid>/stat`) and peak RSS (`VmHWM`) are its own. Throughput is end to end: from the
@@ -11,6 +13,10 @@
 //! received by the subscriber, or, without one, to the last acknowledgement. The raw ceiling
 //! writes pre-encoded PUBLISH packets in large writes and counts acknowledgements: the best
 //! any sink can do on this broker. Each cell is the median of `--runs` runs. Not a test.
+//!
+//! `--latency` adds end-to-end latency (send to arrival, p50 / p99 / max) at a steady offered
+//! load, QoS 1: at 10k msg/s and at half of the contender's QoS 1 rate with a subscriber
+//! measured in the same run (or at `--latency-rates`), see `latency.rs`.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -21,6 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod latency;
+
 use mqtt_sink_testkit::backend::KafkaCluster;
 use mqtt_sink_testkit::mosquitto::{free_port, Mosquitto, MosquittoOptions};
 
@@ -29,6 +37,12 @@ const PAYLOAD: usize = 200;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("child")
+        && args.get(2).map(String::as_str) == Some("rumqttc-paced")
+    {
+        latency::rumqttc_child(&args[3..]);
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("child") {
         child(&args[2..]);
         return;
@@ -194,6 +208,10 @@ fn main() {
         source.cpu_s * 1e6 / n as f64,
         source.rss_kb as f64 / 1024.0
     );
+    let rows_kept: Vec<(u8, bool, &str, Option<f64>)> = rows
+        .iter()
+        .map(|(q, sub, name, m, _)| (*q, *sub, *name, m.as_ref().ok().map(|m| m.rate)))
+        .collect();
     println!(
         "| QoS | subscriber | contender | msg/s | x ceiling | CPU s | us/record | peak RSS MiB |"
     );
@@ -215,6 +233,86 @@ fn main() {
             m.rss_kb as f64 / 1024.0
         );
     }
+    if args.iter().any(|a| a == "--latency") {
+        let seconds: usize = opt("--latency-seconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10);
+        // One partition by default: the MockCluster finds a fetch's offset by walking the
+        // partition's message sets (rdkafka_mock.c: "FIXME: Maintain an index"), and paced
+        // production makes thousands of small ones; over 16 partitions its own latency
+        // grows by the second (10k msg/s: p99 past 1 s after 12 s), over one it stays flat.
+        let lat_partitions: i32 = opt("--latency-partitions")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let fetch_wait: u32 = opt("--latency-fetch-wait")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        let fixed: Option<Vec<usize>> = opt("--latency-rates")
+            .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect());
+        let mut lines = Vec::new();
+        for name in [
+            "kafka consume only",
+            "mqtt-sink tokio",
+            "mqtt-sink blocking",
+            "rumqttc",
+        ] {
+            if name != "kafka consume only"
+                && only.as_ref().is_some_and(|o| !name.contains(o.as_str()))
+            {
+                continue;
+            }
+            // 10k msg/s and half this contender's QoS 1 rate with a subscriber, if measured.
+            let rates = fixed.clone().unwrap_or_else(|| {
+                if name == "kafka consume only" {
+                    return vec![10_000];
+                }
+                let max = measured(&rows_kept, name);
+                std::iter::once(10_000)
+                    .chain(max.map(|m| (m / 2.0) as usize))
+                    .collect()
+            });
+            for rate in rates {
+                let lat = match name {
+                    "rumqttc" => latency::rumqttc(broker.port, rate, seconds),
+                    "kafka consume only" => {
+                        latency::consume(rate, seconds, lat_partitions, fetch_wait, &setup)
+                    }
+                    _ => latency::sink(
+                        &sink_bin,
+                        name.trim_start_matches("mqtt-sink "),
+                        rate,
+                        seconds,
+                        lat_partitions,
+                        fetch_wait,
+                        &setup,
+                    ),
+                };
+                let cells = match lat {
+                    Ok(l) => l.cells(),
+                    Err(e) => format!("failed: {e} | |"),
+                };
+                eprintln!("latency {name} at {rate} msg/s: {cells}");
+                lines.push(format!("| {name} | {rate} | {cells} |"));
+            }
+        }
+        println!(
+            "\nEnd-to-end latency, QoS 1, {seconds} s at a steady offered load (send call to \
+             arrival at the subscriber, same clock; the sink's consumer with \
+             fetch.wait.max.ms = {fetch_wait}), {lat_partitions} partition(s)\n"
+        );
+        println!("| contender | offered msg/s | p50 ms | p99 ms | max ms |");
+        println!("|---|---:|---:|---:|---:|");
+        for l in lines {
+            println!("{l}");
+        }
+    }
+}
+
+/// The QoS 1 rate of `name` with a subscriber, if this run measured it.
+fn measured(rows: &[(u8, bool, &str, Option<f64>)], name: &str) -> Option<f64> {
+    rows.iter()
+        .find(|(q, sub, n, _)| *q == 1 && *sub && *n == name)
+        .and_then(|r| r.3)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -295,6 +393,16 @@ struct Counter {
 }
 
 fn subscribe(port: u16, filter: &str, qos: u8) -> Counter {
+    subscribe_with(port, filter, qos, |_| {})
+}
+
+/// [`subscribe`], calling `on_publish` with the payload of every PUBLISH received.
+fn subscribe_with(
+    port: u16,
+    filter: &str,
+    qos: u8,
+    mut on_publish: impl FnMut(&[u8]) + Send + 'static,
+) -> Counter {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("subscriber connect");
     s.set_nodelay(true).ok();
     let id = format!("bench-sub-{}", free_port());
@@ -339,11 +447,14 @@ fn subscribe(port: u16, filter: &str, qos: u8) -> Counter {
                     3 => {
                         got += 1;
                         let q = (kind >> 1) & 3;
+                        let tl = usize::from(u16::from_be_bytes([p[0], p[1]]));
                         if q > 0 {
-                            let tl = usize::from(u16::from_be_bytes([p[0], p[1]]));
                             let id = [p[2 + tl], p[3 + tl]];
                             out.extend_from_slice(&[if q == 1 { 0x40 } else { 0x50 }, 2]);
                             out.extend_from_slice(&id);
+                            on_publish(&p[4 + tl..]);
+                        } else {
+                            on_publish(&p[2 + tl..]);
                         }
                     }
                     6 => out.extend_from_slice(&[0x70, 2, p[0], p[1]]), // PUBREL -> PUBCOMP
@@ -432,39 +543,45 @@ struct Setup<'a> {
     clk_tck: f64,
 }
 
-fn sink(
-    bin: &Path,
-    runtime: &str,
-    qos: u8,
-    with_sub: bool,
-    run: usize,
-    setup: &Setup<'_>,
-) -> Measure {
-    let Setup {
-        kafka,
-        topic,
-        port,
-        n,
-        clk_tck,
-    } = *setup;
-    let root = format!("bench/{}", free_port());
-    let counter = with_sub.then(|| subscribe(port, &format!("{root}/#"), qos));
-    let http = format!("127.0.0.1:{}", free_port());
-    let props: String = kafka
-        .group_properties()
-        .iter()
-        .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
-        .chain(std::env::var("BENCH_KAFKA_EXTRA").ok())
-        .collect();
-    let dir = std::env::temp_dir().join(format!("mqtt-sink-bench-{}", free_port()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let cfg = dir.join("sink.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"[kafka]
+/// A running `mqtt-sink` daemon of the benchmark.
+struct Daemon {
+    child: Child,
+    http: String,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on `runtime` reading `topic` as a new group into `root/...` on the
+    /// broker at `port`, `max_inflight = 1000`, defaults otherwise; `props` are added to the
+    /// Kafka properties (after `BENCH_KAFKA_EXTRA`).
+    fn start(
+        bin: &Path,
+        runtime: &str,
+        qos: u8,
+        root: &str,
+        setup: &Setup<'_>,
+        props: &str,
+    ) -> Daemon {
+        let Setup {
+            kafka, topic, port, ..
+        } = *setup;
+        let http = format!("127.0.0.1:{}", free_port());
+        let props: String = kafka
+            .group_properties()
+            .iter()
+            .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
+            .chain(std::env::var("BENCH_KAFKA_EXTRA").ok())
+            .chain(Some(props.to_string()))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("mqtt-sink-bench-{}", free_port()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let cfg = dir.join("sink.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"[kafka]
 brokers = "{}"
-group_id = "bench-{runtime}-{qos}-{with_sub}-{run}-{}"
+group_id = "bench-{runtime}-{qos}-{}"
 topics = ["{topic}"]
 [kafka.properties]
 {props}
@@ -482,23 +599,27 @@ listen = "{http}"
 [log]
 level = "{log}"
 "#,
-            kafka.bootstrap(),
-            free_port(),
-            log = std::env::var("BENCH_SINK_LOG").unwrap_or_else(|_| "warn".into()),
-            mqtt_extra = std::env::var("BENCH_MQTT_EXTRA").unwrap_or_default(),
-        ),
-    )
-    .expect("config");
-    let mut child: Child = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .args(["--runtime", runtime])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start mqtt-sink");
-    let metric = |name: &str| -> Option<u64> {
-        let mut s = TcpStream::connect(&http).ok()?;
+                kafka.bootstrap(),
+                free_port(),
+                log = std::env::var("BENCH_SINK_LOG").unwrap_or_else(|_| "warn".into()),
+                mqtt_extra = std::env::var("BENCH_MQTT_EXTRA").unwrap_or_default(),
+            ),
+        )
+        .expect("config");
+        let child: Child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .args(["--runtime", runtime])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start mqtt-sink");
+        Daemon { child, http, dir }
+    }
+
+    /// The sum of a metric's samples (None: the metrics endpoint did not answer).
+    fn metric(&self, name: &str) -> Option<u64> {
+        let mut s = TcpStream::connect(&self.http).ok()?;
         write!(
             s,
             "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -512,7 +633,33 @@ level = "{log}"
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>() as u64,
         )
-    };
+    }
+
+    /// Stops it with SIGTERM and removes its directory.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sink(
+    bin: &Path,
+    runtime: &str,
+    qos: u8,
+    with_sub: bool,
+    _run: usize,
+    setup: &Setup<'_>,
+) -> Measure {
+    let Setup {
+        port, n, clk_tck, ..
+    } = *setup;
+    let root = format!("bench/{}", free_port());
+    let counter = with_sub.then(|| subscribe(port, &format!("{root}/#"), qos));
+    let daemon = Daemon::start(bin, runtime, qos, &root, setup, "");
+    let metric = |name: &str| daemon.metric(name);
     let deadline = Instant::now() + Duration::from_secs(120);
     let t0 = loop {
         if metric("mqtt_sink_records_consumed_total").unwrap_or(0) > 0 {
@@ -525,7 +672,7 @@ level = "{log}"
         std::thread::sleep(Duration::from_millis(2)); // polling metrics, bounded
     };
     // CPU over the measured interval only (not start-up and the group join).
-    let cpu_start = usage(child.id(), clk_tck).0;
+    let cpu_start = usage(daemon.child.id(), clk_tck).0;
     let end = match &counter {
         Some(c) => c
             .wait(n as u64, Duration::from_secs(600))
@@ -548,13 +695,9 @@ level = "{log}"
             std::thread::sleep(Duration::from_millis(25));
         },
     };
-    let (cpu_end, rss_kb) = usage(child.id(), clk_tck);
+    let (cpu_end, rss_kb) = usage(daemon.child.id(), clk_tck);
     let cpu_s = cpu_end - cpu_start;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    daemon.stop();
     Measure {
         rate: n as f64 / end.saturating_duration_since(t0).as_secs_f64().max(1e-9),
         cpu_s,
