@@ -441,7 +441,10 @@ fn read_loop(id: u64, mut tcp: TcpStream, tx: &Sender<Job>, gate: &ReadGate) {
         }
         let read = match tcp.read(&mut buf) {
             Ok(0) => Err("the broker closed the connection".to_string()),
-            Ok(n) => Ok(buf[..n].to_vec()),
+            Ok(n) => {
+                mqtt_sink_tls::quick_ack(&tcp);
+                Ok(buf[..n].to_vec())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => Err(format!("read failed: {e}")),
         };

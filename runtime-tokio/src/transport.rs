@@ -39,6 +39,7 @@ async fn open_tls(
         .await
         .map_err(|e| format!("{server}:{port}: TCP connect failed: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    let tcp = mqtt_sink_tls::QuickAckTcp(tcp);
     let Some(tls) = tls else {
         return Ok(Box::new(tcp));
     };

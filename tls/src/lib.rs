@@ -5,9 +5,13 @@
 use std::io::{Read, Write};
 use std::sync::Arc;
 
+#[cfg(feature = "tokio")]
+mod quick_ack_tokio;
 mod ws;
 #[cfg(feature = "tokio")]
 mod ws_tokio;
+#[cfg(feature = "tokio")]
+pub use quick_ack_tokio::QuickAckTcp;
 pub use tungstenite::handshake::client::Request as WsRequest;
 pub use ws::WsLayer;
 #[cfg(feature = "tokio")]
@@ -18,6 +22,21 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConnection, DigitallySignedStruct, SignatureScheme};
+
+/// Asks the kernel to acknowledge what arrives on `tcp` at once (TCP_QUICKACK), as the
+/// runtimes do after every read of the broker connection. Linux leaves quick-ack mode on
+/// its own, hence once per read. Why: Mosquitto (and any broker with Nagle's algorithm on,
+/// its default) holds a PUBACK while an earlier one is unacknowledged; when the sink has
+/// nothing to send (a checkpoint waiting for the last acks, a lull) no data carries its ACK,
+/// so the delayed-ACK timer (40 ms) paced the last acks of every checkpoint: 45 ms
+/// latency spikes at each `commit_interval` (BENCHMARKS.md, latency). Best effort: other
+/// systems have no such option and keep their delayed ACKs.
+pub fn quick_ack<S: std::os::fd::AsFd>(tcp: &S) {
+    #[cfg(target_os = "linux")]
+    let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
+    #[cfg(not(target_os = "linux"))]
+    let _ = tcp;
+}
 
 /// The client config a sink's runtime starts with: `None` when `tls_enabled` is off; a
 /// problem is a config error of `tls` (as a sink builder's `start` reports it).
@@ -296,6 +315,20 @@ impl Layers {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Linux drops quick-ack mode by itself; a freshly connected socket may already be in
+    /// it, so the test first clears it and checks that `quick_ack` sets it again.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn quick_ack_turns_on_tcp_quickack() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let sock = socket2::SockRef::from(&tcp);
+        sock.set_tcp_quickack(false).unwrap();
+        assert!(!sock.tcp_quickack().unwrap());
+        quick_ack(&tcp);
+        assert!(sock.tcp_quickack().unwrap(), "TCP_QUICKACK not set");
+    }
 
     #[test]
     fn the_upgrade_request_names_the_path_the_subprotocol_and_the_headers() {
