@@ -27,7 +27,7 @@ const WRITE_STALL: Duration = Duration::from_secs(1);
 type Job = Box<dyn FnOnce(&mut Driver, Instant) + Send>;
 type Reply<T> = SyncSender<T>;
 /// When the reader may read next (the core is waiting for a batch of acks).
-type ReadGate = Arc<Mutex<Option<Instant>>>;
+type ReadGate = Arc<Mutex<(Option<Instant>, bool)>>;
 
 impl SinkRuntime for Blocking {
     type Sink = MqttSink;
@@ -220,7 +220,7 @@ struct Driver {
     /// Flushes asked since the running one began: they begin together after it.
     flush_queued: Vec<Reply<Result<CommitOffsets, SinkError>>>,
     room_waiters: Vec<Reply<()>>,
-    /// Shared with the reader: the core's `defer_input_until`.
+    /// Shared with the reader: the core's `defer_input_until` and `quick_ack_wanted`.
     read_after: ReadGate,
 }
 
@@ -230,7 +230,7 @@ impl Driver {
         loop {
             self.drain(Instant::now());
             if let Ok(mut g) = self.read_after.lock() {
-                *g = self.sink.defer_input_until();
+                *g = (self.sink.defer_input_until(), self.sink.quick_ack_wanted());
             }
             if self.sink.is_closed() {
                 return self.sink.stop_result();
@@ -434,7 +434,7 @@ fn read_loop(id: u64, mut tcp: TcpStream, tx: &Sender<Job>, gate: &ReadGate) {
     loop {
         // The core asked for acknowledgements in a batch: let them queue up first. The
         // core bounds the wait (a millisecond); the cap guards a stale value.
-        let after = gate.lock().ok().and_then(|g| *g);
+        let after = gate.lock().ok().and_then(|g| g.0);
         let wait = after.map(|t| t.saturating_duration_since(Instant::now()));
         if let Some(wait) = wait.filter(|w| !w.is_zero()) {
             std::thread::sleep(wait.min(Duration::from_millis(10)));
@@ -442,7 +442,9 @@ fn read_loop(id: u64, mut tcp: TcpStream, tx: &Sender<Job>, gate: &ReadGate) {
         let read = match tcp.read(&mut buf) {
             Ok(0) => Err("the broker closed the connection".to_string()),
             Ok(n) => {
-                mqtt_sink_tls::quick_ack(&tcp);
+                if gate.lock().is_ok_and(|g| g.1) {
+                    mqtt_sink_tls::quick_ack(&tcp);
+                }
                 Ok(buf[..n].to_vec())
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

@@ -1,5 +1,7 @@
 //! The sink's task: moves socket bytes, commands and time in and out of the core.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use mqtt_sink_core::{
@@ -76,6 +78,8 @@ impl Driver {
         let mut conn: Option<(ReadHalf<Stream>, WriteHalf<Stream>)> = None;
         let mut connecting: Option<Connecting> = None;
         let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+        // The core's `quick_ack_wanted`, for the connection's reads.
+        let quick_ack = Arc::new(AtomicBool::new(false));
         let mut out_pos = 0;
         let mut rbuf = vec![0u8; 16 * 1024];
         let mut close = false;
@@ -97,9 +101,11 @@ impl Driver {
                             let ws = (cfg.transport == Transport::Ws)
                                 .then(|| tls::ws_request(cfg, host, port))
                                 .transpose();
-                            let host = host.to_string();
+                            let (host, quick) = (host.to_string(), quick_ack.clone());
                             connecting =
-                                Some(Box::pin(async move { open(host, port, tls, ws?).await }));
+                                Some(Box::pin(
+                                    async move { open(host, port, tls, ws?, quick).await },
+                                ));
                         }
                         Event::CloseTransport => (connecting, close) = (None, true),
                         _ => {}
@@ -135,6 +141,7 @@ impl Driver {
                 None => (None, None),
             };
             let writing = wr.is_some() && out_pos < out.len();
+            quick_ack.store(self.sink.quick_ack_wanted(), Ordering::Relaxed);
             // The core is waiting for a batch of acks: read them all at once, then.
             let read_after = self.sink.defer_input_until().map(|t| self.tokio_time(t));
             tokio::select! {

@@ -1,6 +1,7 @@
 //! Opening the byte stream to the broker: TCP, optionally TLS, optionally WebSocket on
 //! top (`transport = "ws"`). Errors name server, port and cause.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use mqtt_sink_tls::WsRequest;
@@ -21,8 +22,9 @@ pub(crate) async fn open(
     port: u16,
     tls: Option<Arc<rustls::ClientConfig>>,
     ws: Option<WsRequest>,
+    quick_ack: Arc<AtomicBool>,
 ) -> Result<Stream, String> {
-    let stream = open_tls(&server, port, tls).await?;
+    let stream = open_tls(&server, port, tls, quick_ack).await?;
     let Some(request) = ws else {
         return Ok(stream);
     };
@@ -34,12 +36,13 @@ async fn open_tls(
     server: &str,
     port: u16,
     tls: Option<Arc<rustls::ClientConfig>>,
+    wanted: Arc<AtomicBool>,
 ) -> Result<Stream, String> {
     let tcp = TcpStream::connect((server, port))
         .await
         .map_err(|e| format!("{server}:{port}: TCP connect failed: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let tcp = mqtt_sink_tls::QuickAckTcp(tcp);
+    let tcp = mqtt_sink_tls::QuickAckTcp { tcp, wanted };
     let Some(tls) = tls else {
         return Ok(Box::new(tcp));
     };

@@ -24,13 +24,14 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConnection, DigitallySignedStruct, SignatureScheme};
 
 /// Asks the kernel to acknowledge what arrives on `tcp` at once (TCP_QUICKACK), as the
-/// runtimes do after every read of the broker connection. Linux leaves quick-ack mode on
-/// its own, hence once per read. Why: Mosquitto (and any broker with Nagle's algorithm on,
-/// its default) holds a PUBACK while an earlier one is unacknowledged; when the sink has
-/// nothing to send (a checkpoint waiting for the last acks, a lull) no data carries its ACK,
-/// so the delayed-ACK timer (40 ms) paced the last acks of every checkpoint: 45 ms
-/// latency spikes at each `commit_interval` (BENCHMARKS.md, latency). Best effort: other
-/// systems have no such option and keep their delayed ACKs.
+/// runtimes do after a read of the broker connection while the core's
+/// `Sink::quick_ack_wanted` holds. Linux leaves quick-ack mode on its own, hence once per
+/// read. Why: Mosquitto (and any broker with Nagle's algorithm on, its default) holds a
+/// PUBACK while an earlier one is unacknowledged; when the sink has nothing to send (a
+/// checkpoint waiting for the last acks, a lull) no data carries its ACK, so the
+/// delayed-ACK timer (40 ms) paced the last acks of every checkpoint: 45-50 ms latency
+/// spikes at each `commit_interval` (BENCHMARKS.md, latency). Best effort: other systems
+/// have no such option and keep their delayed ACKs.
 pub fn quick_ack<S: std::os::fd::AsFd>(tcp: &S) {
     #[cfg(target_os = "linux")]
     let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);

@@ -2,15 +2,21 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// A TCP stream that sets TCP_QUICKACK after every read that returned bytes
-/// ([`crate::quick_ack`] says why); writes pass through.
+/// A TCP stream that sets TCP_QUICKACK after a read that returned bytes while `wanted`
+/// holds (the driver keeps it at the core's `Sink::quick_ack_wanted`; [`crate::quick_ack`]
+/// says why); writes pass through.
 #[derive(Debug)]
-pub struct QuickAckTcp(pub TcpStream);
+pub struct QuickAckTcp {
+    pub tcp: TcpStream,
+    pub wanted: Arc<AtomicBool>,
+}
 
 impl AsyncRead for QuickAckTcp {
     fn poll_read(
@@ -19,9 +25,10 @@ impl AsyncRead for QuickAckTcp {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.0).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            crate::quick_ack(&self.0);
+        let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let read = matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before;
+        if read && self.wanted.load(Ordering::Relaxed) {
+            crate::quick_ack(&self.tcp);
         }
         polled
     }
@@ -33,7 +40,7 @@ impl AsyncWrite for QuickAckTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -41,18 +48,18 @@ impl AsyncWrite for QuickAckTcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.tcp.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
