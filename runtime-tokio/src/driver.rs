@@ -6,7 +6,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use mqtt_sink_core::{
     BridgeAction, CommitOffsets, ConfigErrors, DeadLetterFn, Event, Hooks, PushError, Sink,
-    SinkParts, Transport,
+    SinkParts,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
@@ -98,9 +98,7 @@ impl Driver {
                             out.clear();
                             let ((host, port), tls) = (self.sink.server(), self.tls.clone());
                             let cfg = self.sink.config();
-                            let ws = (cfg.transport == Transport::Ws)
-                                .then(|| tls::ws_request(cfg, host, port))
-                                .transpose();
+                            let ws = tls::ws_request_for(cfg, host, port);
                             let (host, quick) = (host.to_string(), quick_ack.clone());
                             connecting =
                                 Some(Box::pin(

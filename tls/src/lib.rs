@@ -179,6 +179,15 @@ impl ServerCertVerifier for NoVerify {
 /// `websockets`, under amqtt, at 1 MiB), and the core hands over batches larger than that.
 pub const WS_MAX_FRAME: usize = 64 * 1024;
 
+/// The upgrade request when `cfg` asks for WebSocket (`transport = "ws"`), else `None`: the
+/// one place that decides, for the sans-IO [`Layers`] and the tokio stream alike.
+pub fn ws_request_for(cfg: &Config, server: &str, port: u16) -> Result<Option<WsRequest>, String> {
+    match cfg.transport {
+        mqtt_sink_core::Transport::Ws => ws_request(cfg, server, port).map(Some),
+        _ => Ok(None),
+    }
+}
+
 /// The WebSocket upgrade request for `server`:`port` with `transport = "ws"`:
 /// `ws://` (`wss://` with TLS, which the runtime has already set up underneath) at
 /// `ws_path`, subprotocol `mqtt`, plus `ws_headers`. Errors name the options.
@@ -231,9 +240,9 @@ impl Layers {
             }
             None => None,
         };
-        let ws = match cfg.transport {
-            mqtt_sink_core::Transport::Ws => Some(WsLayer::start(ws_request(cfg, server, port)?)?),
-            _ => None,
+        let ws = match ws_request_for(cfg, server, port)? {
+            Some(request) => Some(WsLayer::start(request)?),
+            None => None,
         };
         Ok(Self { tls, ws })
     }
@@ -334,7 +343,9 @@ mod tests {
     #[test]
     fn the_upgrade_request_names_the_path_the_subprotocol_and_the_headers() {
         let mut cfg = Config::new("c", "broker.example", 443, "t");
+        assert!(ws_request_for(&cfg, "broker.example", 443).unwrap().is_none());
         cfg.transport = mqtt_sink_core::Transport::Ws;
+        assert!(ws_request_for(&cfg, "broker.example", 443).unwrap().is_some());
         let r = ws_request(&cfg, "broker.example", 443).unwrap();
         assert_eq!(r.uri().to_string(), "wss://broker.example:443/mqtt");
         assert_eq!(r.headers()["Sec-WebSocket-Protocol"], "mqtt");

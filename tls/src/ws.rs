@@ -50,6 +50,26 @@ enum State {
     Done,
 }
 
+/// Why a WebSocket upgrade failed, for both the sans-IO layer and the tokio stream.
+pub(crate) fn upgrade_failed(path: &str, e: &tungstenite::Error) -> String {
+    format!(
+        "WebSocket upgrade of {path} failed: {e}; check ws_path and that this port serves MQTT over WebSocket"
+    )
+}
+
+/// A text frame from the broker ends the connection with this.
+pub(crate) const TEXT_FRAME: &str =
+    "the broker sent a WebSocket text frame; MQTT travels in binary frames";
+
+/// A close frame from the broker ends the connection with this (code and reason).
+pub(crate) fn closed(frame: Option<&tungstenite::protocol::CloseFrame>) -> String {
+    let why = frame.map_or_else(
+        || "no reason given".to_string(),
+        |f| format!("code {}, {:?}", u16::from(f.code), f.reason.as_str()),
+    );
+    format!("the broker closed the WebSocket ({why})")
+}
+
 /// One connection's WebSocket.
 #[allow(missing_debug_implementations)]
 pub struct WsLayer {
@@ -127,12 +147,7 @@ impl WsLayer {
                     self.state = State::Upgrading { handshake, queued };
                     return Ok(());
                 }
-                Err(HandshakeError::Failure(e)) => {
-                    let path = &self.path;
-                    return Err(format!(
-                        "WebSocket upgrade of {path} failed: {e}; check ws_path and that this port serves MQTT over WebSocket"
-                    ));
-                }
+                Err(HandshakeError::Failure(e)) => return Err(upgrade_failed(&self.path, &e)),
                 Ok((ws, _)) => {
                     self.state = State::Open(Box::new(ws));
                     self.write(&queued)?;
@@ -148,18 +163,11 @@ impl WsLayer {
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
                 Ok(Message::Text(_)) => {
                     self.state = State::Done;
-                    return Err(
-                        "the broker sent a WebSocket text frame; MQTT travels in binary frames"
-                            .into(),
-                    );
+                    return Err(TEXT_FRAME.into());
                 }
                 Ok(Message::Close(frame)) => {
-                    let why = frame.map_or_else(
-                        || "no reason given".to_string(),
-                        |f| format!("code {}, {:?}", u16::from(f.code), f.reason.as_str()),
-                    );
                     self.state = State::Done;
-                    return Err(format!("the broker closed the WebSocket ({why})"));
+                    return Err(closed(frame.as_ref()));
                 }
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {

@@ -20,11 +20,7 @@ pub async fn ws_connect<S: AsyncRead + AsyncWrite + Unpin>(
     let path = request.uri().path().to_string();
     let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, None)
         .await
-        .map_err(|e| {
-            format!(
-                "WebSocket upgrade of {path} failed: {e}; check ws_path and that this port serves MQTT over WebSocket"
-            )
-        })?;
+        .map_err(|e| crate::ws::upgrade_failed(&path, &e))?;
     Ok(WsIo {
         ws,
         read: Bytes::new(),
@@ -79,15 +75,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                 Some(Ok(Message::Binary(b))) => this.read = b,
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Text(_))) => {
-                    let e = "the broker sent a WebSocket text frame; MQTT travels in binary frames";
-                    return Poll::Ready(Err(io::Error::other(e)));
+                    return Poll::Ready(Err(io::Error::other(crate::ws::TEXT_FRAME)));
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    let why = frame.map_or_else(
-                        || "no reason given".to_string(),
-                        |f| format!("code {}, {:?}", u16::from(f.code), f.reason.as_str()),
-                    );
-                    let e = format!("the broker closed the WebSocket ({why})");
+                    let e = crate::ws::closed(frame.as_ref());
                     return Poll::Ready(Err(io::Error::other(e)));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(ws_error(e))),
