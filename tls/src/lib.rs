@@ -343,9 +343,13 @@ mod tests {
     #[test]
     fn the_upgrade_request_names_the_path_the_subprotocol_and_the_headers() {
         let mut cfg = Config::new("c", "broker.example", 443, "t");
-        assert!(ws_request_for(&cfg, "broker.example", 443).unwrap().is_none());
+        assert!(ws_request_for(&cfg, "broker.example", 443)
+            .unwrap()
+            .is_none());
         cfg.transport = mqtt_sink_core::Transport::Ws;
-        assert!(ws_request_for(&cfg, "broker.example", 443).unwrap().is_some());
+        assert!(ws_request_for(&cfg, "broker.example", 443)
+            .unwrap()
+            .is_some());
         let r = ws_request(&cfg, "broker.example", 443).unwrap();
         assert_eq!(r.uri().to_string(), "wss://broker.example:443/mqtt");
         assert_eq!(r.headers()["Sec-WebSocket-Protocol"], "mqtt");

@@ -296,7 +296,8 @@ fn main() {
             }
         }
         println!(
-            "\nEnd-to-end latency, QoS 1, {seconds} s at a steady offered load (send call to \
+            "\nEnd-to-end latency, QoS 1, {seconds} s at a steady offered load (from the append's \
+             acknowledgement to the producer, rumqttc: from its publish call, to the first \
              arrival at the subscriber, same clock; the sink's consumer with \
              fetch.wait.max.ms = {fetch_wait}), {lat_partitions} partition(s)\n"
         );
