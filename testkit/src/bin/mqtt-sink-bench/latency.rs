@@ -3,7 +3,8 @@
 //! A producer in this process sends records at a fixed rate; a record's latency runs from the
 //! acknowledgement of its append (the producer's delivery report) to its first arrival at
 //! the subscriber, both in this process (same clock). The
-//! sink reads a fresh, empty topic as a new group with `fetch.wait.max.ms = 5`: with the
+//! sink reads a fresh, empty topic as a new group with `fetch.wait.max.ms = 5` by default
+//! (`--latency-fetch-wait`): with the
 //! default (500) the MockCluster answers an empty fetch late and that wait, not the sink,
 //! dominates (p50 ~300 ms). rumqttc publishes the same paced records itself (no Kafka): its
 //! latency runs from the publish call (the send time in the payload).
@@ -273,8 +274,9 @@ fn run_load(
     Ok(stamps.latency())
 }
 
-/// The sink on `runtime`, QoS 1, reading a new topic of `setup.partitions` partitions while
-/// `rate` records per second are produced to it for `seconds`.
+/// The sink on `runtime`, QoS 1, reading a new topic of `partitions` partitions with
+/// `fetch.wait.max.ms = fetch_wait` while `rate` records per second are produced to it for
+/// `seconds`.
 pub(crate) fn sink(
     bin: &std::path::Path,
     runtime: &str,
@@ -307,7 +309,8 @@ pub(crate) fn sink(
 }
 
 /// A consumer in this process with the sink's consumer settings and
-/// `fetch.wait.max.ms = 5`, no MQTT: what reading from Kafka alone adds (send to consume).
+/// `fetch.wait.max.ms = fetch_wait`, no MQTT: what reading from Kafka alone adds (append
+/// acknowledged to consumed).
 pub(crate) fn consume(
     rate: usize,
     seconds: usize,

@@ -173,7 +173,6 @@ fn main() {
                             name.trim_start_matches("mqtt-sink "),
                             qos,
                             with_sub,
-                            run,
                             &setup,
                         ),
                     };
@@ -646,14 +645,7 @@ level = "{log}"
     }
 }
 
-fn sink(
-    bin: &Path,
-    runtime: &str,
-    qos: u8,
-    with_sub: bool,
-    _run: usize,
-    setup: &Setup<'_>,
-) -> Measure {
+fn sink(bin: &Path, runtime: &str, qos: u8, with_sub: bool, setup: &Setup<'_>) -> Measure {
     let Setup {
         port, n, clk_tck, ..
     } = *setup;
