@@ -513,11 +513,12 @@ pub struct Config {
     pub max_inflight: u32,
     /// Most records held (queued or in flight) before `push_record` refuses more; once it
     /// has refused, it takes records again when three quarters or fewer are held.
-    /// Default: 100000.
+    /// Default: 5000 (five times the default `max_inflight`: the window refills from the
+    /// buffer, not from Kafka; docs/configuration.md "Memory" says what it costs).
     #[serde(default = "default_max_buffered_records")]
     pub max_buffered_records: usize,
     /// Most bytes of encoded publishes held before `push_record` refuses more (with the
-    /// same low watermark of three quarters). Default: 64 MiB.
+    /// same low watermark of three quarters). Default: 16 MiB.
     #[serde(default = "default_max_buffered_bytes")]
     pub max_buffered_bytes: usize,
     /// First reconnect delay; doubled per failed attempt up to the maximum. Default: 100 ms.
@@ -640,10 +641,10 @@ fn default_max_inflight() -> u32 {
     1000
 }
 fn default_max_buffered_records() -> usize {
-    100_000
+    5_000
 }
 fn default_max_buffered_bytes() -> usize {
-    64 << 20
+    16 << 20
 }
 fn default_backoff_min() -> Duration {
     Duration::from_millis(100)

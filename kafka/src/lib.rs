@@ -25,11 +25,30 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 /// member without partitions gets no rebalance callback under KIP-848).
 pub const STATISTICS_INTERVAL_MS: &str = "1000";
 
-/// The consumer's client config: the user's properties, then ours (auto commit and auto
-/// offset store off; statistics every second unless set).
+/// librdkafka consumer properties the sink sets unless the user sets them
+/// (`kafka.properties`); measured in BENCHMARKS.md ("Memory at the defaults"):
+/// - `statistics.interval.ms`: [`STATISTICS_INTERVAL_MS`].
+/// - `queued.max.messages.kbytes` 8 MiB (librdkafka: 64 MiB): the prefetch queue. librdkafka
+///   also caps a fetch response at this size (`fetch.max.bytes`, unless set), and a
+///   response's buffer lives until its last record is taken, so the prefetch costs up to
+///   about twice this, plus librdkafka's own few hundred bytes per queued record. Smaller
+///   fetches cost throughput where a fetch is slow: 1 MiB fetches cut Tansu's rate to a third.
+/// - `fetch.queue.backoff.ms` 20 (librdkafka: 1000): how long a partition waits to fetch
+///   again after finding the queue full. A small queue is often full, and a 1 s pause
+///   starved the sink (-11 % msg/s at 64 partitions).
+pub const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
+    ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
+    ("queued.max.messages.kbytes", "8192"),
+    ("fetch.queue.backoff.ms", "20"),
+];
+
+/// The consumer's client config: [`CONSUMER_DEFAULTS`], then the user's properties (which
+/// replace them), then ours (auto commit and auto offset store off).
 pub fn consumer_config(k: &KafkaConfig) -> ClientConfig {
     let mut cc = ClientConfig::new();
-    cc.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+    for (key, v) in CONSUMER_DEFAULTS {
+        cc.set(key, v);
+    }
     for (key, v) in &k.properties {
         cc.set(key, v);
     }
@@ -524,5 +543,22 @@ mod tests {
         assert!(panicked.is_err() && flow.is_poisoned());
         lock(&flow).handle_assigned(vec![(TopicPartition::new("t", 0), Some(3))]);
         assert_eq!(lock(&flow).assigned(), vec![TopicPartition::new("t", 0)]);
+    }
+
+    /// The prefetch defaults hold unless the user sets the property; the user's value wins.
+    #[test]
+    fn consumer_defaults_yield_to_the_users_properties() {
+        let mut kafka = KafkaConfig::new("b", "g", vec!["t".into()]);
+        let cc = consumer_config(&kafka);
+        assert_eq!(cc.get("queued.max.messages.kbytes"), Some("8192"));
+        assert_eq!(cc.get("fetch.queue.backoff.ms"), Some("20"));
+        assert_eq!(cc.get("statistics.interval.ms"), Some("1000"));
+        kafka
+            .properties
+            .insert("queued.max.messages.kbytes".into(), "65536".into());
+        let cc = consumer_config(&kafka);
+        assert_eq!(cc.get("queued.max.messages.kbytes"), Some("65536"));
+        assert_eq!(cc.get("fetch.queue.backoff.ms"), Some("20"));
+        let _: BaseConsumer = cc.create().expect("a valid consumer config");
     }
 }
