@@ -3,7 +3,8 @@
 //!
 //!     cargo build --release -p mqtt-sink-cli -p mqtt-sink-testkit
 //!     target/release/mqtt-sink-bench [--records 200000] [--runs 3] [--qos 0,1,2] [--kafka mock|tansu]
-//!         [--partitions 16] [--only tokio|blocking|rumqttc] [--broker-nodelay]
+//!         [--partitions 16] [--only tokio|blocking|rumqttc] [--subscriber yes|no|both]
+//!         [--broker-nodelay]
 //!         [--latency [--latency-rates 10000,20000] [--latency-seconds 10]
 //!         [--latency-fetch-wait 5] [--latency-partitions 1]]
 //!
@@ -72,6 +73,13 @@ fn main() {
         .unwrap_or(16);
     let kafka_kind = opt("--kafka").unwrap_or_else(|| "mock".into());
     let only: Option<String> = opt("--only");
+    // `--subscriber yes|no`: only the runs with (without) a subscriber; default both.
+    let subscribers: Vec<bool> = match opt("--subscriber").as_deref() {
+        None | Some("both") => vec![true, false],
+        Some("yes") => vec![true],
+        Some("no") => vec![false],
+        Some(other) => panic!("--subscriber {other}: yes, no or both"),
+    };
     let sink_bin = sibling("mqtt-sink");
     assert!(
         sink_bin.is_file(),
@@ -141,7 +149,7 @@ fn main() {
     }
     let mut rows = Vec::new();
     for &qos in &qoses {
-        for with_sub in [true, false] {
+        for &with_sub in &subscribers {
             let mut ceiling = 0.0;
             for &name in &contenders {
                 if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) && name != "raw" {
@@ -883,13 +891,17 @@ fn consume(args: &[String]) {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
     let n: usize = args[2].parse().expect("n");
+    // As the sink's consumer: its defaults (prefetch, statistics), the given properties,
+    // no auto commit, offsets stored by hand.
     let mut cc = ClientConfig::new();
+    for (k, v) in mqtt_sink_kafka::CONSUMER_DEFAULTS {
+        cc.set(k, v);
+    }
     for kv in &args[4..] {
         if let Some((k, v)) = kv.split_once('=') {
             cc.set(k, v);
         }
     }
-    // As the sink's consumer: no auto commit, offsets stored by hand.
     cc.set("bootstrap.servers", &args[0])
         .set("group.id", &args[3])
         .set("enable.auto.commit", "false")
