@@ -308,7 +308,7 @@ pub(crate) fn sink(
     lat
 }
 
-/// A consumer in this process with the sink's consumer settings and
+/// A consumer in this process with the sink's consumer settings (`consumer_config`) and
 /// `fetch.wait.max.ms = fetch_wait`, no MQTT: what reading from Kafka alone adds (append
 /// acknowledged to consumed).
 pub(crate) fn consume(
@@ -322,16 +322,18 @@ pub(crate) fn consume(
     use rdkafka::message::Message;
     let topic = format!("lat-consume-{rate}-{}", free_port());
     setup.kafka.create_topic(&topic, partitions)?;
-    let mut cc = ClientConfig::new();
-    for (k, v) in setup.kafka.group_properties() {
-        cc.set(k, v);
-    }
-    cc.set("bootstrap.servers", setup.kafka.bootstrap())
-        .set("group.id", format!("lat-consume-{}", free_port()))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", fetch_wait.to_string());
-    let consumer: BaseConsumer = cc.create().map_err(|e| format!("consumer: {e}"))?;
+    let mut kafka = mqtt_sink_core::KafkaConfig::new(
+        setup.kafka.bootstrap(),
+        format!("lat-consume-{}", free_port()),
+        vec![topic.clone()],
+    );
+    kafka.properties = setup.kafka.group_properties();
+    kafka
+        .properties
+        .insert("fetch.wait.max.ms".into(), fetch_wait.to_string());
+    let consumer: BaseConsumer = mqtt_sink_kafka::consumer_config(&kafka)
+        .create()
+        .map_err(|e| format!("consumer: {e}"))?;
     consumer
         .subscribe(&[topic.as_str()])
         .map_err(|e| format!("subscribe: {e}"))?;

@@ -887,26 +887,19 @@ fn quix(
 
 /// The child of [`consume_only`]: `consume <bootstrap> <topic> <n> <group> [k=v ...]`.
 fn consume(args: &[String]) {
-    use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
     let n: usize = args[2].parse().expect("n");
-    // As the sink's consumer: its defaults (prefetch, statistics), the given properties,
-    // no auto commit, offsets stored by hand.
-    let mut cc = ClientConfig::new();
-    for (k, v) in mqtt_sink_kafka::CONSUMER_DEFAULTS {
-        cc.set(k, v);
-    }
-    for kv in &args[4..] {
-        if let Some((k, v)) = kv.split_once('=') {
-            cc.set(k, v);
-        }
-    }
-    cc.set("bootstrap.servers", &args[0])
-        .set("group.id", &args[3])
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest");
+    // As the sink's consumer (mqtt_sink_kafka::consumer_config: its defaults, the given
+    // properties, no auto commit, offsets stored by hand), from the start of the topic.
+    let mut kafka = mqtt_sink_core::KafkaConfig::new(&args[0], &args[3], vec![args[1].clone()]);
+    kafka.properties = args[4..]
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut cc = mqtt_sink_kafka::consumer_config(&kafka);
+    cc.set("auto.offset.reset", "earliest");
     let consumer: BaseConsumer = cc.create().expect("consumer");
     consumer.subscribe(&[args[1].as_str()]).expect("subscribe");
     let mut stdout = std::io::stdout();
