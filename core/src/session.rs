@@ -168,6 +168,7 @@ impl Sink {
         self.reset_output();
         self.decoder.reset();
         self.control.clear();
+        self.refused_last = false;
         let ending = self.session_step == SessionStep::Ending;
         let clean = if self.cfg.version == MqttVersion::V5 {
             // Clean Start with a Session Expiry: discards what an earlier instance left
@@ -291,6 +292,10 @@ impl Sink {
                 other => Err(format!("expected CONNACK, got {other:?}")),
             };
         }
+        self.refused_last = matches!(
+            p,
+            Incoming::PubAck { reason, .. } | Incoming::PubRec { reason, .. } if reason >= 0x80
+        );
         if let Incoming::PubAck { pkid, .. }
         | Incoming::PubRec { pkid, .. }
         | Incoming::PubComp { pkid, .. } = &p
@@ -551,6 +556,13 @@ impl Sink {
     /// `poison_after` closes in a row whose ranges overlap, with the range down to one
     /// publish, give up on it: the error policy applies and the rest resend without it.
     fn broker_closed(&mut self, now: Instant) {
+        if std::mem::take(&mut self.refused_last) {
+            // It answered a publish with a refusal and hung up (Mosquitto 2.0 with
+            // `max_queued_messages 0`, AWS IoT Core on a denied publish): the close is that
+            // publish's, whose reason code the policy has. What was handed out after the
+            // answer is no suspect (the broker likely never read it).
+            return;
+        }
         let limit = self.cfg.poison_after;
         let since = self.connected_at.unwrap_or(now);
         let oldest = self.inflight.keys().find_map(|seq| {

@@ -90,6 +90,10 @@ pub struct Sink {
     /// The publishes one of which made the broker close the last connections (see
     /// `poison_after` and [`Suspect`]).
     pub(crate) suspect: Option<Suspect>,
+    /// The last packet the broker sent on this connection refused a publish (a PUBACK or
+    /// PUBREC reason >= 0x80): a close right after it is the broker hanging up on that
+    /// publish, not evidence against the ones handed out since.
+    pub(crate) refused_last: bool,
     /// The newest publish handed out on this connection.
     pub(crate) last_handed: Option<RecordId>,
     /// While probing (see [`Sink::probing`]): the in-flight entry sent alone.
@@ -253,6 +257,7 @@ impl Sink {
             connected_at: None,
             output: Output::default(),
             suspect: None,
+            refused_last: false,
             last_handed: None,
             probe: None,
             head_since: None,

@@ -88,6 +88,13 @@ pub struct BrokerKnobs {
     /// RabbitMQ's MQTT plugin: a QoS 2 PUBLISH is handled as QoS 1 (delivered, answered
     /// with PUBACK).
     pub qos2_as_qos1: bool,
+    /// v5: after answering a publish with a reason >= 0x80 (see `topic_reason_codes`),
+    /// close the connection, without a reason, unread publishes lost (Mosquitto 2.0 does so
+    /// with `max_queued_messages 0`; AWS IoT Core hangs up on a denied publish). The first
+    /// this many of those answers are lost with the connection (a reset: the peer's kernel
+    /// discards data its reader had not taken yet); the later ones arrive before the close.
+    /// `None`: rejections keep the connection.
+    pub close_after_rejection: Option<u32>,
 }
 
 impl BrokerKnobs {
@@ -132,6 +139,7 @@ impl Default for BrokerKnobs {
             close_on_topics: BTreeSet::new(),
             refuse_control_chars: false,
             qos2_as_qos1: false,
+            close_after_rejection: None,
         }
     }
 }
@@ -869,6 +877,13 @@ impl SimBroker {
                 self.push_ack_opt(now, ack_bytes(codec, 0x50, p.pkid, reason), ends);
             }
             _ => {}
+        }
+        if let Some(lost) = self.knobs.close_after_rejection.filter(|_| !accepted) {
+            if lost > 0 {
+                self.knobs.close_after_rejection = Some(lost - 1);
+                self.out.clear();
+            }
+            self.close(now, None);
         }
         Ok(())
     }

@@ -1723,6 +1723,61 @@ fn a_publish_the_broker_hangs_up_on_is_given_up_after_poison_after_closes() {
     }
 }
 
+/// A broker that hangs up right after it refused a publish with a reason code (Mosquitto
+/// 2.0 with `max_queued_messages 0`, AWS IoT Core on a denied publish), losing its answer
+/// with the connection twice. The closes are the refused record's doing: its own reason
+/// code applies, once, and no record handed out after its answer is given up as poison.
+/// Before: on the third connection the sink probed with the refused record alone, took its
+/// 0x87 and handed out the next record, then saw the close and counted it as the
+/// `poison_after`th against that innocent record (the blocking bridge's H2 test lost its
+/// order this way, about once in 40 runs against Mosquitto).
+#[test]
+fn a_close_right_after_a_refusal_is_not_held_against_the_next_publish() {
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.error_policy = ErrorPolicy::Skip;
+    let knobs = BrokerKnobs {
+        topic_reason_codes: [("sensors/denied".to_string(), 0x87)].into(),
+        close_after_rejection: Some(2),
+        ..BrokerKnobs::default()
+    };
+    let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
+    connected(&mut h);
+    let keys = ["k0", "k1", "denied", "k2", "k3", "k4"];
+    for (off, key) in keys.iter().enumerate() {
+        h.push(record("readings", 0, off as i64, key, &format!("v{off}")))
+            .unwrap();
+    }
+    let tp = TopicPartition::new("readings", 0);
+    assert_eq!(
+        h.flush(),
+        Event::FlushCompleted {
+            offsets: vec![(tp, 6)]
+        }
+    );
+    let rejected = rejections(&h);
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(rejected[0].contains("readings/0@2"), "{}", rejected[0]);
+    assert!(rejected[0].contains("0x87"), "{}", rejected[0]);
+    // Every other record arrived (k0 and k1 more than once: their answers were lost with
+    // the connection).
+    let mut topics: Vec<String> = delivered(&h).into_iter().map(|d| d.0).collect();
+    topics.sort();
+    topics.dedup();
+    assert_eq!(
+        topics,
+        [
+            "sensors/k0",
+            "sensors/k1",
+            "sensors/k2",
+            "sensors/k3",
+            "sensors/k4"
+        ]
+    );
+    // The first connection and one per close.
+    assert_eq!(h.broker.connects().len(), 4);
+    assert_no_violations(&h);
+}
+
 /// L6: a broker that hangs up right after every CONNACK is not hammered at the minimum
 /// delay: a connection shorter than 10 s does not reset the backoff. (Before: every
 /// CONNACK reset it, 50-100 ms apart here, hundreds of connections in 20 s.)
