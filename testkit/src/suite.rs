@@ -528,6 +528,9 @@ pub fn qos0_memory_is_bounded_against_a_frozen_broker<R: Runtime>() {
 
 /// Broker killed (SIGKILL) and restarted mid-run, with and without persistence: every
 /// record arrives at least once, and no position passes a record that did not arrive.
+/// Without persistence, the records the killed broker had acknowledged (PUBACK: it took
+/// them over) and not yet forwarded die with it: the broker's loss, not the sink's (seen
+/// once in CI: 15 records acknowledged just before the kill). Only those may be missing.
 pub fn killed_broker_restarts_without_loss<R: Runtime>() {
     for persistence in [false, true] {
         let mut b = broker(MosquittoOptions {
@@ -542,7 +545,7 @@ pub fn killed_broker_restarts_without_loss<R: Runtime>() {
         cfg.reconnect_backoff_min = Duration::from_secs(2);
         cfg.reconnect_backoff_max = Duration::from_secs(2);
         cfg.flush_timeout = Duration::from_secs(5);
-        let (sink, _e) = start::<R>(cfg, None);
+        let (sink, events) = start::<R>(cfg, None);
         let tp = TopicPartition::new("readings", 0);
         let mut expected = Vec::new();
         let mut committed = 0;
@@ -606,22 +609,41 @@ pub fn killed_broker_restarts_without_loss<R: Runtime>() {
             }
             second.wait_for(second.messages().len() + 1, Duration::from_millis(200));
         };
-        let missing: Vec<_> = expected
-            .iter()
-            .filter(|e| !arrivals.contains(&e.payload))
-            .map(|e| e.payload.clone())
-            .take(5)
+        // What the killed broker acknowledged: the acks the sink read before it saw the
+        // connection go (its events come in order).
+        let taken_over: std::collections::BTreeSet<i64> = events
+            .try_iter()
+            .take_while(|e| !matches!(e, Event::ConnectionLost(_)))
+            .filter_map(|e| match e {
+                Event::RecordAcknowledged(c) => Some(c.offset),
+                _ => None,
+            })
             .collect();
-        let lost = expected
+        let lost: Vec<i64> = (0..2000i64)
+            .filter(|i| !arrivals.contains(&expected[*i as usize].payload))
+            .collect();
+        let sinks_loss: Vec<i64> = lost
             .iter()
-            .filter(|e| !arrivals.contains(&e.payload))
-            .count();
+            .copied()
+            .filter(|i| persistence || !taken_over.contains(i))
+            .collect();
         assert!(
-            missing.is_empty(),
-            "persistence {persistence}: lost {lost}, e.g. {missing:?} (committed {committed}; first got {}, second got {})",
+            sinks_loss.is_empty(),
+            "persistence {persistence}: lost {}, e.g. {:?} ({} of them acknowledged by the \
+             killed broker; committed {committed}; first got {}, second got {})",
+            lost.len(),
+            &sinks_loss[..sinks_loss.len().min(5)],
+            lost.len() - sinks_loss.len(),
             first.messages().len(),
             second.messages().len()
         );
+        if !lost.is_empty() {
+            eprintln!(
+                "persistence false: {} records acknowledged by the killed broker never \
+                 reached a subscriber (the broker's loss)",
+                lost.len()
+            );
+        }
         sink.close().expect("close");
     }
 }
