@@ -66,6 +66,8 @@ struct KafkaSection {
     commit_interval: Duration,
     #[serde(default)]
     commit_every: Option<u64>,
+    #[serde(default = "default_commit_min_interval", with = "humantime_serde")]
+    commit_min_interval: Duration,
 }
 
 /// Keys with every value masked: the `[mqtt]` table holds the password, librdkafka
@@ -97,12 +99,17 @@ impl std::fmt::Debug for KafkaSection {
             .field("properties", &props)
             .field("commit_interval", &self.commit_interval)
             .field("commit_every", &self.commit_every)
+            .field("commit_min_interval", &self.commit_min_interval)
             .finish()
     }
 }
 
 fn default_commit_interval() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_commit_min_interval() -> Duration {
+    Duration::from_millis(100)
 }
 
 /// `[http]`: Prometheus `/metrics`, `/healthz`, `/readyz`.
@@ -357,6 +364,14 @@ pub(crate) fn parse(
             humantime_serde::re::humantime::format_duration(k.commit_interval)
         ));
     }
+    if k.commit_min_interval > k.commit_interval {
+        problems.push(format!(
+            "kafka.commit_min_interval = {}: must be at most kafka.commit_interval ({}); \
+             0s commits at checkpoints only",
+            humantime_serde::re::humantime::format_duration(k.commit_min_interval),
+            humantime_serde::re::humantime::format_duration(k.commit_interval)
+        ));
+    }
     let mut properties = BTreeMap::new();
     for (key, v) in k.properties {
         let s = match v {
@@ -417,6 +432,7 @@ pub(crate) fn parse(
             kafka.properties = properties;
             kafka.commit_interval = k.commit_interval;
             kafka.commit_every = k.commit_every;
+            kafka.commit_min_interval = k.commit_min_interval;
             Ok(DaemonConfig {
                 kafka,
                 mqtt,
@@ -527,6 +543,7 @@ pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
             "kafka.commit_every",
             opt(k.commit_every.map(|n| n.to_string())),
         ),
+        ("kafka.commit_min_interval", d(k.commit_min_interval)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -64,6 +64,9 @@ pub enum BridgeAction {
     RewindSink,
     /// Sink: `handle_committed` (Kafka confirmed these positions).
     CommittedSink(CommitOffsets),
+    /// Sink: report its commit positions (`Sink::commit_positions`: every record below
+    /// each is acknowledged or handled) with [`ActionReport::Positions`]; no flush.
+    Positions,
 }
 
 /// The result of an executed action, for [`BridgeFlow::handle_report`].
@@ -78,6 +81,8 @@ pub enum ActionReport {
     Committed(CommitOffsets, Result<(), String>),
     /// [`BridgeAction::Seek`]: the partition, the offset and the consumer's answer.
     Sought(TopicPartition, i64, Result<(), String>),
+    /// [`BridgeAction::Positions`]: the sink's commit positions.
+    Positions(CommitOffsets),
     /// An action that reports nothing (pause, resume, the sink's assign, revoke, rewind
     /// and committed).
     Done,
@@ -124,7 +129,8 @@ pub struct BridgeStats {
     /// read from a position a failed seek left behind: they are not committed and will be
     /// consumed again (here or by the partition's new owner).
     pub dropped: u64,
-    /// Commits Kafka accepted.
+    /// Commits Kafka accepted (checkpoints' and those between them, see
+    /// `KafkaConfig::commit_min_interval`).
     pub commits: u64,
     /// Commits Kafka refused (the next checkpoint commits again; nothing is lost).
     pub commit_errors: u64,
@@ -208,6 +214,7 @@ enum Awaiting {
     Flushed,
     Committed,
     Seek(TopicPartition),
+    Positions,
 }
 
 /// A step queued: built into an action when polled, so it sees the state of that moment.
@@ -266,6 +273,12 @@ pub struct BridgeFlow {
     steps: VecDeque<Step>,
     awaiting: Option<Awaiting>,
     flush_started: Option<Instant>,
+    /// Between checkpoints, commit what the sink acknowledged at most this often (zero:
+    /// never), next at `next_positions`.
+    commit_min_interval: Duration,
+    next_positions: Instant,
+    /// When the commit of [`handle_positions`](Self::handle_positions) was asked for.
+    positions_commit: Option<Instant>,
     /// The sink refused for good (closed): the bridge must stop with this error.
     fatal: Option<String>,
     stats: BridgeStats,
@@ -298,6 +311,9 @@ impl BridgeFlow {
             steps: VecDeque::new(),
             awaiting: None,
             flush_started: None,
+            commit_min_interval: kafka.commit_min_interval,
+            next_positions: now + kafka.commit_min_interval,
+            positions_commit: None,
             fatal: None,
             stats: BridgeStats::default(),
         }
@@ -460,9 +476,23 @@ impl BridgeFlow {
         match report {
             ActionReport::Pushed(rest, why) => self.handle_pushed(now, rest, why),
             ActionReport::Flushed(outcome) => self.handle_flushed(now, outcome),
-            ActionReport::Committed(offsets, result) => self.handle_commit_result(&offsets, result),
+            ActionReport::Committed(offsets, result) => {
+                if let Some(asked) = self.positions_commit.take() {
+                    // The commit blocks the consumer loop: where Kafka answers slowly,
+                    // commits between checkpoints take at most a tenth of its time.
+                    let took = now.saturating_duration_since(asked);
+                    self.next_positions = self.next_positions.max(now + took * 9);
+                }
+                self.handle_commit_result(&offsets, result)
+            }
             ActionReport::Sought(tp, offset, result) => {
                 self.handle_seek_result(now, &tp, offset, result)
+            }
+            ActionReport::Positions(offsets) => self.handle_positions(now, offsets),
+            // A sink that closed answers nothing: no positions, nothing to commit (the
+            // next push or flush reports it closed).
+            ActionReport::Done if self.awaiting == Some(Awaiting::Positions) => {
+                self.handle_positions(now, Vec::new())
             }
             ActionReport::Done => {}
         }
@@ -588,6 +618,33 @@ impl BridgeFlow {
         }
     }
 
+    /// The report of [`BridgeAction::Positions`]: commits, between checkpoints, the
+    /// positions that moved past what is committed, of partitions this member owns and has
+    /// not sent back by a seek. The commit is synchronous, in the consumer loop: one that
+    /// takes `d` puts the next at least `9 d` later (at most a tenth of the loop's time).
+    pub fn handle_positions(&mut self, now: Instant, offsets: CommitOffsets) {
+        if self.awaiting != Some(Awaiting::Positions) {
+            return;
+        }
+        self.awaiting = None;
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let moved: CommitOffsets = offsets
+            .into_iter()
+            .filter(|(tp, pos)| {
+                self.parts
+                    .get(tp)
+                    .is_some_and(|p| p.seek.is_none() && p.committed.is_none_or(|c| *pos > c))
+            })
+            .collect();
+        if !moved.is_empty() {
+            self.positions_commit = Some(now);
+            self.steps
+                .push_front(Step::Act(BridgeAction::Commit(moved)));
+        }
+    }
+
     /// The report of [`BridgeAction::Seek`]. A failed seek is asked again after a backoff;
     /// until one succeeds, the partition's records are dropped (they come from the wrong
     /// position) and its commit position stays at the rewind point.
@@ -652,6 +709,7 @@ impl BridgeFlow {
                     BridgeAction::Flush => Some(Awaiting::Flushed),
                     BridgeAction::Commit(_) => Some(Awaiting::Committed),
                     BridgeAction::Seek { tp, .. } => Some(Awaiting::Seek(tp.clone())),
+                    BridgeAction::Positions => Some(Awaiting::Positions),
                     _ => None,
                 };
                 return Some(a);
@@ -703,7 +761,19 @@ impl BridgeFlow {
                 next = next.min(retry);
             }
         }
+        if self.positions_wanted() {
+            next = next.min(self.next_positions);
+        }
         next
+    }
+
+    /// Commits between checkpoints are on, and there is something this member could
+    /// commit (see [`handle_positions`](Self::handle_positions)).
+    fn positions_wanted(&self) -> bool {
+        !self.commit_min_interval.is_zero()
+            && self.fatal.is_none()
+            && matches!(self.phase, Phase::Running | Phase::Checkpoint { .. })
+            && !self.parts.is_empty()
     }
 
     // ---- internals ----
@@ -732,6 +802,12 @@ impl BridgeFlow {
             self.flush_started = Some(now);
             self.phase = Phase::Checkpoint { rewind: false };
             return Some(Step::Act(BridgeAction::Flush));
+        }
+        if self.positions_wanted() && now >= self.next_positions {
+            // At most once per interval, however late (a flow polled rarely does not catch
+            // up with a burst of commits).
+            self.next_positions = now + self.commit_min_interval;
+            return Some(Step::Act(BridgeAction::Positions));
         }
         if let Some(since) = self.holding {
             let unpaused: Vec<_> = self
@@ -850,6 +926,8 @@ mod tests {
     fn flow(now: Instant) -> BridgeFlow {
         let mut k = KafkaConfig::new("b", "g", vec!["t".into()]);
         k.commit_interval = Duration::from_secs(5);
+        // Commits between checkpoints have tests of their own.
+        k.commit_min_interval = Duration::ZERO;
         BridgeFlow::new(&k, now)
     }
 
@@ -1181,5 +1259,158 @@ mod tests {
         assert!(f.may_poll_consumer(later));
         assert_eq!(f.stats().rewinds, 0);
         assert_eq!(f.stats().committed, vec![(tp(0), 7)]);
+    }
+
+    fn flow_committing_every(now: Instant, interval: Duration) -> BridgeFlow {
+        let mut k = KafkaConfig::new("b", "g", vec!["t".into()]);
+        k.commit_interval = Duration::from_secs(3600);
+        k.commit_min_interval = interval;
+        BridgeFlow::new(&k, now)
+    }
+
+    #[test]
+    fn between_checkpoints_acknowledged_positions_are_committed_at_most_every_interval() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut f = flow_committing_every(t0, ms(100));
+        f.handle_assigned(vec![(tp(0), Some(10)), (tp(1), Some(20))]);
+        run(&mut f, t0, sink_takes_all);
+        assert_eq!(
+            f.poll_timeout(),
+            t0 + ms(100),
+            "the next commit is the deadline"
+        );
+        f.handle_records(t0, (10..15).map(|o| rec(0, o)));
+        let acts = run(&mut f, t0, sink_takes_all);
+        assert!(
+            !acts.iter().any(|a| matches!(a, BridgeAction::Positions)),
+            "asked before the interval: {acts:?}"
+        );
+        // 100 ms later: the sink has 10..12 acknowledged on partition 0, nothing new on 1
+        // (its position is the committed one), and reports a partition no longer ours.
+        let t1 = t0 + ms(100);
+        let positions = vec![(tp(0), 13), (tp(1), 20), (tp(9), 5)];
+        let acts = run(&mut f, t1, |a| match a {
+            BridgeAction::Positions => Some(ActionReport::Positions(positions.clone())),
+            BridgeAction::Commit(o) => Some(ActionReport::Committed(o.clone(), Ok(()))),
+            other => sink_takes_all(other),
+        });
+        assert_eq!(
+            acts,
+            vec![
+                BridgeAction::Positions,
+                BridgeAction::Commit(vec![(tp(0), 13)]),
+                BridgeAction::CommittedSink(vec![(tp(0), 13)]),
+            ]
+        );
+        assert_eq!(f.stats().committed, vec![(tp(0), 13)]);
+        // Asked again only after another interval; the same positions commit nothing.
+        assert!(run(&mut f, t1 + ms(99), sink_takes_all).is_empty());
+        let acts = run(&mut f, t1 + ms(100), |a| match a {
+            BridgeAction::Positions => Some(ActionReport::Positions(vec![(tp(0), 13)])),
+            other => sink_takes_all(other),
+        });
+        assert_eq!(acts, vec![BridgeAction::Positions], "committed twice");
+    }
+
+    #[test]
+    fn no_commit_between_checkpoints_for_a_partition_sought_back() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut f = flow_committing_every(t0, ms(100));
+        f.handle_assigned(vec![(tp(0), Some(10))]);
+        run(&mut f, t0, sink_takes_all);
+        f.handle_records(t0, (10..15).map(|o| rec(0, o)));
+        run(&mut f, t0, sink_takes_all);
+        // A failed checkpoint rewinds; the seek back fails and waits for its retry.
+        f.phase = Phase::Checkpoint { rewind: true };
+        f.steps.push_back(Step::Rewind);
+        let acts = run(&mut f, t0, |a| match a {
+            BridgeAction::Seek { tp, offset } => Some(ActionReport::Sought(
+                tp.clone(),
+                *offset,
+                Err("injected".into()),
+            )),
+            other => sink_takes_all(other),
+        });
+        assert!(
+            acts.contains(&BridgeAction::Seek {
+                tp: tp(0),
+                offset: 10
+            }),
+            "{acts:?}"
+        );
+        let acts = run(&mut f, t0 + ms(100), |a| match a {
+            // A sink that (wrongly) still reports a position past the rewind.
+            BridgeAction::Positions => Some(ActionReport::Positions(vec![(tp(0), 15)])),
+            other => sink_takes_all(other),
+        });
+        assert!(
+            !acts.iter().any(|a| matches!(a, BridgeAction::Commit(_))),
+            "committed a partition waiting for its seek: {acts:?}"
+        );
+    }
+
+    #[test]
+    fn a_slow_commit_spaces_the_next_commit_between_checkpoints() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut f = flow_committing_every(t0, ms(100));
+        f.handle_assigned(vec![(tp(0), Some(10))]);
+        run(&mut f, t0, sink_takes_all);
+        let t1 = t0 + ms(100);
+        assert_eq!(f.poll_action(t1), Some(BridgeAction::Positions));
+        f.handle_report(t1, ActionReport::Positions(vec![(tp(0), 12)]));
+        assert_eq!(
+            f.poll_action(t1),
+            Some(BridgeAction::Commit(vec![(tp(0), 12)]))
+        );
+        // Kafka took 50 ms to answer: the next one no sooner than 450 ms after that.
+        let t2 = t1 + ms(50);
+        f.handle_report(t2, ActionReport::Committed(vec![(tp(0), 12)], Ok(())));
+        run(&mut f, t2, sink_takes_all);
+        assert_eq!(f.poll_timeout(), t2 + ms(450));
+        assert!(run(&mut f, t2 + ms(449), sink_takes_all).is_empty());
+        assert_eq!(f.poll_action(t2 + ms(450)), Some(BridgeAction::Positions));
+    }
+
+    #[test]
+    fn a_closed_sink_answering_no_positions_does_not_stall_the_flow() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut f = flow_committing_every(t0, ms(100));
+        f.handle_assigned(vec![(tp(0), Some(10))]);
+        run(&mut f, t0, sink_takes_all);
+        f.handle_records(t0, (10..15).map(|o| rec(0, o)));
+        // The runtime could not reach the sink (closed): `Done` for the positions.
+        let acts = run(&mut f, t0 + ms(100), |a| match a {
+            BridgeAction::Push(_) => Some(ActionReport::Pushed(
+                VecDeque::new(),
+                Some(PushRefusal::Closed),
+            )),
+            _ => None,
+        });
+        assert_eq!(acts[0], BridgeAction::Positions, "{acts:?}");
+        assert!(
+            acts.iter().any(|a| matches!(a, BridgeAction::Push(_))),
+            "the flow stalled after the unanswered positions: {acts:?}"
+        );
+        assert!(f.fatal_error().is_some());
+    }
+
+    #[test]
+    fn a_zero_commit_min_interval_commits_at_checkpoints_only() {
+        let t0 = Instant::now();
+        let mut f = flow_committing_every(t0, Duration::ZERO);
+        f.handle_assigned(vec![(tp(0), Some(10))]);
+        run(&mut f, t0, sink_takes_all);
+        f.handle_records(t0, (10..15).map(|o| rec(0, o)));
+        let later = t0 + Duration::from_secs(60);
+        let acts = run(&mut f, later, sink_takes_all);
+        assert!(
+            acts.iter().all(|a| matches!(a, BridgeAction::Push(_))),
+            "{acts:?}"
+        );
+        assert_eq!(f.poll_timeout(), t0 + Duration::from_secs(3600));
     }
 }

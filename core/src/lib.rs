@@ -96,6 +96,8 @@
 //!             BridgeAction::Flush => ActionReport::Flushed(FlushOutcome::from_flush(Ok(vec![]))),
 //!             BridgeAction::Commit(offsets) => ActionReport::Committed(offsets, Ok(())),
 //!             BridgeAction::Seek { tp, offset } => ActionReport::Sought(tp, offset, Ok(())),
+//!             // `Sink::commit_positions` (between checkpoints): nothing acknowledged here.
+//!             BridgeAction::Positions => ActionReport::Positions(vec![]),
 //!             // Pause, resume, and the sink's assign, revoke, rewind and committed.
 //!             _ => ActionReport::Done,
 //!         };

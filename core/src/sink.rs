@@ -512,6 +512,7 @@ impl Sink {
             // The flow seeks the consumer itself.
             BridgeAction::RewindSink => drop(self.rewind()),
             BridgeAction::CommittedSink(offsets) => self.handle_committed(&offsets),
+            BridgeAction::Positions => return Ok(ActionReport::Positions(self.commit_positions())),
             other => return Err(other),
         }
         Ok(ActionReport::Done)

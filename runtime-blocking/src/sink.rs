@@ -139,7 +139,7 @@ impl SinkClient {
     }
 
     /// Executes a sink action of a bridge's flow (push a batch, flush, assign, revoke,
-    /// rewind, committed; see `Sink::execute`) and returns its report. A closed sink takes
+    /// rewind, committed, positions; see `Sink::execute`) and returns its report. A closed sink takes
     /// nothing: a push reports the refusal (the flow then stops the bridge).
     pub fn execute(&self, action: BridgeAction) -> ActionReport {
         if matches!(action, BridgeAction::Flush) {

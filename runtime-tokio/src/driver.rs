@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
 use mqtt_sink_core::{
-    BridgeAction, CommitOffsets, ConfigErrors, DeadLetterFn, Event, Hooks, PushError, Sink,
+    ActionReport, CommitOffsets, ConfigErrors, DeadLetterFn, Event, Hooks, PushError, Sink,
     SinkParts,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -208,14 +208,12 @@ impl Driver {
             }
             Cmd::TrySendBatch(records, reply) => drop(reply.send(sink.push_batch(now, records))),
             Cmd::Room(reply) => self.room_waiters.push(reply),
-            Cmd::Act(BridgeAction::AssignSink(p)) => {
-                p.into_iter().for_each(|(tp, c)| sink.assign(tp, c))
+            // Push and flush have commands of their own; a consumer action is not the
+            // sink's.
+            Cmd::Act(action, reply) => {
+                let report = sink.execute(now, action).unwrap_or(ActionReport::Done);
+                let _ = reply.send(report);
             }
-            Cmd::Act(BridgeAction::RevokeSink(p)) => p.iter().for_each(|tp| sink.revoke(tp)),
-            Cmd::Act(BridgeAction::RewindSink) => drop(sink.rewind()),
-            Cmd::Act(BridgeAction::CommittedSink(offsets)) => sink.handle_committed(&offsets),
-            // Not the sink's (push and flush have commands of their own).
-            Cmd::Act(_) => {}
             Cmd::Stats(reply) => drop(reply.send(sink.stats())),
             Cmd::Flush(reply) if sink.is_flushing() => self.flush_queued.push(reply),
             Cmd::Flush(reply) => {

@@ -61,8 +61,8 @@ enum Cmd {
         Reply<(VecDeque<Record>, Option<PushRefusal>)>,
     ),
     Room(Reply<()>),
-    /// A sink action of the flow: assign, revoke, rewind, committed.
-    Act(BridgeAction),
+    /// A sink action of the flow: assign, revoke, rewind, committed, positions.
+    Act(BridgeAction, Reply<ActionReport>),
     Stats(Reply<mqtt_sink_core::Stats>),
     Flush(Reply<Result<CommitOffsets, SinkError>>),
     Close,
@@ -71,8 +71,7 @@ enum Cmd {
 }
 
 /// A cloneable handle to a running sink. Its commands queue without bound, but each
-/// caller waits for the answer (only the flow's assign, revoke, rewind and committed
-/// apply without one, in order).
+/// caller waits for the answer.
 #[derive(Debug, Clone)]
 pub struct SinkClient {
     tx: mpsc::UnboundedSender<Cmd>,
@@ -144,11 +143,11 @@ impl SinkClient {
             BridgeAction::Flush => {
                 ActionReport::Flushed(FlushOutcome::from_flush(self.flush().await))
             }
-            other => {
-                // A closed sink shows in the next push (fatal) or flush (failed).
-                let _ = self.tell(Cmd::Act(other));
-                ActionReport::Done
-            }
+            // A closed sink shows in the next push (fatal) or flush (failed).
+            other => self
+                .call(|tx| Cmd::Act(other, tx))
+                .await
+                .unwrap_or(ActionReport::Done),
         }
     }
 

@@ -95,6 +95,9 @@ pub struct Defects {
     /// waits_for_room { room }`. While the flow may poll (it holds fewer than its limit, or
     /// its partitions are paused), room is never reported. The runtimes check room first.
     pub poll_before_room: bool,
+    /// `pos`: between checkpoints, the glue answers the flow's `Positions` with where the
+    /// records pushed to the sink end, not with what the broker acknowledged.
+    pub positions_pushed: bool,
 }
 
 impl Defects {
@@ -102,7 +105,7 @@ impl Defects {
     pub const ENV: &'static str = "MQTT_SINK_BRIDGE_DEFECTS";
 
     /// Switches named in `MQTT_SINK_BRIDGE_DEFECTS`, comma-separated: `h2`, `h3`, `c1`, `b`,
-    /// `l9`, `loop`. Unset: none. An unknown name panics (a typo must not pass as a clean run).
+    /// `l9`, `loop`, `pos`. Unset: none. An unknown name panics (a typo must not pass as a clean run).
     pub fn from_env() -> Self {
         let mut d = Self::default();
         let Ok(v) = std::env::var(Self::ENV) else {
@@ -116,6 +119,7 @@ impl Defects {
                 "b" => d.commit_sink_positions = true,
                 "l9" => d.skip_sink_revoke = true,
                 "loop" => d.poll_before_room = true,
+                "pos" => d.positions_pushed = true,
                 other => panic!(
                     "{}: unknown defect {other:?} (h2, h3, c1, b, l9, loop)",
                     Self::ENV
@@ -153,6 +157,8 @@ pub struct Setup {
     pub commit_interval: Duration,
     /// The bridge's `commit_every`.
     pub commit_every: Option<u64>,
+    /// The bridge's `commit_min_interval` (zero: commits at checkpoints only).
+    pub commit_min_interval: Duration,
     /// Records per consumer poll at most.
     pub max_poll_records: usize,
     /// Defects to re-create.
@@ -175,6 +181,7 @@ impl Setup {
             flush_timeout: Duration::from_secs(2),
             commit_interval: Duration::from_secs(1),
             commit_every: None,
+            commit_min_interval: Duration::from_millis(100),
             max_poll_records: 500,
             defects: Defects::default(),
         }
@@ -211,6 +218,8 @@ struct Member {
     unpushed: BTreeMap<RecordCoords, Record>,
     /// Defect C1: records of revoked partitions the glue kept.
     stale: VecDeque<Record>,
+    /// Defect `pos`: per partition, the position after the last record pushed.
+    pushed_to: BTreeMap<TopicPartition, i64>,
     /// Consecutive idle passes with the flow's `poll_timeout` in the past.
     spinning: u32,
 }
@@ -245,6 +254,7 @@ impl BridgeHarness {
         let mut kafka_cfg = KafkaConfig::new("sim", "bridge", vec![TOPIC.into()]);
         kafka_cfg.commit_interval = setup.commit_interval;
         kafka_cfg.commit_every = setup.commit_every;
+        kafka_cfg.commit_min_interval = setup.commit_min_interval;
         let inv = Invariants::new(TOPIC, TOPIC_ROOT, setup.policy);
         let mut b = Self {
             kafka,
@@ -273,6 +283,7 @@ impl BridgeHarness {
                 up: true,
                 incarnation: 0,
                 unpushed: BTreeMap::new(),
+                pushed_to: BTreeMap::new(),
                 stale: VecDeque::new(),
                 spinning: 0,
             });
@@ -494,6 +505,7 @@ impl BridgeHarness {
         mb.up = true;
         mb.unpushed.clear();
         mb.stale.clear();
+        mb.pushed_to.clear();
         mb.spinning = 0;
         self.kafka.join(m);
         let mut t = self.target.clone();

@@ -6,7 +6,7 @@
 //!
 //! 256 cases per property by default; PROPTEST_CASES changes it. Environment, for
 //! investigations:
-//! - `MQTT_SINK_BRIDGE_DEFECTS=h2` (or `h3`, `c1`, `b`, `l9`, `loop`, comma-separated) runs
+//! - `MQTT_SINK_BRIDGE_DEFECTS=h2` (or `h3`, `c1`, `b`, `l9`, `loop`, `pos`, comma-separated) runs
 //!   the properties with re-created defects, to see which invariant catches them (the
 //!   `*_is_caught` tests below do it on fixed runs);
 //! - `MQTT_SINK_BRIDGE_SKIP=g` leaves invariants out, to look past a known failure;
@@ -318,7 +318,53 @@ fn a_revoke_that_drops_every_held_record_resumes_the_paused_partitions() {
     assert_clean(&mut b);
 }
 
+/// Commits between checkpoints (`commit_min_interval`): a slow broker acknowledges
+/// records long after they were pushed, checkpoints are an hour apart.
+fn commit_min_run(defects: Defects) -> BridgeHarness {
+    let mut b = harness(Setup {
+        commit_interval: Duration::from_secs(3600),
+        commit_min_interval: Duration::from_millis(100),
+        defects,
+        ..Setup::new(11)
+    });
+    for _ in 0..60 {
+        b.append(0, Some("p0k0"), 0, 4);
+    }
+    b.apply(&Op::AckDelay { member: 0, ms: 400 });
+    passes(&mut b, 0, 3);
+    b.advance(Duration::from_millis(1500));
+    b
+}
+
+#[test]
+fn between_checkpoints_the_commit_follows_the_acks() {
+    let mut b = commit_min_run(Defects::default());
+    let tp = TopicPartition::new(TOPIC, 0);
+    let committed = b.kafka.committed(&tp);
+    assert!(
+        committed.is_some_and(|c| c > 0),
+        "no commit before the first checkpoint: {committed:?}, {}",
+        b.describe()
+    );
+    assert_eq!(b.flow(0).stats().rewinds, 0);
+    b.apply(&Op::Heal);
+    healed(&mut b);
+    assert_clean(&mut b);
+    assert_eq!(b.kafka.committed(&tp), Some(60));
+}
+
 // ---- the invariants catch the defects, re-created at the glue level ----
+
+/// `pos`: the commits between checkpoints take where the pushes end for what the broker
+/// acknowledged.
+#[test]
+fn pos_switch_is_caught() {
+    let mut b = commit_min_run(Defects {
+        positions_pushed: true,
+        ..Defects::default()
+    });
+    assert_caught(&mut b, "(a)");
+}
 
 fn assert_caught(b: &mut BridgeHarness, invariant: &str) {
     let _ = b.check();

@@ -174,6 +174,11 @@ impl BridgeHarness {
                 };
                 let sent = records.len();
                 let mb = &mut self.members[m];
+                if d.positions_pushed {
+                    for r in &records {
+                        mb.pushed_to.insert(r.tp.clone(), r.offset + 1);
+                    }
+                }
                 let (rest, why) = mb.h.sink.push_batch(mb.h.now, records);
                 for c in coords.iter().take(sent - rest.len()) {
                     mb.unpushed.remove(c);
@@ -213,6 +218,13 @@ impl BridgeHarness {
                 mb.h.sink.handle_committed(&offsets);
                 mb.h.drain();
                 ActionReport::Done
+            }
+            BridgeAction::Positions => {
+                let mb = &self.members[m];
+                ActionReport::Positions(match d.positions_pushed {
+                    true => mb.pushed_to.clone().into_iter().collect(),
+                    false => mb.h.sink.commit_positions(),
+                })
             }
             other => {
                 let v = format!("(d) member {m}: an action the model does not know: {other:?}");

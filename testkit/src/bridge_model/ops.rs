@@ -223,12 +223,17 @@ fn setup(members: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Setu
             1u32..20,
             prop::option::of(1u64..60),
             prop_oneof![Just(500usize), 1usize..64],
+            prop_oneof![
+                1 => Just(Duration::ZERO),
+                2 => Just(Duration::from_millis(100)),
+                1 => (1u64..500).prop_map(Duration::from_millis)
+            ],
         ),
     )
         .prop_map(
             |(
                 (seed, version, qos, policy, members, partitions),
-                (protocol, max_buffered, max_inflight, commit_every, max_poll_records),
+                (protocol, max_buffered, max_inflight, commit_every, max_poll_records, commit_min),
             )| Setup {
                 version,
                 qos,
@@ -239,6 +244,7 @@ fn setup(members: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Setu
                 max_buffered,
                 max_inflight,
                 commit_every,
+                commit_min_interval: commit_min,
                 max_poll_records,
                 ..Setup::new(seed)
             },
