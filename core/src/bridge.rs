@@ -1261,20 +1261,27 @@ mod tests {
         assert_eq!(f.stats().committed, vec![(tp(0), 7)]);
     }
 
-    fn flow_committing_every(now: Instant, interval: Duration) -> BridgeFlow {
+    /// A flow committing between checkpoints every `interval` (checkpoints an hour apart),
+    /// `parts` assigned.
+    fn flow_committing_every(
+        now: Instant,
+        interval: Duration,
+        parts: Vec<(TopicPartition, Option<i64>)>,
+    ) -> BridgeFlow {
         let mut k = KafkaConfig::new("b", "g", vec!["t".into()]);
         k.commit_interval = Duration::from_secs(3600);
         k.commit_min_interval = interval;
-        BridgeFlow::new(&k, now)
+        let mut f = BridgeFlow::new(&k, now);
+        f.handle_assigned(parts);
+        run(&mut f, now, sink_takes_all);
+        f
     }
 
     #[test]
     fn between_checkpoints_acknowledged_positions_are_committed_at_most_every_interval() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut f = flow_committing_every(t0, ms(100));
-        f.handle_assigned(vec![(tp(0), Some(10)), (tp(1), Some(20))]);
-        run(&mut f, t0, sink_takes_all);
+        let mut f = flow_committing_every(t0, ms(100), vec![(tp(0), Some(10)), (tp(1), Some(20))]);
         assert_eq!(
             f.poll_timeout(),
             t0 + ms(100),
@@ -1317,9 +1324,7 @@ mod tests {
     fn no_commit_between_checkpoints_for_a_partition_sought_back() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut f = flow_committing_every(t0, ms(100));
-        f.handle_assigned(vec![(tp(0), Some(10))]);
-        run(&mut f, t0, sink_takes_all);
+        let mut f = flow_committing_every(t0, ms(100), vec![(tp(0), Some(10))]);
         f.handle_records(t0, (10..15).map(|o| rec(0, o)));
         run(&mut f, t0, sink_takes_all);
         // A failed checkpoint rewinds; the seek back fails and waits for its retry.
@@ -1355,9 +1360,7 @@ mod tests {
     fn a_slow_commit_spaces_the_next_commit_between_checkpoints() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut f = flow_committing_every(t0, ms(100));
-        f.handle_assigned(vec![(tp(0), Some(10))]);
-        run(&mut f, t0, sink_takes_all);
+        let mut f = flow_committing_every(t0, ms(100), vec![(tp(0), Some(10))]);
         let t1 = t0 + ms(100);
         assert_eq!(f.poll_action(t1), Some(BridgeAction::Positions));
         f.handle_report(t1, ActionReport::Positions(vec![(tp(0), 12)]));
@@ -1378,9 +1381,7 @@ mod tests {
     fn a_closed_sink_answering_no_positions_does_not_stall_the_flow() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let mut f = flow_committing_every(t0, ms(100));
-        f.handle_assigned(vec![(tp(0), Some(10))]);
-        run(&mut f, t0, sink_takes_all);
+        let mut f = flow_committing_every(t0, ms(100), vec![(tp(0), Some(10))]);
         f.handle_records(t0, (10..15).map(|o| rec(0, o)));
         // The runtime could not reach the sink (closed): `Done` for the positions.
         let acts = run(&mut f, t0 + ms(100), |a| match a {
@@ -1401,9 +1402,7 @@ mod tests {
     #[test]
     fn a_zero_commit_min_interval_commits_at_checkpoints_only() {
         let t0 = Instant::now();
-        let mut f = flow_committing_every(t0, Duration::ZERO);
-        f.handle_assigned(vec![(tp(0), Some(10))]);
-        run(&mut f, t0, sink_takes_all);
+        let mut f = flow_committing_every(t0, Duration::ZERO, vec![(tp(0), Some(10))]);
         f.handle_records(t0, (10..15).map(|o| rec(0, o)));
         let later = t0 + Duration::from_secs(60);
         let acts = run(&mut f, later, sink_takes_all);

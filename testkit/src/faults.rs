@@ -612,25 +612,33 @@ pub fn clean_run_has_no_duplicates(bin: &Path, runtime: &str, qos: u8) {
     assert_eq!((report.duplicates, report.replays), (0, 0));
 }
 
-/// The sink is killed with SIGKILL mid-run and started again.
-pub fn sink_killed_and_restarted(bin: &Path, runtime: &str, qos: u8) {
-    let n = record_count(20_000);
-    let Some(mut s) = scenario(bin, runtime, qos, partitions_for(n)) else {
-        return;
-    };
+/// A scenario whose group loses a member to SIGKILL: `None` (saying it skipped) where the
+/// brokers are unavailable, or on Tansu, whose 0.6 coordinator does not reassign a killed
+/// member's partitions. Seen here: the restarted sink joined while the killed one's session
+/// was still open, Tansu gave it no partitions ("partitions assigned: " with an empty list)
+/// and never reassigned them after the killed member's session expired (2019 of 20000
+/// records in 320 s); in a group, it rebalanced only some of the survivors, so the dead
+/// member's partitions stayed assigned to it (the live members' logs show no revoke).
+/// Whether it strikes depends on timing, so these scenarios run on MockCluster and
+/// apache/kafka only.
+fn member_kill_scenario(bin: &Path, runtime: &str, qos: u8, partitions: i32) -> Option<Scenario> {
+    let s = scenario(bin, runtime, qos, partitions)?;
     if s.kafka.is_tansu() {
-        // Seen here (CI, Tansu image): the restarted sink joined while the killed one's
-        // session was still open, Tansu 0.6 gave it no partitions ("partitions assigned: "
-        // with an empty list), and after the killed member's session expired it never
-        // reassigned them: 2019 of 20000 records in 320 s. The same coordinator defect as in
-        // the group scenario; whether it strikes depends on timing, so the scenario does not
-        // run on Tansu. It runs on MockCluster and apache/kafka.
         eprintln!(
             "SKIPPED: {}: Tansu 0.6's group coordinator does not reassign a killed member's partitions",
             s.kafka.describe()
         );
-        return;
+        return None;
     }
+    Some(s)
+}
+
+/// The sink is killed with SIGKILL mid-run and started again.
+pub fn sink_killed_and_restarted(bin: &Path, runtime: &str, qos: u8) {
+    let n = record_count(20_000);
+    let Some(mut s) = member_kill_scenario(bin, runtime, qos, partitions_for(n)) else {
+        return;
+    };
     s.produce(n).unwrap_or_else(|e| panic!("{e}"));
     let sub = s.subscriber();
     let cfg = s.config("sink", None, None);
@@ -662,17 +670,9 @@ pub const KILL_RATE: f64 = 40_000.0;
 /// `commit_min_interval = "0s"` to see the bound fail without commits between checkpoints).
 pub fn sink_killed_replays_what_was_in_flight(bin: &Path, runtime: &str, commits: &str) {
     let n = record_count(100_000).max(20_000);
-    let Some(mut s) = scenario(bin, runtime, 1, partitions_for(n)) else {
+    let Some(mut s) = member_kill_scenario(bin, runtime, 1, partitions_for(n)) else {
         return;
     };
-    if s.kafka.is_tansu() {
-        // As in `sink_killed_and_restarted`.
-        eprintln!(
-            "SKIPPED: {}: Tansu 0.6's group coordinator does not reassign a killed member's partitions",
-            s.kafka.describe()
-        );
-        return;
-    }
     s.produce(n).unwrap_or_else(|e| panic!("{e}"));
     let sub = s.subscriber();
     let rate = format!("max_publish_rate = {KILL_RATE}");
@@ -847,20 +847,9 @@ pub fn link_faults(bin: &Path, runtime: &str, qos: u8) {
 /// Records are produced in three phases keyed to those events.
 pub fn group_of_three_one_killed_one_added(bin: &Path, runtime: &str, qos: u8) {
     let n = record_count(24_000);
-    let Some(mut s) = scenario(bin, runtime, qos, partitions_for(n).max(8)) else {
+    let Some(mut s) = member_kill_scenario(bin, runtime, qos, partitions_for(n).max(8)) else {
         return;
     };
-    if s.kafka.is_tansu() {
-        // Seen here: after a member's session times out, Tansu 0.6 rebalances only some of
-        // the survivors, so the dead member's partitions stay assigned to it and are never
-        // consumed (the live members' logs show no revoke). A coordinator defect, not the
-        // sink's; the scenario runs on MockCluster and apache/kafka.
-        eprintln!(
-            "SKIPPED: {}: Tansu 0.6's group coordinator does not reassign a killed member's partitions",
-            s.kafka.describe()
-        );
-        return;
-    }
     let third = n / 3;
     s.produce(third).unwrap_or_else(|e| panic!("{e}"));
     let sub = s.subscriber();

@@ -1659,6 +1659,30 @@ fn refusable_characters_are_rejected_before_sending_or_escaped() {
     }
 }
 
+/// Pushes one record per key to readings/0 (offsets 0, 1, ...) and flushes; returns the
+/// position the flush completed at (it must complete).
+fn push_keys_and_flush(h: &mut Harness, keys: &[&str]) -> i64 {
+    for (off, key) in keys.iter().enumerate() {
+        h.push(record("readings", 0, off as i64, key, &format!("v{off}")))
+            .unwrap();
+    }
+    match h.flush() {
+        Event::FlushCompleted { offsets } => {
+            assert_eq!(offsets.len(), 1, "{offsets:?}");
+            offsets[0].1
+        }
+        other => panic!("the flush did not complete: {other:?}"),
+    }
+}
+
+/// The topics the broker delivered to, each once, sorted.
+fn delivered_topics(h: &Harness) -> Vec<String> {
+    let mut topics: Vec<String> = delivered(h).into_iter().map(|d| d.0).collect();
+    topics.sort();
+    topics.dedup();
+    topics
+}
+
 /// H4's defence in depth: a broker that hangs up right after one publish, without a
 /// reason, gets it `poison_after` times; then the sink gives up on it (the policy applies
 /// once, the reason names the record) and the rest are delivered. Without the rule the
@@ -1679,18 +1703,7 @@ fn a_publish_the_broker_hangs_up_on_is_given_up_after_poison_after_closes() {
         let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
         connected(&mut h);
         let keys = ["k0", "k1", "bad", "k2", "k3", "k4"];
-        for (off, key) in keys.iter().enumerate() {
-            h.push(record("readings", 0, off as i64, key, &format!("v{off}")))
-                .unwrap();
-        }
-        let tp = TopicPartition::new("readings", 0);
-        assert_eq!(
-            h.flush(),
-            Event::FlushCompleted {
-                offsets: vec![(tp, 6)]
-            },
-            "{version:?}"
-        );
+        assert_eq!(push_keys_and_flush(&mut h, &keys), 6, "{version:?}");
         let rejected = rejections(&h);
         assert_eq!(rejected.len(), 1, "{rejected:?}");
         assert!(rejected[0].contains("readings/0@2"), "{}", rejected[0]);
@@ -1699,23 +1712,9 @@ fn a_publish_the_broker_hangs_up_on_is_given_up_after_poison_after_closes() {
             "{}",
             rejected[0]
         );
-        let mut topics: Vec<String> = h
-            .broker
-            .delivered()
-            .iter()
-            .map(|d| d.topic.clone())
-            .collect();
-        topics.sort();
-        topics.dedup();
         assert_eq!(
-            topics,
-            [
-                "sensors/k0",
-                "sensors/k1",
-                "sensors/k2",
-                "sensors/k3",
-                "sensors/k4"
-            ]
+            delivered_topics(&h),
+            ["k0", "k1", "k2", "k3", "k4"].map(|k| format!("sensors/{k}"))
         );
         // The first connection and one per close: poison_after + 1.
         assert_eq!(h.broker.connects().len(), 4, "{version:?}");
@@ -1743,35 +1742,16 @@ fn a_close_right_after_a_refusal_is_not_held_against_the_next_publish() {
     let mut h = Harness::new(cfg, knobs, LinkKnobs::default(), 1);
     connected(&mut h);
     let keys = ["k0", "k1", "denied", "k2", "k3", "k4"];
-    for (off, key) in keys.iter().enumerate() {
-        h.push(record("readings", 0, off as i64, key, &format!("v{off}")))
-            .unwrap();
-    }
-    let tp = TopicPartition::new("readings", 0);
-    assert_eq!(
-        h.flush(),
-        Event::FlushCompleted {
-            offsets: vec![(tp, 6)]
-        }
-    );
+    assert_eq!(push_keys_and_flush(&mut h, &keys), 6);
     let rejected = rejections(&h);
     assert_eq!(rejected.len(), 1, "{rejected:?}");
     assert!(rejected[0].contains("readings/0@2"), "{}", rejected[0]);
     assert!(rejected[0].contains("0x87"), "{}", rejected[0]);
     // Every other record arrived (k0 and k1 more than once: their answers were lost with
     // the connection).
-    let mut topics: Vec<String> = delivered(&h).into_iter().map(|d| d.0).collect();
-    topics.sort();
-    topics.dedup();
     assert_eq!(
-        topics,
-        [
-            "sensors/k0",
-            "sensors/k1",
-            "sensors/k2",
-            "sensors/k3",
-            "sensors/k4"
-        ]
+        delivered_topics(&h),
+        ["k0", "k1", "k2", "k3", "k4"].map(|k| format!("sensors/{k}"))
     );
     // The first connection and one per close.
     assert_eq!(h.broker.connects().len(), 4);
