@@ -139,8 +139,8 @@ impl SinkClient {
     }
 
     /// Executes a sink action of a bridge's flow (push a batch, flush, assign, revoke,
-    /// rewind, committed, positions; see `Sink::execute`) and returns its report. A closed sink takes
-    /// nothing: a push reports the refusal (the flow then stops the bridge).
+    /// rewind, committed, positions; see `Sink::execute`) and returns its report. A closed
+    /// sink takes nothing: a push reports the refusal (the flow then stops the bridge).
     pub fn execute(&self, action: BridgeAction) -> ActionReport {
         if matches!(action, BridgeAction::Flush) {
             return ActionReport::Flushed(FlushOutcome::from_flush(self.flush()));
