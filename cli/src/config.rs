@@ -619,6 +619,7 @@ pub(crate) fn effective(cfg: &DaemonConfig) -> Vec<(String, String)> {
         ("clean_session", m.clean_session.to_string()),
         ("session_expiry", d(m.session_expiry)),
         ("max_inflight", m.max_inflight.to_string()),
+        ("connections", m.connections.to_string()),
         ("max_buffered_records", m.max_buffered_records.to_string()),
         ("max_buffered_bytes", m.max_buffered_bytes.to_string()),
         ("reconnect_backoff_min", d(m.reconnect_backoff_min)),

@@ -11,7 +11,7 @@
 //! partition) is computed every [`LAG_INTERVAL`] by a thread of its own and served from the
 //! last value.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,7 +52,8 @@ type Label = [(&'static str, &'static str); 1];
 /// last consumer lag, the connection state.
 #[derive(Default)]
 struct Shared {
-    connected: AtomicBool,
+    /// MQTT connections up (of `mqtt.connections`).
+    connected: AtomicU64,
     /// The broker address of the last connection (one of `servers` when several).
     server: Mutex<String>,
     stats: Mutex<Option<StatsHandle>>,
@@ -186,14 +187,15 @@ impl Metrics {
                 if let Ok(mut s) = self.shared.server.lock() {
                     s.clone_from(&c.server);
                 }
-                connected.store(true, Ordering::Relaxed);
+                connected.fetch_add(1, Ordering::Relaxed);
             }
             Event::ConnectFailed(_) => _ = self.connect_failures.inc(),
             Event::ConnectionLost(_) => {
                 self.connection_losses.inc();
-                connected.store(false, Ordering::Relaxed);
+                let down = |n: u64| Some(n.saturating_sub(1));
+                let _ = connected.fetch_update(Ordering::Relaxed, Ordering::Relaxed, down);
             }
-            Event::Closed => connected.store(false, Ordering::Relaxed),
+            Event::Closed => connected.store(0, Ordering::Relaxed),
             Event::FlushCompleted { .. } => self.flush("completed"),
             Event::FlushFailed { .. } => self.flush("failed"),
             Event::FlushTimedOut { .. } => self.flush("timed_out"),
@@ -262,7 +264,7 @@ impl Metrics {
     /// partitions (more replicas than partitions is normal).
     pub(crate) fn ready(&self) -> bool {
         let stats = self.shared.snapshot();
-        self.shared.connected.load(Ordering::Relaxed) && (stats.member || stats.assigned > 0)
+        self.shared.connected.load(Ordering::Relaxed) > 0 && (stats.member || stats.assigned > 0)
     }
 
     /// The OpenMetrics text exposition.
@@ -329,10 +331,11 @@ impl Collector for Scraped {
         }
         // The address as a label: which of `servers` is (or was last) in use.
         let server = self.0.server.lock().map(|s| s.clone()).unwrap_or_default();
-        let connected = ConstGauge::new(i64::from(self.0.connected.load(Ordering::Relaxed)));
+        let up = self.0.connected.load(Ordering::Relaxed);
+        let connected = ConstGauge::new(i64::try_from(up).unwrap_or(i64::MAX));
         let mut family = enc.encode_descriptor(
             "mqtt_sink_mqtt_connected",
-            "1 while connected to the MQTT broker at the server label (the last one connected; no label before the first connection).",
+            "MQTT connections up (1 while connected with mqtt.connections = 1) to the broker at the server label (the last one connected; no label before the first connection).",
             None,
             connected.metric_type(),
         )?;

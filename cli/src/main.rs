@@ -234,7 +234,9 @@ fn log_event(e: &Event) {
     match e {
         Event::RecordAcknowledged(_) => tracing::trace!("{e}"),
         // A flush completes every commit interval: the commits show in the metrics.
-        Event::OpenTransport | Event::CloseTransport | Event::FlushCompleted { .. } => {
+        Event::OpenTransport { .. }
+        | Event::CloseTransport { .. }
+        | Event::FlushCompleted { .. } => {
             tracing::debug!("{e}")
         }
         Event::Connected(_) | Event::Closed => tracing::info!("{e}"),

@@ -507,10 +507,20 @@ pub struct Config {
     /// MQTT 5 Session Expiry Interval sent when `clean_session` is false. Default: 1 h.
     #[serde(default = "default_session_expiry", with = "humantime_serde")]
     pub session_expiry: Duration,
-    /// Most QoS 1/2 publishes awaiting acknowledgement at once; the broker's MQTT 5 Receive
-    /// Maximum lowers it. 1..=65535. Default: 1000.
+    /// Most QoS 1/2 publishes awaiting acknowledgement at once on each connection; the
+    /// broker's MQTT 5 Receive Maximum lowers it. 1..=65535. Default: 1000.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u32,
+    /// MQTT connections (sessions) to the broker, 1..=64. Each record's publish goes on the
+    /// connection its MQTT topic hashes to, so that publishes to one topic keep their
+    /// order; each connection has its own window (`max_inflight`), and client id
+    /// `<client_id>-<i>` (i = 0..connections-1) when there are several. The offset ledger,
+    /// the buffer and `max_publish_rate` are shared: a record's offset passes when its own
+    /// connection has it acknowledged. Several connections lift the ceiling of
+    /// window / round trip that one connection has against a distant or per-connection
+    /// limited broker. Default: 1.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
     /// Most records held (queued or in flight) before `push_record` refuses more; once it
     /// has refused, it takes records again when three quarters or fewer are held.
     /// Default: 5000 (five times the default `max_inflight`: the window refills from the
@@ -637,6 +647,10 @@ fn default_connect_timeout() -> Duration {
 fn default_session_expiry() -> Duration {
     Duration::from_secs(3600)
 }
+fn default_connections() -> usize {
+    1
+}
+
 fn default_max_inflight() -> u32 {
     1000
 }
@@ -701,6 +715,7 @@ impl Config {
             clean_session: false,
             session_expiry: default_session_expiry(),
             max_inflight: default_max_inflight(),
+            connections: default_connections(),
             max_buffered_records: default_max_buffered_records(),
             max_buffered_bytes: default_max_buffered_bytes(),
             reconnect_backoff_min: default_backoff_min(),
@@ -846,11 +861,27 @@ impl Config {
             })
         };
         let id = &self.client_id;
+        // With several connections, each adds `-<i>` to the client id.
+        let longest = match self.connections {
+            0 | 1 => id.len(),
+            n => id.len() + 1 + (n - 1).to_string().len(),
+        };
         match self.version {
             MqttVersion::V31 if id.is_empty() || id.len() > 23 => bad(
                 "client_id",
                 format!("{id:?}"),
                 "MQTT 3.1 needs a client id of 1 to 23 bytes; shorten it or use version \"3.1.1\"/\"5\"",
+            ),
+            MqttVersion::V31 if longest > 23 => bad(
+                "client_id",
+                format!("{id:?}"),
+                &format!(
+                    "with connections = {} the client ids are {id}-0 to {id}-{} ({longest} \
+                     bytes), and MQTT 3.1 allows 23; shorten it, use fewer connections, or \
+                     use version \"3.1.1\"/\"5\"",
+                    self.connections,
+                    self.connections - 1
+                ),
             ),
             MqttVersion::V311 if id.is_empty() && !self.clean_session => bad(
                 "client_id",
@@ -1053,6 +1084,13 @@ impl Config {
                 "max_inflight",
                 self.max_inflight.to_string(),
                 "must be 1..=65535 (MQTT packet identifiers)",
+            );
+        }
+        if !(1..=64).contains(&self.connections) {
+            bad(
+                "connections",
+                self.connections.to_string(),
+                "must be 1..=64 (MQTT connections to the broker)",
             );
         }
         if self.max_buffered_records == 0 {

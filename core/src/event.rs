@@ -17,11 +17,18 @@ pub type CommitOffsets = Vec<(TopicPartition, i64)>;
 #[non_exhaustive]
 #[must_use]
 pub enum Event {
-    /// Open a transport (TCP, TLS) to the configured server and port, then call
-    /// `handle_connected`, or `handle_disconnected` if it fails.
-    OpenTransport,
-    /// Close the transport after writing what `poll_transmit` returned.
-    CloseTransport,
+    /// Open a transport (TCP, TLS) for MQTT connection `connection` (0 with one
+    /// connection) to its server and port (`Sink::server_on`), then call
+    /// `handle_connected_on`, or `handle_disconnected_on` if it fails.
+    OpenTransport {
+        /// Which connection (`0..Sink::connections()`).
+        connection: usize,
+    },
+    /// Close that connection's transport after writing what `poll_transmit_on` returned.
+    CloseTransport {
+        /// Which connection (`0..Sink::connections()`).
+        connection: usize,
+    },
     /// The broker accepted the CONNECT (a successful CONNACK): the runtime's
     /// "connect success" callback.
     Connected(Connected),
@@ -413,8 +420,8 @@ impl Event {
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::OpenTransport => f.write_str("open transport"),
-            Self::CloseTransport => f.write_str("close transport"),
+            Self::OpenTransport { connection } => write!(f, "open transport {connection}"),
+            Self::CloseTransport { connection } => write!(f, "close transport {connection}"),
             Self::Connected(c) => write!(
                 f,
                 "connected to {} (session present: {}, window {})",

@@ -33,7 +33,7 @@
 //! // Drain: the first event asks the runtime to open the transport.
 //! let mut out = Vec::new();
 //! assert!(!sink.poll_transmit(now, &mut out));
-//! assert_eq!(sink.poll_event(), Some(Event::OpenTransport));
+//! assert_eq!(sink.poll_event(), Some(Event::OpenTransport { connection: 0 }));
 //!
 //! // The runtime connected the socket: the sink writes CONNECT.
 //! sink.handle_connected(now);
@@ -67,6 +67,19 @@
 //! let next = sink.poll_timeout().expect("keep-alive armed");
 //! assert!(next <= now + Duration::from_secs(60));
 //! ```
+//!
+//! # Several connections
+//!
+//! With `connections = N` the sink keeps N MQTT sessions, each a value of its own (its
+//! packet ids, window, acknowledgement flows, keep-alive, resend and backoff), around one
+//! offset ledger and buffer. A publish goes on the connection its topic hashes to, so one
+//! topic's publishes keep their order; a record's offset passes once its own connection has
+//! it acknowledged. The runtime keeps one transport per connection: `OpenTransport` and
+//! `CloseTransport` name theirs, and the per-connection calls take its index
+//! (`handle_connected_on`, `handle_input_on`, `handle_disconnected_on`, `poll_transmit_on`,
+//! `handle_written_on`, `defer_input_until_on`, `quick_ack_wanted_on`, `server_on`). The
+//! calls without `_on` are connection 0's, all a runtime needs with one connection. Drain
+//! `poll_transmit_on` for every connection, then the events.
 //!
 //! # The bridge's drive loop
 //!
@@ -189,7 +202,7 @@ pub use event::{
 pub use kafka_config::KafkaConfig;
 pub use mapper::{KeySerializer, Properties, RecordMapper, Retain, Route, ValueSerializer};
 pub use record::{Header, Record, RecordCoords, TopicPartition};
-pub use sink::{Sink, Stats, MAX_UNWRITTEN};
+pub use sink::{connection_of, Sink, Stats, MAX_UNWRITTEN};
 pub use transform::{JqTransform, Publish, MAX_OUTPUTS};
 
 /// MQTT quality of service.

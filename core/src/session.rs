@@ -1,18 +1,18 @@
 //! The MQTT session of [`Sink`]: connect, CONNACK, publish window and packet ids,
 //! acknowledgement flows, keep-alive, resend after reconnect, close.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::config::MqttVersion;
-use crate::event::{
-    ConnectFailure, Connected, Event, LostReason, ProtocolError, RejectReason, SinkError,
-};
+use crate::backoff::Backoff;
+use crate::config::{Config, MqttVersion};
+use crate::event::{ConnectFailure, Connected, Event, LostReason, ProtocolError, RejectReason};
 use crate::ledger::RecordId;
 use crate::record::{Record, RecordCoords};
-use crate::sink::{connect_limit, Sink};
-use crate::timer::Timer;
-use crate::wire::{self, ConnectParams, EncodedPublish, Incoming};
+use crate::send_order::SendOrder;
+use crate::sink::{connect_limit, incoming_limit, Shared, MAX_UNWRITTEN, TRANSMIT_BUDGET};
+use crate::timer::{Timer, TimerTable};
+use crate::wire::{self, ConnectParams, Decoder, EncodedPublish, Incoming};
 use crate::QoS;
 
 /// How long new publishes wait for a batch of free window slots (see `hold_for_batch`).
@@ -150,18 +150,216 @@ impl Output {
     }
 }
 
-impl Sink {
-    pub(crate) fn open_transport(&mut self, now: Instant) {
+/// One MQTT connection of a [`Sink`](crate::Sink): its state, packet ids, in-flight window,
+/// acknowledgement flows, keep-alive, resend after a reconnect, backoff, and the publishes
+/// routed to it that wait for the window. What outlives a connection's publishes (the
+/// offset ledger, the buffer's accounting, the error policy) is the sink's [`Shared`]
+/// part, which every session method that resolves a publish is handed.
+pub(crate) struct Session {
+    /// This connection's index (`Event::OpenTransport { connection }`).
+    pub(crate) idx: usize,
+    pub(crate) cfg: Config,
+    pub(crate) conn: Conn,
+    pub(crate) decoder: Decoder,
+    /// Control packets (CONNECT, PUBREL, PINGREQ, acks, DISCONNECT) to write next.
+    pub(crate) control: Vec<u8>,
+    /// Publishes routed here, not yet sent, in push order.
+    pub(crate) pending: VecDeque<Msg>,
+    /// QoS 1/2 publishes awaiting their acknowledgement flow, by send order.
+    pub(crate) inflight: SendOrder<Inflight>,
+    pub(crate) by_pkid: BTreeMap<u16, u64>,
+    /// In-flight entries to resend (DUP PUBLISH or PUBREL) after a session resumed.
+    pub(crate) resend: VecDeque<u64>,
+    pub(crate) next_seq: u64,
+    pub(crate) next_pkid: u16,
+    pub(crate) window: u16,
+    pub(crate) broker_max_packet: Option<u32>,
+    /// The broker's MQTT 5 Maximum QoS on this connection (`ExactlyOnce` when it says none).
+    pub(crate) broker_max_qos: QoS,
+    pub(crate) retain_available: bool,
+    /// MQTT 5 topic aliases of this connection: how many the broker allows, and the
+    /// topics that have one.
+    pub(crate) alias_max: u16,
+    pub(crate) aliases: BTreeMap<Vec<u8>, u16>,
+    pub(crate) keepalive_secs: u16,
+    pub(crate) ping_outstanding: bool,
+    pub(crate) connected_once: bool,
+    pub(crate) client_id: String,
+    pub(crate) backoff: Backoff,
+    pub(crate) timers: TimerTable,
+    /// When the current connection's CONNACK arrived.
+    pub(crate) connected_at: Option<Instant>,
+    /// This connection's output, written or not.
+    pub(crate) output: Output,
+    /// The publishes one of which made the broker close the last connections (see
+    /// `poison_after` and [`Suspect`]).
+    pub(crate) suspect: Option<Suspect>,
+    /// The last packet the broker sent on this connection refused a publish (a PUBACK or
+    /// PUBREC reason >= 0x80): a close right after it is the broker hanging up on that
+    /// publish, not evidence against the ones handed out since.
+    pub(crate) refused_last: bool,
+    /// The newest publish handed out on this connection.
+    pub(crate) last_handed: Option<RecordId>,
+    /// While probing (see [`Session::probing`]): the in-flight entry sent alone.
+    pub(crate) probe: Option<u64>,
+    /// MQTT 3.1/3.1.1 persistent sessions: the step this connection is for.
+    pub(crate) session_step: SessionStep,
+    /// `close` wants the persistent session ended after its DISCONNECT.
+    pub(crate) end_session: bool,
+    /// This connection's CONNECT asked for a clean session (so CONNACK must not say
+    /// "session present").
+    pub(crate) sent_clean: bool,
+    /// When the broker last answered the oldest in-flight entry on this connection (the
+    /// next one's ack timeout counts from then at the earliest).
+    pub(crate) head_since: Option<Instant>,
+    /// The refill timer fired: send into the window whatever is free.
+    pub(crate) refill_due: bool,
+    /// The broker addresses (`servers`, or `server` and `port`) and the one in use.
+    pub(crate) addresses: Vec<(String, u16)>,
+    pub(crate) address: usize,
+}
+
+impl Session {
+    /// Connection `idx` of a sink with `cfg`: client id `<client_id>-<idx>` when the sink
+    /// has several (`connections`), the configured one when it has one.
+    pub(crate) fn new(idx: usize, cfg: &Config) -> Self {
+        // An empty client id asks the broker to assign one (to each connection).
+        let client_id = if cfg.connections > 1 && !cfg.client_id.is_empty() {
+            format!("{}-{idx}", cfg.client_id)
+        } else {
+            cfg.client_id.clone()
+        };
+        let mut addresses = cfg.addresses();
+        if addresses.is_empty() {
+            addresses.push((cfg.server.clone(), cfg.port));
+        }
+        Self {
+            idx,
+            decoder: Decoder::new(incoming_limit(cfg) as usize),
+            control: Vec::new(),
+            pending: VecDeque::new(),
+            inflight: SendOrder::default(),
+            by_pkid: BTreeMap::new(),
+            resend: VecDeque::new(),
+            next_seq: 0,
+            next_pkid: 1,
+            window: cfg.max_inflight as u16,
+            broker_max_packet: None,
+            broker_max_qos: QoS::ExactlyOnce,
+            retain_available: true,
+            alias_max: 0,
+            aliases: BTreeMap::new(),
+            keepalive_secs: cfg.keepalive.as_secs() as u16,
+            ping_outstanding: false,
+            connected_once: false,
+            backoff: Backoff::new(
+                cfg.reconnect_backoff_min,
+                cfg.reconnect_backoff_max,
+                cfg.reconnect_jitter_seed
+                    .map(|s| s.wrapping_add(idx as u64))
+                    .unwrap_or_else(|| crate::backoff::seed_from(&client_id)),
+            ),
+            client_id,
+            timers: TimerTable::default(),
+            connected_at: None,
+            output: Output::default(),
+            suspect: None,
+            refused_last: false,
+            last_handed: None,
+            probe: None,
+            head_since: None,
+            session_step: SessionStep::default(),
+            end_session: false,
+            sent_clean: false,
+            refill_due: false,
+            addresses,
+            address: 0,
+            conn: Conn::Backoff,
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// Records held: queued here or in flight.
+    pub(crate) fn held(&self) -> usize {
+        self.pending.len() + self.inflight.len()
+    }
+
+    /// The broker address to open (and the one in use while connected).
+    pub(crate) fn server(&self) -> (&str, u16) {
+        let (h, p) = &self.addresses[self.address];
+        (h.as_str(), *p)
+    }
+
+    /// [`server`](Self::server) as `host:port` (`[v6]:port`), for logs and metrics.
+    pub(crate) fn server_address(&self) -> String {
+        let (host, port) = self.server();
+        crate::config::format_address(host, port)
+    }
+
+    /// Time passed: fires this connection's timers due at `now`.
+    pub(crate) fn handle_timeout(&mut self, sh: &mut Shared, now: Instant) {
+        while let Some(t) = self.timers.expired(now) {
+            match t {
+                Timer::Reconnect => self.on_reconnect_timer(sh, now),
+                Timer::ConnAck => self.on_connack_timeout(sh, now),
+                Timer::Keepalive => self.on_keepalive(now),
+                Timer::PingResp => self.on_ping_timeout(sh, now),
+                Timer::Ack => self.on_ack_timeout(sh, now),
+                Timer::Refill => self.refill_due = true,
+                // The next poll_transmit may send again; the flush timer is the sink's.
+                Timer::Rate | Timer::Flush => {}
+            }
+        }
+    }
+
+    /// See [`Sink::poll_transmit`](crate::Sink::poll_transmit).
+    pub(crate) fn poll_transmit(
+        &mut self,
+        sh: &mut Shared,
+        now: Instant,
+        buf: &mut Vec<u8>,
+    ) -> bool {
+        let start = buf.len();
+        let room = MAX_UNWRITTEN.saturating_sub(self.output.unwritten_bytes() as usize);
+        self.transmit(sh, now, buf, start, start + room.min(TRANSMIT_BUDGET));
+        let wrote = buf.len() > start;
+        if wrote {
+            let o = &mut self.output;
+            if o.handed == o.written {
+                o.stalled_since = Some(now);
+            }
+            o.handed += (buf.len() - start) as u64;
+            self.on_transmitted(sh, now);
+        }
+        self.arm_ack_timer();
+        wrote
+    }
+
+    /// See [`Sink::defer_input_until`](crate::Sink::defer_input_until).
+    pub(crate) fn defer_input_until(&self) -> Option<Instant> {
+        self.timers
+            .get(Timer::Refill)
+            .filter(|_| self.conn == Conn::Connected)
+    }
+
+    /// See [`Sink::quick_ack_wanted`](crate::Sink::quick_ack_wanted).
+    pub(crate) fn quick_ack_wanted(&self) -> bool {
+        self.conn == Conn::Connected && self.pending.is_empty() && self.inflight.len() > 0
+    }
+
+    pub(crate) fn open_transport(&mut self, sh: &mut Shared, now: Instant) {
         self.conn = Conn::Opening;
         // One deadline covers opening the transport and the CONNACK.
         self.timers
             .set(Timer::ConnAck, now + self.cfg.connect_timeout);
-        self.events.push_back(Event::OpenTransport);
+        sh.events.push_back(Event::OpenTransport {
+            connection: self.idx,
+        });
     }
 
     /// The transport the sink asked for (`Event::OpenTransport`) is open: the sink queues
     /// CONNECT.
-    pub fn handle_connected(&mut self, _now: Instant) {
+    pub(crate) fn handle_connected(&mut self, sh: &mut Shared, _now: Instant) {
         if self.conn != Conn::Opening {
             return;
         }
@@ -196,37 +394,47 @@ impl Sink {
             Ok(()) => self.conn = Conn::AwaitConnAck,
             Err(e) => {
                 // Validation makes this unreachable; report it rather than panic.
-                self.events
+                sh.events
                     .push_back(Event::ConnectFailed(ConnectFailure::Protocol(e.0)));
-                self.drop_connection(_now, true);
+                self.drop_connection(sh, _now, true);
             }
         }
     }
 
     /// The transport closed or could not be opened (`reason`: the runtime's words, such as
     /// the DNS, TCP or TLS error with server and port).
-    pub fn handle_disconnected(&mut self, now: Instant, reason: impl Into<String>) {
+    pub(crate) fn handle_disconnected(
+        &mut self,
+        sh: &mut Shared,
+        now: Instant,
+        reason: impl Into<String>,
+    ) {
         let reason = reason.into();
         match self.conn {
             Conn::Opening | Conn::AwaitConnAck => {
-                self.events
+                sh.events
                     .push_back(Event::ConnectFailed(ConnectFailure::Transport(reason)));
-                self.drop_connection(now, false);
+                self.drop_connection(sh, now, false);
             }
             Conn::Connected => {
-                self.events
+                sh.events
                     .push_back(Event::ConnectionLost(LostReason::Transport(reason)));
-                self.broker_closed(now);
-                self.drop_connection(now, false);
+                self.broker_closed(sh, now);
+                self.drop_connection(sh, now, false);
             }
-            Conn::Closing => self.drop_connection(now, false),
+            Conn::Closing => self.drop_connection(sh, now, false),
             Conn::Backoff | Conn::Closed => {}
         }
     }
 
     /// Bytes arrived from the broker, in any chunking. A protocol violation closes the
     /// connection (the events say so) and is returned once.
-    pub fn handle_input(&mut self, now: Instant, bytes: &[u8]) -> Result<(), ProtocolError> {
+    pub(crate) fn handle_input(
+        &mut self,
+        sh: &mut Shared,
+        now: Instant,
+        bytes: &[u8],
+    ) -> Result<(), ProtocolError> {
         if !matches!(
             self.conn,
             Conn::AwaitConnAck | Conn::Connected | Conn::Closing
@@ -239,10 +447,10 @@ impl Sink {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(()),
                 // A packet that cannot be decoded is malformed (0x81).
-                Err(e) => return Err(self.protocol_error(now, 0x81, e.0)),
+                Err(e) => return Err(self.protocol_error(sh, now, 0x81, e.0)),
             };
-            if let Err(e) = self.on_packet(now, packet) {
-                return Err(self.protocol_error(now, 0x82, e));
+            if let Err(e) = self.on_packet(sh, now, packet) {
+                return Err(self.protocol_error(sh, now, 0x82, e));
             }
             self.arm_ack_timer();
             if !matches!(
@@ -256,7 +464,13 @@ impl Sink {
 
     /// The broker broke the protocol: MQTT 5 tells it why (`code`: 0x81 malformed packet,
     /// 0x82 protocol error), and the connection closes.
-    fn protocol_error(&mut self, now: Instant, code: u8, msg: String) -> ProtocolError {
+    fn protocol_error(
+        &mut self,
+        sh: &mut Shared,
+        now: Instant,
+        code: u8,
+        msg: String,
+    ) -> ProtocolError {
         let event = if self.conn == Conn::AwaitConnAck {
             Event::ConnectFailed(ConnectFailure::Protocol(msg.clone()))
         } else {
@@ -266,12 +480,12 @@ impl Sink {
             // Tell the broker why, best effort.
             wire::encode_disconnect(self.cfg.version, code, &mut self.control);
         }
-        self.events.push_back(event);
-        self.drop_connection(now, true);
+        sh.events.push_back(event);
+        self.drop_connection(sh, now, true);
         ProtocolError(msg)
     }
 
-    fn on_packet(&mut self, now: Instant, p: Incoming) -> Result<(), String> {
+    fn on_packet(&mut self, sh: &mut Shared, now: Instant, p: Incoming) -> Result<(), String> {
         if self.conn == Conn::AwaitConnAck {
             return match p {
                 Incoming::ConnAck {
@@ -286,7 +500,7 @@ impl Sink {
                                     a clean session"
                             .into());
                     }
-                    self.on_connack(now, session_present, code, props);
+                    self.on_connack(sh, now, session_present, code, props);
                     Ok(())
                 }
                 other => Err(format!("expected CONNACK, got {other:?}")),
@@ -330,12 +544,12 @@ impl Sink {
                 if qos == Some(QoS::ExactlyOnce) {
                     // RabbitMQ's MQTT plugin answers QoS 2 with PUBACK: it does QoS 1.
                     let why = format!("it answered a QoS 2 PUBLISH (packet id {pkid}) with PUBACK");
-                    if !self.qos_not_honoured(now, QoS::ExactlyOnce, QoS::AtLeastOnce, why) {
+                    if !self.qos_not_honoured(sh, now, QoS::ExactlyOnce, QoS::AtLeastOnce, why) {
                         return Ok(());
                     }
                 }
                 let e = self.take_inflight(seq);
-                self.finish(e.msg, reason);
+                sh.finish(e.msg, reason);
             }
             Incoming::PubRec { pkid, reason } => {
                 let Some(seq) = self.by_pkid.get(&pkid).copied() else {
@@ -350,7 +564,7 @@ impl Sink {
                 }
                 if reason >= 0x80 {
                     let e = self.take_inflight(seq);
-                    self.finish(e.msg, reason);
+                    sh.finish(e.msg, reason);
                 } else {
                     wire::encode_pubrel(pkid, &mut self.control);
                     self.output.releases.push(seq);
@@ -371,7 +585,7 @@ impl Sink {
                         // found) after a resumed session means the broker completed it
                         // before and the first PUBCOMP was lost.
                         let e = self.take_inflight(seq);
-                        self.finish(e.msg, 0);
+                        sh.finish(e.msg, 0);
                     } else {
                         return Err(format!("PUBCOMP before PUBREC for packet id {pkid}"));
                     }
@@ -396,11 +610,11 @@ impl Sink {
                     reason_string,
                 };
                 if self.conn == Conn::Closing {
-                    self.drop_connection(now, true);
+                    self.drop_connection(sh, now, true);
                 } else {
-                    self.events.push_back(Event::ConnectionLost(lost));
-                    self.broker_closed(now);
-                    self.drop_connection(now, true);
+                    sh.events.push_back(Event::ConnectionLost(lost));
+                    self.broker_closed(sh, now);
+                    self.drop_connection(sh, now, true);
                 }
             }
         }
@@ -409,6 +623,7 @@ impl Sink {
 
     fn on_connack(
         &mut self,
+        sh: &mut Shared,
         now: Instant,
         session_present: bool,
         code: u8,
@@ -416,12 +631,12 @@ impl Sink {
     ) {
         self.timers.stop(Timer::ConnAck);
         if code != 0 {
-            self.events
+            sh.events
                 .push_back(Event::ConnectFailed(ConnectFailure::Refused {
                     code,
                     reason_string: props.reason_string,
                 }));
-            self.drop_connection(now, true);
+            self.drop_connection(sh, now, true);
             return;
         }
         if !self.cfg.clean_session {
@@ -429,16 +644,16 @@ impl Sink {
                 SessionStep::Persistent
                     if self.v3_persistent() && session_present && !self.connected_once =>
                 {
-                    self.events.push_back(Event::StaleSessionDiscarded {
+                    sh.events.push_back(Event::StaleSessionDiscarded {
                         client_id: self.client_id.clone(),
                     });
                     self.session_step = SessionStep::Discarding;
-                    self.reconnect_now(now);
+                    self.reconnect_now(sh, now);
                     return;
                 }
                 SessionStep::Discarding => {
                     self.session_step = SessionStep::Persistent;
-                    self.reconnect_now(now);
+                    self.reconnect_now(sh, now);
                     return;
                 }
                 SessionStep::Ending => {
@@ -461,18 +676,18 @@ impl Sink {
             .pending
             .iter()
             .chain(self.inflight.values().map(|e| &e.msg));
-        let wanted = held.map(|m| m.qos).fold(self.qos, QoS::max);
+        let wanted = held.map(|m| m.qos).fold(sh.qos, QoS::max);
         if wanted > self.broker_max_qos {
             let max = self.broker_max_qos;
             let why = format!("its CONNACK says Maximum QoS {}", max as u8);
-            if !self.qos_not_honoured(now, wanted, max, why) {
+            if !self.qos_not_honoured(sh, now, wanted, max, why) {
                 return;
             }
         }
         self.conn = Conn::Connected;
         self.connected_at = Some(now);
         (self.last_handed, self.probe, self.head_since) = (None, None, None);
-        self.stats.connects += 1;
+        sh.stats.connects += 1;
         self.window = props.receive_maximum.map_or(self.cfg.max_inflight, |r| {
             self.cfg.max_inflight.min(u32::from(r).max(1))
         }) as u16;
@@ -495,8 +710,8 @@ impl Sink {
         self.restart_keepalive(now);
         let resumed = session_present && self.connected_once;
         self.connected_once = true;
-        self.resume(resumed);
-        self.events.push_back(Event::Connected(Connected {
+        self.resume(sh, resumed);
+        sh.events.push_back(Event::Connected(Connected {
             server: self.server_address(),
             session_present,
             assigned_client_id: props.assigned_client_id,
@@ -513,7 +728,7 @@ impl Sink {
     /// (PUBLISH with DUP and the same id, or PUBREL if released); without it, publish them
     /// again as new publishes ahead of the queue, released ones included (the broker that
     /// sent PUBREC may have lost them: a duplicate is possible, a loss is not).
-    fn resume(&mut self, resumed: bool) {
+    fn resume(&mut self, sh: &mut Shared, resumed: bool) {
         self.resend.clear();
         if resumed {
             self.resend.extend(self.inflight.keys());
@@ -523,13 +738,11 @@ impl Sink {
         let old = std::mem::take(&mut self.inflight);
         let mut again = Vec::with_capacity(old.len());
         for e in old.into_values() {
-            let tracked = self
-                .ledger
-                .pending_id(&e.msg.coords.tp, e.msg.coords.offset)
+            let tracked = sh.ledger.pending_id(&e.msg.coords.tp, e.msg.coords.offset)
                 == Some(e.msg.record_id);
             if !tracked {
                 // Revoked or rewound: consumed again anyway.
-                self.free(&e.msg);
+                sh.free(&e.msg);
             } else {
                 let mut msg = e.msg;
                 wire::set_dup(&mut msg.packet, false);
@@ -555,7 +768,7 @@ impl Sink {
     /// evidence against it and the publishes sent after it (a [`Suspect`] range);
     /// `poison_after` closes in a row whose ranges overlap, with the range down to one
     /// publish, give up on it: the error policy applies and the rest resend without it.
-    fn broker_closed(&mut self, now: Instant) {
+    fn broker_closed(&mut self, sh: &mut Shared, now: Instant) {
         if std::mem::take(&mut self.refused_last) {
             // It answered a publish with a refusal and hung up (Mosquitto 2.0 with
             // `max_queued_messages 0`, AWS IoT Core on a denied publish): the close is that
@@ -601,8 +814,8 @@ impl Sink {
         }
         self.suspect = None;
         let e = self.take_inflight(seq);
-        self.free(&e.msg);
-        self.reject(
+        sh.free(&e.msg);
+        sh.reject(
             e.msg.coords,
             e.msg.record_id,
             RejectReason::Poison { closes: s.closes },
@@ -648,19 +861,19 @@ impl Sink {
     }
 
     /// `close` should end a persistent session this sink made (MQTT 3.1/3.1.1).
-    fn wants_session_end(&self) -> bool {
+    fn wants_session_end(&self, sh: &Shared) -> bool {
         !self.cfg.clean_session
             && self.connected_once
-            && self.fatal.is_none()
+            && sh.fatal.is_none()
             && self.session_step != SessionStep::Ending
     }
 
     /// Ends a connection opened for a session step (DISCONNECT) and opens the next one at
     /// once, without backoff.
-    fn reconnect_now(&mut self, now: Instant) {
+    fn reconnect_now(&mut self, sh: &mut Shared, now: Instant) {
         wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
         self.conn = Conn::Connected;
-        self.drop_connection(now, true);
+        self.drop_connection(sh, now, true);
         self.timers.set(Timer::Reconnect, now);
     }
 
@@ -670,31 +883,13 @@ impl Sink {
         e
     }
 
-    /// Releases a message's buffer accounting.
-    pub(crate) fn free(&mut self, msg: &Msg) {
-        self.buffered_bytes -= msg.size;
-    }
-
-    /// A QoS 1 PUBACK or a rejecting QoS 2 PUBREC ended a publish.
-    fn finish(&mut self, msg: Msg, reason: u8) {
-        self.free(&msg);
-        if reason >= 0x80 {
-            self.reject(
-                msg.coords,
-                msg.record_id,
-                RejectReason::Broker { code: reason },
-                msg.record.map(|r| *r),
-            );
-        } else {
-            self.acknowledged(msg.coords, msg.record_id);
-        }
-    }
-
     /// Leaves the connection: `close_transport` asks the runtime to close it (the core
     /// decided); otherwise the runtime reported it gone.
-    pub(crate) fn drop_connection(&mut self, now: Instant, close_transport: bool) {
+    pub(crate) fn drop_connection(&mut self, sh: &mut Shared, now: Instant, close_transport: bool) {
         if close_transport {
-            self.events.push_back(Event::CloseTransport);
+            sh.events.push_back(Event::CloseTransport {
+                connection: self.idx,
+            });
         }
         self.resend.clear();
         self.reset_output();
@@ -707,7 +902,7 @@ impl Sink {
         let ending = self.session_step == SessionStep::Ending;
         if ending || matches!(self.conn, Conn::Closing | Conn::Closed) {
             if self.conn != Conn::Closed {
-                self.events.push_back(Event::Closed);
+                sh.session_closed();
             }
             self.session_step = SessionStep::Persistent;
             self.control.clear();
@@ -733,18 +928,18 @@ impl Sink {
         self.timers.set(Timer::Reconnect, now + delay);
     }
 
-    pub(crate) fn on_reconnect_timer(&mut self, now: Instant) {
+    pub(crate) fn on_reconnect_timer(&mut self, sh: &mut Shared, now: Instant) {
         if self.conn == Conn::Backoff {
             self.control.clear();
-            self.open_transport(now);
+            self.open_transport(sh, now);
         }
     }
 
-    pub(crate) fn on_connack_timeout(&mut self, now: Instant) {
+    pub(crate) fn on_connack_timeout(&mut self, sh: &mut Shared, now: Instant) {
         if matches!(self.conn, Conn::Opening | Conn::AwaitConnAck) {
-            self.events
+            sh.events
                 .push_back(Event::ConnectFailed(ConnectFailure::Timeout));
-            self.drop_connection(now, true);
+            self.drop_connection(sh, now, true);
         }
     }
 
@@ -767,11 +962,11 @@ impl Sink {
         }
     }
 
-    pub(crate) fn on_ping_timeout(&mut self, now: Instant) {
+    pub(crate) fn on_ping_timeout(&mut self, sh: &mut Shared, now: Instant) {
         if self.conn == Conn::Connected && self.ping_outstanding {
-            self.events
+            sh.events
                 .push_back(Event::ConnectionLost(LostReason::PingTimeout));
-            self.drop_connection(now, true);
+            self.drop_connection(sh, now, true);
         }
     }
 
@@ -811,7 +1006,7 @@ impl Sink {
         }
     }
 
-    pub(crate) fn on_ack_timeout(&mut self, now: Instant) {
+    pub(crate) fn on_ack_timeout(&mut self, sh: &mut Shared, now: Instant) {
         if self.conn != Conn::Connected {
             return;
         }
@@ -834,8 +1029,8 @@ impl Sink {
             }
         };
         wire::encode_disconnect(self.cfg.version, 0, &mut self.control);
-        self.events.push_back(Event::ConnectionLost(reason));
-        self.drop_connection(now, true);
+        sh.events.push_back(Event::ConnectionLost(reason));
+        self.drop_connection(sh, now, true);
     }
 
     /// A new connection's output starts empty; QoS 0 publishes that never left are sent
@@ -849,7 +1044,7 @@ impl Sink {
 
     /// The runtime wrote `n` more bytes of the output: publishes whose last byte is out
     /// start their ack timeout now; QoS 0 ones are done.
-    pub(crate) fn on_written(&mut self, now: Instant, n: usize) {
+    pub(crate) fn on_written(&mut self, sh: &mut Shared, now: Instant, n: usize) {
         if self.conn != Conn::Connected && self.conn != Conn::AwaitConnAck {
             return;
         }
@@ -876,14 +1071,14 @@ impl Sink {
             let Some((_, msg)) = self.output.qos0.pop_front() else {
                 break;
             };
-            self.free(&msg);
-            self.acknowledged(msg.coords, msg.record_id);
+            sh.free(&msg);
+            sh.acknowledged(msg.coords, msg.record_id);
         }
         self.arm_ack_timer();
     }
 
     /// Bytes went out at `now`: the keep-alive restarts, and a finished close ends.
-    pub(crate) fn on_transmitted(&mut self, now: Instant) {
+    pub(crate) fn on_transmitted(&mut self, sh: &mut Shared, now: Instant) {
         if self.conn == Conn::Connected {
             self.restart_keepalive(now);
         }
@@ -891,15 +1086,19 @@ impl Sink {
             // The DISCONNECT goes out and the transport closes; then one more connection,
             // CleanSession=1, ends the session.
             self.end_session = false;
-            self.events.push_back(Event::CloseTransport);
+            sh.events.push_back(Event::CloseTransport {
+                connection: self.idx,
+            });
             self.timers.stop(Timer::Keepalive);
             self.timers.stop(Timer::PingResp);
             self.session_step = SessionStep::Ending;
             self.conn = Conn::Backoff;
             self.timers.set(Timer::Reconnect, now);
         } else if self.conn == Conn::Closing && self.control.is_empty() {
-            self.events.push_back(Event::CloseTransport);
-            self.events.push_back(Event::Closed);
+            sh.events.push_back(Event::CloseTransport {
+                connection: self.idx,
+            });
+            sh.session_closed();
             self.conn = Conn::Closed;
             self.timers.stop(Timer::Keepalive);
             self.timers.stop(Timer::PingResp);
@@ -908,7 +1107,14 @@ impl Sink {
 
     /// Fills `buf` (from `start`, where this call's output begins) up to about `limit`
     /// bytes: control packets, then resends, then new publishes within the window.
-    pub(crate) fn transmit(&mut self, now: Instant, buf: &mut Vec<u8>, start: usize, limit: usize) {
+    pub(crate) fn transmit(
+        &mut self,
+        sh: &mut Shared,
+        now: Instant,
+        buf: &mut Vec<u8>,
+        start: usize,
+        limit: usize,
+    ) {
         // Where a byte appended to `buf` ends up in this connection's output.
         let base = self.output.handed.wrapping_sub(start as u64);
         if !self.control.is_empty() {
@@ -936,17 +1142,17 @@ impl Sink {
                 .front()
                 .is_some_and(|m| m.qos == QoS::AtMostOnce && next.is_some_and(|id| m.id < id))
             {
-                if !self.rate_allows(now) {
+                if !self.rate_allows(sh, now) {
                     break;
                 }
-                self.send_front(now, buf, base);
+                self.send_front(sh, now, buf, base);
                 continue;
             }
             let released = self.inflight.get(seq).map(|e| e.released);
             if released == Some(false) && (!self.probe_free() || !self.resend_within_window()) {
                 break;
             }
-            if released == Some(false) && !self.rate_allows(now) {
+            if released == Some(false) && !self.rate_allows(sh, now) {
                 break;
             }
             self.resend.pop_front();
@@ -959,13 +1165,13 @@ impl Sink {
                 // The broker lowered its Maximum Packet Size since this was sent (review
                 // L2): resending it would be refused on every connection.
                 let e = self.take_inflight(seq);
-                self.free(&e.msg);
+                sh.free(&e.msg);
                 let reason = RejectReason::PacketTooLarge {
                     size,
                     limit,
                     by_broker: true,
                 };
-                self.reject(
+                sh.reject(
                     e.msg.coords,
                     e.msg.record_id,
                     reason,
@@ -982,7 +1188,7 @@ impl Sink {
             } else {
                 wire::set_dup(&mut e.msg.packet, true);
                 buf.extend_from_slice(&e.msg.packet.bytes);
-                self.stats.resent += 1;
+                sh.stats.resent += 1;
                 e.handed_at = Some(now);
                 self.last_handed = self.last_handed.max(Some(e.msg.id));
                 self.probe = Some(seq);
@@ -1005,7 +1211,7 @@ impl Sink {
                 // Pushed since CONNACK at a QoS (a transform's) this broker does not allow.
                 let max = self.broker_max_qos;
                 let why = format!("its CONNACK says Maximum QoS {}", max as u8);
-                if !self.qos_not_honoured(now, qos, max, why) {
+                if !self.qos_not_honoured(sh, now, qos, max, why) {
                     buf.append(&mut self.control); // the DISCONNECT
                     return;
                 }
@@ -1018,33 +1224,33 @@ impl Sink {
             {
                 break;
             }
-            if !self.rate_allows(now) {
+            if !self.rate_allows(sh, now) {
                 break;
             }
-            self.send_front(now, buf, base);
+            self.send_front(sh, now, buf, base);
         }
     }
 
     /// Hands out the publish at the front of the queue (`base`: where `buf[0]` is in this
     /// connection's output), or rejects it when this broker cannot take it.
-    fn send_front(&mut self, now: Instant, buf: &mut Vec<u8>, base: u64) {
+    fn send_front(&mut self, sh: &mut Shared, now: Instant, buf: &mut Vec<u8>, base: u64) {
         let Some(mut msg) = self.pending.pop_front() else {
             return;
         };
         let size = msg.packet.bytes.len();
         if let Some(limit) = self.broker_max_packet.filter(|l| size > *l as usize) {
-            self.free(&msg);
+            sh.free(&msg);
             let reason = RejectReason::PacketTooLarge {
                 size,
                 limit,
                 by_broker: true,
             };
-            self.reject(msg.coords, msg.record_id, reason, msg.record.map(|r| *r));
+            sh.reject(msg.coords, msg.record_id, reason, msg.record.map(|r| *r));
             return;
         }
         if msg.retain && !self.retain_available {
-            self.free(&msg);
-            self.reject(
+            sh.free(&msg);
+            sh.reject(
                 msg.coords,
                 msg.record_id,
                 RejectReason::RetainNotSupported,
@@ -1084,8 +1290,8 @@ impl Sink {
 
     /// Takes one publish's allowance under `max_publish_rate`; when none is free, arms the
     /// timer for when one will be and says no.
-    fn rate_allows(&mut self, now: Instant) -> bool {
-        let Some(rate) = self.rate.as_mut() else {
+    fn rate_allows(&mut self, sh: &mut Shared, now: Instant) -> bool {
+        let Some(rate) = sh.rate.as_mut() else {
             return true;
         };
         match rate.take(now) {
@@ -1179,7 +1385,7 @@ impl Sink {
 
     /// Disconnects cleanly: DISCONNECT is sent if connected, then `CloseTransport` and
     /// `Closed`. Flush first: records not yet acknowledged are not committed.
-    pub fn close(&mut self, now: Instant) {
+    pub(crate) fn close(&mut self, sh: &mut Shared, now: Instant) {
         match self.conn {
             Conn::Connected => {
                 self.control.clear();
@@ -1194,16 +1400,18 @@ impl Sink {
                 // MQTT 3.1/3.1.1: a persistent session lasts until a CleanSession=1
                 // connection ends it; one more connection does, after this one (not after
                 // a fatal error: no more connections to a broker that broke the rules).
-                self.end_session = self.v3_persistent() && self.wants_session_end();
+                self.end_session = self.v3_persistent() && self.wants_session_end(sh);
                 self.conn = Conn::Closing;
                 self.timers.stop(Timer::Keepalive);
                 self.timers.stop(Timer::PingResp);
             }
-            Conn::Opening | Conn::AwaitConnAck | Conn::Backoff if self.wants_session_end() => {
+            Conn::Opening | Conn::AwaitConnAck | Conn::Backoff if self.wants_session_end(sh) => {
                 // Between connections, or opening one that would resume the session: the
                 // session is still on the broker; a CleanSession=1 connection ends it.
                 if self.conn != Conn::Backoff {
-                    self.events.push_back(Event::CloseTransport);
+                    sh.events.push_back(Event::CloseTransport {
+                        connection: self.idx,
+                    });
                     self.control.clear();
                     self.decoder.reset();
                     self.reset_output();
@@ -1215,42 +1423,39 @@ impl Sink {
             }
             Conn::Opening | Conn::AwaitConnAck => {
                 self.conn = Conn::Closing;
-                self.drop_connection(now, true);
+                self.drop_connection(sh, now, true);
             }
             Conn::Backoff if self.session_step == SessionStep::Ending => {
                 self.timers.stop(Timer::Reconnect);
-                self.drop_connection(now, false);
+                self.drop_connection(sh, now, false);
             }
             Conn::Backoff => {
                 self.timers.stop(Timer::Reconnect);
                 self.conn = Conn::Closed;
-                self.events.push_back(Event::Closed);
+                sh.session_closed();
             }
             Conn::Closing | Conn::Closed => {}
         }
     }
 
     /// True once connected and CONNACK accepted.
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         self.conn == Conn::Connected
     }
 
     /// True after `Event::Closed`.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.conn == Conn::Closed
     }
 
-    /// Why the sink stopped for good, after `Event::Fatal`: the runtime ends and reports it.
-    pub fn fatal_error(&self) -> Option<&str> {
-        self.fatal.as_deref()
-    }
-
-    /// What a runtime whose sink closed returns: `Err(Fatal)` when it stopped for good on
-    /// its own, else `Ok`.
-    pub fn stop_result(&self) -> Result<(), SinkError> {
-        self.fatal
-            .as_ref()
-            .map_or(Ok(()), |r| Err(SinkError::Fatal(r.clone())))
+    /// Queued and in-flight publishes above `to` go on (and are resent) at `to`.
+    pub(crate) fn lower_qos(&mut self, to: QoS) {
+        for msg in self.pending.iter_mut() {
+            msg.lower_qos(to);
+        }
+        for e in self.inflight.values_mut() {
+            e.msg.lower_qos(to);
+        }
     }
 
     /// The broker gives QoS `to` at most where publishes ask for `from`: the configured
@@ -1258,31 +1463,39 @@ impl Sink {
     /// `to` at least 1) publishes above `to` go on at `to`, and so do those pushed later:
     /// true. Otherwise the sink stops for good (never a silent downgrade, never a reconnect
     /// loop): false.
-    fn qos_not_honoured(&mut self, now: Instant, from: QoS, to: QoS, why: String) -> bool {
-        if self.fatal.is_some() {
+    fn qos_not_honoured(
+        &mut self,
+        sh: &mut Shared,
+        now: Instant,
+        from: QoS,
+        to: QoS,
+        why: String,
+    ) -> bool {
+        if sh.fatal.is_some() {
             return false; // said once; the rest of the window's answers change nothing
         }
         let addr = self.server_address();
         let (from_n, to_n) = (from as u8, to as u8);
+        if self.cfg.qos_downgrade && to != QoS::AtMostOnce && sh.qos_ceiling <= to {
+            // Another connection found it out and said so: only this one's publishes.
+            self.lower_qos(to);
+            return true;
+        }
         if self.cfg.qos_downgrade && to != QoS::AtMostOnce {
-            self.events.push_back(Event::QosDowngraded {
+            sh.events.push_back(Event::QosDowngraded {
                 from: from_n,
                 to: to_n,
                 why: format!("the MQTT broker at {addr} does not honour QoS {from_n}: {why}"),
             });
-            self.qos = self.qos.min(to);
-            self.qos_ceiling = self.qos_ceiling.min(to);
-            // Queued and in-flight publishes above it go on (and are resent) at the new QoS.
-            for msg in self.pending.iter_mut() {
-                msg.lower_qos(to);
-            }
-            for e in self.inflight.values_mut() {
-                e.msg.lower_qos(to);
-            }
+            sh.qos = sh.qos.min(to);
+            sh.qos_ceiling = sh.qos_ceiling.min(to);
+            // The other connections' publishes are lowered by the sink (`Sink::settle`).
+            sh.lowered = Some(sh.qos_ceiling);
+            self.lower_qos(to);
             return true;
         }
         // Above the configured QoS: a transform's (route's) `qos` asked for it.
-        let by_transform = from > self.qos;
+        let by_transform = from > sh.qos;
         let asked = if by_transform {
             format!("QoS {from_n} (the transform's qos)")
         } else {
@@ -1306,15 +1519,15 @@ impl Sink {
             ),
         };
         let reason = format!("the MQTT broker at {addr} does not honour {asked}: {why}; {fix}");
-        self.fatal = Some(reason.clone());
-        self.events.push_back(Event::Fatal(reason));
-        self.flush = None;
-        self.timers.stop(Timer::Flush);
+        sh.fatal = Some(reason.clone());
+        sh.events.push_back(Event::Fatal(reason));
+        sh.flush = None;
+        sh.timers.stop(Timer::Flush);
         if self.conn == Conn::AwaitConnAck {
             // Close from here, as `close` does once connected (DISCONNECT, then Closed).
             self.conn = Conn::Connected;
         }
-        self.close(now);
+        self.close(sh, now);
         false
     }
 }

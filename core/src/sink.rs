@@ -5,23 +5,24 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::backoff::Backoff;
 use crate::bridge::{ActionReport, BridgeAction};
 use crate::config::{
     Config, ConfigError, ConfigErrors, ErrorPolicy, MqttVersion, PublishProperties, StringPolicy,
     TombstonePolicy,
 };
-use crate::event::{CommitOffsets, Event, FlushInProgress, PushError, PushRefusal, RejectReason};
+use crate::event::{
+    CommitOffsets, Event, FlushInProgress, ProtocolError, PushError, PushRefusal, RejectReason,
+    SinkError,
+};
 use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
 use crate::mapper::RecordMapper;
 use crate::rate::RateLimit;
 use crate::record::{Record, RecordCoords, TopicPartition};
-use crate::send_order::SendOrder;
-use crate::session::{Conn, Inflight, Msg, Output, SessionStep, Suspect};
+use crate::session::{Conn, Msg, Session};
 use crate::timer::{Timer, TimerTable};
 use crate::topic;
 use crate::transform::Publish;
-use crate::wire::{self, Decoder, PublishParts};
+use crate::wire::{self, PublishParts};
 use crate::QoS;
 
 /// The sans-IO MQTT publisher session and Kafka offset ledger.
@@ -46,6 +47,17 @@ use crate::QoS;
 /// Every time-sensitive call takes `now`; the sink reads no clock, so a seeded test replays
 /// it exactly.
 pub struct Sink {
+    pub(crate) sh: Shared,
+    /// The MQTT connections (`connections`), each a [`Session`]; a publish goes to the one
+    /// its topic hashes to, so that publishes to one topic keep their order.
+    pub(crate) sessions: Vec<Session>,
+}
+
+/// What the sink's connections share: the offset ledger, the buffer's accounting, the error
+/// policy's bookkeeping, the flush, and the events. A [`Session`] is handed it to resolve a
+/// publish ([`acknowledged`](Self::acknowledged), [`reject`](Self::reject),
+/// [`free`](Self::free)) and to report; it holds no connection state.
+pub(crate) struct Shared {
     pub(crate) cfg: Config,
     pub(crate) mapper: RecordMapper,
     /// The QoS of a publish that names none (`qos`; lowered by `qos_downgrade`).
@@ -53,65 +65,11 @@ pub struct Sink {
     /// The highest QoS any publish goes at: `ExactlyOnce` until `qos_downgrade` lowered
     /// publishes to what a broker honours; a transform's (route's) QoS above it is capped.
     pub(crate) qos_ceiling: QoS,
-
-    // The MQTT session (see session.rs).
-    pub(crate) conn: Conn,
-    pub(crate) decoder: Decoder,
-    /// Control packets (CONNECT, PUBREL, PINGREQ, acks, DISCONNECT) to write next.
-    pub(crate) control: Vec<u8>,
-    /// Records accepted, not yet sent, in push order.
-    pub(crate) pending: VecDeque<Msg>,
-    /// QoS 1/2 publishes awaiting their acknowledgement flow, by send order.
-    pub(crate) inflight: SendOrder<Inflight>,
-    pub(crate) by_pkid: BTreeMap<u16, u64>,
-    /// In-flight entries to resend (DUP PUBLISH or PUBREL) after a session resumed.
-    pub(crate) resend: VecDeque<u64>,
-    pub(crate) next_seq: u64,
-    pub(crate) next_pkid: u16,
-    pub(crate) window: u16,
-    pub(crate) broker_max_packet: Option<u32>,
-    /// The broker's MQTT 5 Maximum QoS on this connection (`ExactlyOnce` when it says none).
-    pub(crate) broker_max_qos: QoS,
-    pub(crate) retain_available: bool,
-    /// MQTT 5 topic aliases of this connection: how many the broker allows, and the
-    /// topics that have one.
-    pub(crate) alias_max: u16,
-    pub(crate) aliases: BTreeMap<Vec<u8>, u16>,
-    pub(crate) keepalive_secs: u16,
-    pub(crate) ping_outstanding: bool,
-    pub(crate) connected_once: bool,
-    pub(crate) client_id: String,
-    pub(crate) backoff: Backoff,
-    pub(crate) timers: TimerTable,
-    /// When the current connection's CONNACK arrived.
-    pub(crate) connected_at: Option<Instant>,
-    /// This connection's output, written or not.
-    pub(crate) output: Output,
-    /// The publishes one of which made the broker close the last connections (see
-    /// `poison_after` and [`Suspect`]).
-    pub(crate) suspect: Option<Suspect>,
-    /// The last packet the broker sent on this connection refused a publish (a PUBACK or
-    /// PUBREC reason >= 0x80): a close right after it is the broker hanging up on that
-    /// publish, not evidence against the ones handed out since.
-    pub(crate) refused_last: bool,
-    /// The newest publish handed out on this connection.
-    pub(crate) last_handed: Option<RecordId>,
-    /// While probing (see [`Sink::probing`]): the in-flight entry sent alone.
-    pub(crate) probe: Option<u64>,
-    /// MQTT 3.1/3.1.1 persistent sessions: the step this connection is for.
-    pub(crate) session_step: SessionStep,
-    /// `close` wants the persistent session ended after its DISCONNECT.
-    pub(crate) end_session: bool,
-    /// This connection's CONNECT asked for a clean session (so CONNACK must not say
-    /// "session present").
-    pub(crate) sent_clean: bool,
-    /// When the broker last answered the oldest in-flight entry on this connection (the
-    /// next one's ack timeout counts from then at the earliest).
-    pub(crate) head_since: Option<Instant>,
+    /// `qos_downgrade` lowered the ceiling on one connection: the sink lowers the others'
+    /// publishes (`Sink::settle`).
+    pub(crate) lowered: Option<QoS>,
     /// Why the sink stopped for good (see `Event::Fatal`).
     pub(crate) fatal: Option<String>,
-
-    // The ledger.
     pub(crate) ledger: Ledger,
     pub(crate) next_id: RecordId,
     pub(crate) flush: Option<FlushTarget>,
@@ -121,26 +79,25 @@ pub struct Sink {
     pub(crate) fanouts: BTreeMap<RecordId, FanOut>,
     /// `assign` was called: pushes for partitions not assigned are refused.
     pub(crate) assignments_used: bool,
-
     pub(crate) buffered_bytes: usize,
     /// The buffer filled and has not yet drained to its low watermark: `push_record`
     /// refuses until it has (see [`Sink::is_full`]).
     pub(crate) refilling: bool,
-    /// The refill timer fired: send into the window whatever is free.
-    pub(crate) refill_due: bool,
-    /// `max_publish_rate`, when set.
+    /// `max_publish_rate`, when set: one allowance for all connections.
     pub(crate) rate: Option<RateLimit>,
-    /// The broker addresses (`servers`, or `server` and `port`) and the one in use.
-    pub(crate) addresses: Vec<(String, u16)>,
-    pub(crate) address: usize,
+    /// The flush deadline (the connections' timers are their own).
+    pub(crate) timers: TimerTable,
+    /// Connections closed for good, of `connections`: `Event::Closed` when all are.
+    pub(crate) closed: usize,
     pub(crate) events: VecDeque<Event>,
     pub(crate) stats: Stats,
 }
 
 impl std::fmt::Debug for Sink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let conns: Vec<_> = self.sessions.iter().map(|s| s.conn).collect();
         f.debug_struct("Sink")
-            .field("conn", &self.conn)
+            .field("connections", &conns)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -197,7 +154,7 @@ pub(crate) struct FanOut {
 }
 
 /// Publishes per `poll_transmit` call are coalesced up to about this many bytes.
-const TRANSMIT_BUDGET: usize = 64 * 1024;
+pub(crate) const TRANSMIT_BUDGET: usize = 64 * 1024;
 
 /// At most this many bytes of publishes wait in the runtime's output unwritten: the rest
 /// of the window waits in the core, unsent, its ack timeouts not running, so that a slow
@@ -225,68 +182,39 @@ impl Sink {
         if !errs.0.is_empty() {
             return Err(errs);
         }
-        let window = cfg.max_inflight as u16;
+        let sessions = (0..cfg.connections.max(1))
+            .map(|i| Session::new(i, &cfg))
+            .collect();
         let mut sink = Self {
-            qos: cfg.qos(),
-            qos_ceiling: QoS::ExactlyOnce,
-            decoder: Decoder::new(incoming_limit(&cfg) as usize),
-            control: Vec::new(),
-            pending: VecDeque::new(),
-            inflight: SendOrder::default(),
-            by_pkid: BTreeMap::new(),
-            resend: VecDeque::new(),
-            next_seq: 0,
-            next_pkid: 1,
-            window,
-            broker_max_packet: None,
-            broker_max_qos: QoS::ExactlyOnce,
-            retain_available: true,
-            alias_max: 0,
-            aliases: BTreeMap::new(),
-            keepalive_secs: cfg.keepalive.as_secs() as u16,
-            ping_outstanding: false,
-            connected_once: false,
-            client_id: cfg.client_id.clone(),
-            backoff: Backoff::new(
-                cfg.reconnect_backoff_min,
-                cfg.reconnect_backoff_max,
-                cfg.reconnect_jitter_seed
-                    .unwrap_or_else(|| crate::backoff::seed_from(&cfg.client_id)),
-            ),
-            timers: TimerTable::default(),
-            connected_at: None,
-            output: Output::default(),
-            suspect: None,
-            refused_last: false,
-            last_handed: None,
-            probe: None,
-            head_since: None,
-            session_step: SessionStep::default(),
-            end_session: false,
-            sent_clean: false,
-            fatal: None,
-            ledger: Ledger::default(),
-            next_id: 0,
-            flush: None,
-            flush_dirty: false,
-            dead_lettering: BTreeMap::new(),
-            fanouts: BTreeMap::new(),
-            assignments_used: false,
-            buffered_bytes: 0,
-            refilling: false,
-            refill_due: false,
-            addresses: cfg.addresses(),
-            address: 0,
-            rate: cfg
-                .max_publish_rate
-                .map(|r| RateLimit::new(r, cfg.publish_burst())),
-            events: VecDeque::new(),
-            stats: Stats::default(),
-            conn: Conn::Backoff,
-            cfg,
-            mapper,
+            sessions,
+            sh: Shared {
+                qos: cfg.qos(),
+                qos_ceiling: QoS::ExactlyOnce,
+                lowered: None,
+                fatal: None,
+                ledger: Ledger::default(),
+                next_id: 0,
+                flush: None,
+                flush_dirty: false,
+                dead_lettering: BTreeMap::new(),
+                fanouts: BTreeMap::new(),
+                assignments_used: false,
+                buffered_bytes: 0,
+                refilling: false,
+                rate: cfg
+                    .max_publish_rate
+                    .map(|r| RateLimit::new(r, cfg.publish_burst())),
+                timers: TimerTable::default(),
+                closed: 0,
+                events: VecDeque::new(),
+                stats: Stats::default(),
+                cfg,
+                mapper,
+            },
         };
-        sink.open_transport(now);
+        for session in &mut sink.sessions {
+            session.open_transport(&mut sink.sh, now);
+        }
         Ok(sink)
     }
 
@@ -298,23 +226,31 @@ impl Sink {
 
     /// The configuration in force.
     pub fn config(&self) -> &Config {
-        &self.cfg
+        &self.sh.cfg
     }
 
     /// Counters and gauges.
     pub fn stats(&self) -> Stats {
         Stats {
             buffered_records: self.buffered_records(),
-            buffered_bytes: self.buffered_bytes,
-            inflight: self.inflight.len(),
-            window: self.window,
-            unwritten_bytes: self.output.unwritten_bytes(),
-            ..self.stats
+            buffered_bytes: self.sh.buffered_bytes,
+            inflight: self.sessions.iter().map(|s| s.inflight.len()).sum(),
+            window: self
+                .sessions
+                .iter()
+                .map(|s| s.window)
+                .fold(0, u16::saturating_add),
+            unwritten_bytes: self
+                .sessions
+                .iter()
+                .map(|s| s.output.unwritten_bytes())
+                .sum(),
+            ..self.sh.stats
         }
     }
 
     pub(crate) fn buffered_records(&self) -> usize {
-        self.pending.len() + self.inflight.len()
+        self.sessions.iter().map(Session::held).sum()
     }
 
     /// True when `push_record` would return [`PushError::Full`]: the buffer reached
@@ -328,20 +264,20 @@ impl Sink {
     /// per quarter of the buffer and hands over a batch, while the broker still has three
     /// quarters of the buffer queued to work on.
     pub fn is_full(&self) -> bool {
-        self.at_limit() || (self.refilling && !self.below_low_watermark())
+        self.at_limit() || (self.sh.refilling && !self.below_low_watermark())
     }
 
     fn at_limit(&self) -> bool {
-        self.buffered_records() >= self.cfg.max_buffered_records
-            || self.buffered_bytes >= self.cfg.max_buffered_bytes
+        self.buffered_records() >= self.sh.cfg.max_buffered_records
+            || self.sh.buffered_bytes >= self.sh.cfg.max_buffered_bytes
     }
 
     /// At or under three quarters of both limits (under a quarter of a record's headroom,
     /// e.g. `max_buffered_records = 1`, that is an empty buffer).
     fn below_low_watermark(&self) -> bool {
         let low = |max: usize| max - (max / 4).max(1);
-        self.buffered_records() <= low(self.cfg.max_buffered_records)
-            && self.buffered_bytes <= low(self.cfg.max_buffered_bytes)
+        self.buffered_records() <= low(self.sh.cfg.max_buffered_records)
+            && self.sh.buffered_bytes <= low(self.sh.cfg.max_buffered_bytes)
     }
 
     /// Takes a record to publish. Returns it in [`PushError::Full`] when the buffer is full
@@ -353,39 +289,43 @@ impl Sink {
     /// A record that cannot be published (no key, bad topic, too large, ...) is accepted and
     /// reported with [`Event::RecordRejected`]; the error policy decides its offset.
     pub fn push_record(&mut self, _now: Instant, record: Record) -> Result<(), PushError> {
-        if matches!(self.conn, Conn::Closing | Conn::Closed) {
+        if self
+            .sessions
+            .iter()
+            .any(|s| matches!(s.conn, Conn::Closing | Conn::Closed))
+        {
             return Err(PushError::Closed(record));
         }
-        if self.assignments_used && !self.ledger.is_assigned(&record.tp) {
+        if self.sh.assignments_used && !self.sh.ledger.is_assigned(&record.tp) {
             return Err(PushError::NotAssigned(record));
         }
-        if let Err(o) = self.ledger.check_order(&record.tp, record.offset) {
+        if let Err(o) = self.sh.ledger.check_order(&record.tp, record.offset) {
             return Err(PushError::OutOfOrder {
                 record,
                 last: o.last,
             });
         }
         if self.is_full() {
-            self.refilling = true;
+            self.sh.refilling = true;
             return Err(PushError::Full(record));
         }
-        self.refilling = false;
-        let id = self.next_id;
-        self.next_id += 1;
-        self.stats.pushed += 1;
-        self.ledger.push(&record.tp, record.offset, id);
+        self.sh.refilling = false;
+        let id = self.sh.next_id;
+        self.sh.next_id += 1;
+        self.sh.stats.pushed += 1;
+        self.sh.ledger.push(&record.tp, record.offset, id);
         let tombstone = record.value.is_none();
-        if tombstone && self.cfg.tombstone == TombstonePolicy::Skip {
-            self.stats.tombstones_skipped += 1;
-            self.ledger.resolve(&record.tp, record.offset, id);
-            self.flush_dirty = true;
+        if tombstone && self.sh.cfg.tombstone == TombstonePolicy::Skip {
+            self.sh.stats.tombstones_skipped += 1;
+            self.sh.ledger.resolve(&record.tp, record.offset, id);
+            self.sh.flush_dirty = true;
             return Ok(());
         }
         // A tombstone policy other than the default decides tombstones before any route.
-        let routed = if tombstone && self.cfg.tombstone != TombstonePolicy::PublishNull {
+        let routed = if tombstone && self.sh.cfg.tombstone != TombstonePolicy::PublishNull {
             None
         } else {
-            self.mapper.routed(&record)
+            self.sh.mapper.routed(&record)
         };
         let encoded: Result<Vec<_>, _> = match routed {
             // The plain path: one publish, no allocation for a list of them.
@@ -397,9 +337,9 @@ impl Sink {
                 Err(reason) => Err(reason),
             },
             Some(Ok(publishes)) if publishes.is_empty() => {
-                self.stats.filtered += 1;
-                self.ledger.resolve(&record.tp, record.offset, id);
-                self.flush_dirty = true;
+                self.sh.stats.filtered += 1;
+                self.sh.ledger.resolve(&record.tp, record.offset, id);
+                self.sh.flush_dirty = true;
                 return Ok(());
             }
             Some(Ok(publishes)) => publishes
@@ -412,7 +352,7 @@ impl Sink {
             Ok(packets) => self.enqueue(id, record, packets.into_iter()),
             Err(reason) => {
                 let coords = record.coords();
-                self.reject(coords, id, reason, Some(record));
+                self.sh.reject(coords, id, reason, Some(record));
             }
         }
         Ok(())
@@ -425,12 +365,12 @@ impl Sink {
         record: Record,
         packets: impl ExactSizeIterator<Item = Encoded>,
     ) {
-        let keep = self.cfg.error_policy == ErrorPolicy::DeadLetter;
+        let keep = self.sh.cfg.error_policy == ErrorPolicy::DeadLetter;
         let coords = record.coords();
         let parts = packets.len();
         if parts > 1 {
-            self.stats.fanned_out += parts as u64 - 1;
-            self.fanouts.insert(
+            self.sh.stats.fanned_out += parts as u64 - 1;
+            self.sh.fanouts.insert(
                 id,
                 FanOut {
                     tp: coords.tp.clone(),
@@ -449,16 +389,17 @@ impl Sink {
                 record.clone().map(Box::new)
             };
             let size = e.packet.bytes.len() + kept.as_ref().map_or(0, |r| r.size());
-            self.buffered_bytes += size;
+            self.sh.buffered_bytes += size;
             // The first publish carries the record's id; the others get ids of their own,
             // so that the session tells them apart.
             let msg_id = if i == 0 {
                 id
             } else {
-                self.next_id += 1;
-                self.next_id - 1
+                self.sh.next_id += 1;
+                self.sh.next_id - 1
             };
-            self.pending.push_back(Msg {
+            let to = self.route(&e.packet);
+            self.sessions[to].pending.push_back(Msg {
                 id: msg_id,
                 record_id: id,
                 coords: coords.clone(),
@@ -519,15 +460,15 @@ impl Sink {
     }
 
     fn encode(&self, r: &Record) -> Result<Encoded, RejectReason> {
-        let topic = self.checked_topic(self.mapper.topic(r)?)?;
+        let topic = self.checked_topic(self.sh.mapper.topic(r)?)?;
         let tombstone = r.value.is_none();
-        let (payload, retain) = match self.cfg.tombstone {
+        let (payload, retain) = match self.sh.cfg.tombstone {
             TombstonePolicy::ClearRetained if tombstone => (Bytes::new(), true),
-            TombstonePolicy::PublishEmpty if tombstone => (Bytes::new(), self.mapper.retain(r)),
-            _ => (self.mapper.payload(r)?, self.mapper.retain(r)),
+            TombstonePolicy::PublishEmpty if tombstone => (Bytes::new(), self.sh.mapper.retain(r)),
+            _ => (self.sh.mapper.payload(r)?, self.sh.mapper.retain(r)),
         };
-        self.mapper.with_properties(r, |props| {
-            self.encode_publish(&topic, payload, self.qos, retain, props)
+        self.sh.mapper.with_properties(r, |props| {
+            self.encode_publish(&topic, payload, self.sh.qos, retain, props)
         })
     }
 
@@ -535,15 +476,15 @@ impl Sink {
     fn encode_routed(&self, r: &Record, p: Publish) -> Result<Encoded, RejectReason> {
         let topic = match p.topic {
             Some(t) => t,
-            None => self.mapper.topic(r)?,
+            None => self.sh.mapper.topic(r)?,
         };
         let topic = self.checked_topic(topic)?;
-        let retain = p.retain.unwrap_or_else(|| self.mapper.retain(r));
+        let retain = p.retain.unwrap_or_else(|| self.sh.mapper.retain(r));
         // Above what `qos_downgrade` settled for: at that (it was said once).
-        let qos = p.qos.unwrap_or(self.qos).min(self.qos_ceiling);
+        let qos = p.qos.unwrap_or(self.sh.qos).min(self.sh.qos_ceiling);
         match &p.properties {
             Some(props) => self.encode_publish(&topic, p.payload, qos, retain, Some(props)),
-            None => self.mapper.with_properties(r, |props| {
+            None => self.sh.mapper.with_properties(r, |props| {
                 self.encode_publish(&topic, p.payload, qos, retain, props)
             }),
         }
@@ -551,7 +492,7 @@ impl Sink {
 
     /// The topic after `string_policy`, or why it cannot be published to.
     fn checked_topic(&self, mut topic: String) -> Result<String, RejectReason> {
-        let policy = self.cfg.string_policy;
+        let policy = self.sh.cfg.string_policy;
         if policy == StringPolicy::Escape {
             if let Some(escaped) = topic::escape_refusable(&topic) {
                 topic = escaped;
@@ -579,8 +520,8 @@ impl Sink {
         retain: bool,
         props: Option<&PublishProperties>,
     ) -> Result<Encoded, RejectReason> {
-        let policy = self.cfg.string_policy;
-        let version = self.cfg.version;
+        let policy = self.sh.cfg.string_policy;
+        let version = self.sh.cfg.version;
         {
             let props = props.filter(|_| version == MqttVersion::V5);
             if let Some(p) = props {
@@ -601,10 +542,10 @@ impl Sink {
                 payload,
             };
             let size = wire::publish_len(&parts);
-            if size > self.cfg.max_packet_size as usize {
+            if size > self.sh.cfg.max_packet_size as usize {
                 return Err(RejectReason::PacketTooLarge {
                     size,
-                    limit: self.cfg.max_packet_size,
+                    limit: self.sh.cfg.max_packet_size,
                     by_broker: false,
                 });
             }
@@ -617,6 +558,391 @@ impl Sink {
         }
     }
 
+    /// The runtime produced a dead letter and Kafka confirmed it: its offset may pass (for
+    /// a record of several publishes, once the others are done too).
+    pub fn handle_dead_lettered(&mut self, coords: &RecordCoords) {
+        if let Some(id) = self.sh.dead_lettering.remove(coords) {
+            if self.sh.part_done(id) && self.sh.ledger.resolve(&coords.tp, coords.offset, id) {
+                self.sh.flush_dirty = true;
+            }
+        }
+    }
+
+    /// The dead-letter produce failed: the record fails as under the `fail` policy.
+    pub fn handle_dead_letter_failed(&mut self, coords: &RecordCoords, error: impl Into<String>) {
+        if let Some(id) = self.sh.dead_lettering.remove(coords) {
+            let reason = RejectReason::DeadLetterFailed(error.into());
+            if self.sh.ledger.fail(&coords.tp, coords.offset, id, reason) {
+                self.sh.flush_dirty = true;
+            }
+        }
+    }
+
+    /// Starts tracking a partition (Kafka assigned it); `committed` is its committed
+    /// position if known. Without any `assign`, partitions are tracked on their first
+    /// `push_record`; after the first, a push for a partition not assigned is refused
+    /// ([`PushError::NotAssigned`]), so a revoked partition never reappears in the commit
+    /// positions.
+    pub fn assign(&mut self, tp: TopicPartition, committed: Option<i64>) {
+        self.sh.assignments_used = true;
+        self.sh.ledger.assign(tp, committed);
+    }
+
+    /// Stops tracking a partition (Kafka revoked it). Call after a flush and commit of it:
+    /// its queued records are dropped, and acknowledgements of its in-flight ones no longer
+    /// count.
+    pub fn revoke(&mut self, tp: &TopicPartition) {
+        self.sh.ledger.revoke(tp);
+        self.sh.dead_lettering.retain(|c, _| &c.tp != tp);
+        self.sh.fanouts.retain(|_, f| &f.tp != tp);
+        let mut freed = 0;
+        for session in &mut self.sessions {
+            session.pending.retain(|m| {
+                let keep = &m.coords.tp != tp;
+                if !keep {
+                    freed += m.size;
+                }
+                keep
+            });
+        }
+        self.sh.buffered_bytes -= freed;
+        self.sh.flush_dirty = true;
+    }
+
+    /// Partitions the ledger tracks.
+    pub fn is_assigned(&self, tp: &TopicPartition) -> bool {
+        self.sh.ledger.is_assigned(tp)
+    }
+
+    /// Kafka confirmed a commit of these positions.
+    pub fn handle_committed(&mut self, offsets: &[(TopicPartition, i64)]) {
+        for (tp, pos) in offsets {
+            self.sh.ledger.committed(tp, *pos);
+        }
+    }
+
+    /// After a failed or timed-out flush: forgets every record not yet committed, cancels
+    /// the flush, and returns per partition the offset to seek the consumer to (the last
+    /// committed position). Records then pushed again from there are new pushes; late
+    /// acknowledgements of the old copies are ignored.
+    pub fn rewind(&mut self) -> CommitOffsets {
+        let to = self.sh.ledger.rewind();
+        for session in &mut self.sessions {
+            let freed: usize = session.pending.drain(..).map(|m| m.size).sum();
+            self.sh.buffered_bytes -= freed;
+        }
+        self.sh.dead_lettering.clear();
+        self.sh.fanouts.clear();
+        self.sh.flush = None;
+        self.sh.timers.stop(Timer::Flush);
+        to
+    }
+
+    /// Commit positions now: every record below each is resolved.
+    pub fn commit_positions(&self) -> CommitOffsets {
+        self.sh.ledger.positions()
+    }
+
+    /// Starts a checkpoint over every record pushed so far. It ends with exactly one of
+    /// [`Event::FlushCompleted`], [`Event::FlushFailed`] or [`Event::FlushTimedOut`] (at
+    /// `deadline`, not later, provided the runtime honours `poll_timeout`).
+    pub fn begin_flush(&mut self, _now: Instant, deadline: Instant) -> Result<(), FlushInProgress> {
+        if self.sh.flush.is_some() {
+            return Err(FlushInProgress);
+        }
+        if let Some(reason) = &self.sh.fatal {
+            // Stopped for good: the flush ends at once, as the one in progress did.
+            self.sh.events.push_back(Event::Fatal(reason.clone()));
+            return Ok(());
+        }
+        self.sh.flush = Some(self.sh.ledger.target());
+        self.sh.flush_dirty = true;
+        self.sh.timers.set(Timer::Flush, deadline);
+        Ok(())
+    }
+
+    /// The deadline of a flush begun at `now` with the configured `flush_timeout`.
+    pub fn flush_deadline(&self, now: Instant) -> Instant {
+        now + self.sh.cfg.flush_timeout
+    }
+
+    /// True while a flush is running.
+    pub fn is_flushing(&self) -> bool {
+        self.sh.flush.is_some()
+    }
+
+    /// Ends the flush if its outcome is known (`timed_out`: the deadline passed).
+    pub(crate) fn check_flush(&mut self, timed_out: bool) {
+        self.sh.flush_dirty = false;
+        let Some(target) = &self.sh.flush else {
+            return;
+        };
+        let event = match self.sh.ledger.status(target) {
+            FlushStatus::Complete => Event::FlushCompleted {
+                offsets: self.sh.ledger.positions(),
+            },
+            FlushStatus::Failed(coords, reason) => Event::FlushFailed {
+                coords,
+                reason,
+                offsets: self.sh.ledger.positions(),
+            },
+            FlushStatus::Pending if timed_out => Event::FlushTimedOut {
+                unacked: self.sh.ledger.unresolved(target),
+                offsets: self.sh.ledger.positions(),
+            },
+            FlushStatus::Pending => return,
+        };
+        self.sh.flush = None;
+        self.sh.timers.stop(Timer::Flush);
+        self.sh.events.push_back(event);
+    }
+
+    /// The next event, if any. See the drain order on [`Sink`].
+    pub fn poll_event(&mut self) -> Option<Event> {
+        if self.sh.flush_dirty {
+            self.check_flush(false);
+        }
+        self.sh.events.pop_front()
+    }
+
+    /// How many MQTT connections the sink keeps (`connections`): the `connection` of the
+    /// per-connection calls (`*_on`) and of `Event::OpenTransport`/`CloseTransport` is
+    /// below it. The calls without `_on` are connection 0's.
+    pub fn connections(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Runs `f` on connection `i` with the shared part, then settles what it decided for
+    /// all connections. An index past the last is ignored (returns `None`).
+    fn on_session<R>(
+        &mut self,
+        i: usize,
+        now: Instant,
+        f: impl FnOnce(&mut Session, &mut Shared) -> R,
+    ) -> Option<R> {
+        let session = self.sessions.get_mut(i)?;
+        let r = f(session, &mut self.sh);
+        self.settle(now);
+        Some(r)
+    }
+
+    /// What one connection decided for all: publishes above a ceiling `qos_downgrade`
+    /// lowered go on lower everywhere; a sink stopped for good closes every connection.
+    fn settle(&mut self, now: Instant) {
+        if let Some(to) = self.sh.lowered.take() {
+            for session in &mut self.sessions {
+                session.lower_qos(to);
+            }
+        }
+        if self.sh.fatal.is_some() {
+            for session in &mut self.sessions {
+                if !matches!(session.conn, Conn::Closing | Conn::Closed) {
+                    session.close(&mut self.sh, now);
+                }
+            }
+        }
+    }
+
+    /// The transport of connection 0 is open (see [`handle_connected_on`](Self::handle_connected_on)).
+    pub fn handle_connected(&mut self, now: Instant) {
+        self.handle_connected_on(0, now);
+    }
+
+    /// The transport the sink asked for (`Event::OpenTransport { connection }`) is open: the
+    /// sink queues CONNECT on it.
+    pub fn handle_connected_on(&mut self, connection: usize, now: Instant) {
+        self.on_session(connection, now, |s, sh| s.handle_connected(sh, now));
+    }
+
+    /// Connection 0's transport closed (see [`handle_disconnected_on`](Self::handle_disconnected_on)).
+    pub fn handle_disconnected(&mut self, now: Instant, reason: impl Into<String>) {
+        self.handle_disconnected_on(0, now, reason);
+    }
+
+    /// The transport of `connection` closed or could not be opened (`reason`: the
+    /// runtime's words, such as the DNS, TCP or TLS error with server and port).
+    pub fn handle_disconnected_on(
+        &mut self,
+        connection: usize,
+        now: Instant,
+        reason: impl Into<String>,
+    ) {
+        let reason = reason.into();
+        self.on_session(connection, now, |s, sh| {
+            s.handle_disconnected(sh, now, reason)
+        });
+    }
+
+    /// Bytes arrived on connection 0 (see [`handle_input_on`](Self::handle_input_on)).
+    pub fn handle_input(&mut self, now: Instant, bytes: &[u8]) -> Result<(), ProtocolError> {
+        self.handle_input_on(0, now, bytes)
+    }
+
+    /// Bytes arrived from the broker on `connection`, in any chunking. A protocol violation
+    /// closes that connection (the events say so) and is returned once.
+    pub fn handle_input_on(
+        &mut self,
+        connection: usize,
+        now: Instant,
+        bytes: &[u8],
+    ) -> Result<(), ProtocolError> {
+        self.on_session(connection, now, |s, sh| s.handle_input(sh, now, bytes))
+            .unwrap_or(Ok(()))
+    }
+
+    /// Until when reading the transport may wait, if it may: while the window is nearly full
+    /// and the sink is holding new publishes for a batch of free slots (at most 1 ms), an
+    /// acknowledgement read now changes nothing it does before this instant but a wake-up.
+    /// A runtime that leaves the socket unread until then reads many acknowledgements in
+    /// one call instead of a few per call (the broker coalesces what queued meanwhile).
+    /// Optional: reading at once is always correct. Re-read it after every drain.
+    /// Connection 0's; see [`defer_input_until_on`](Self::defer_input_until_on).
+    pub fn defer_input_until(&self) -> Option<Instant> {
+        self.defer_input_until_on(0)
+    }
+
+    /// [`defer_input_until`](Self::defer_input_until) for `connection`.
+    pub fn defer_input_until_on(&self, connection: usize) -> Option<Instant> {
+        self.sessions
+            .get(connection)
+            .and_then(Session::defer_input_until)
+    }
+
+    /// Whether the runtime should have what it reads acknowledged at once (TCP_QUICKACK,
+    /// `mqtt_sink_tls::quick_ack`): acknowledgements are awaited and no publish waits to be
+    /// sent, so no data of ours would carry the TCP ACK, and a broker with Nagle's
+    /// algorithm on (Mosquitto's default) holds its next acks until our delayed ACK (40 ms
+    /// on Linux): the tail of every checkpoint, and every lull. While publishes wait for
+    /// the window, ACKs ride on them and immediate ones would only cut the broker's
+    /// segments smaller (measured: +2 us per record on the blocking runtime). Optional;
+    /// re-read it after every drain. Connection 0's; see
+    /// [`quick_ack_wanted_on`](Self::quick_ack_wanted_on).
+    pub fn quick_ack_wanted(&self) -> bool {
+        self.quick_ack_wanted_on(0)
+    }
+
+    /// [`quick_ack_wanted`](Self::quick_ack_wanted) for `connection`.
+    pub fn quick_ack_wanted_on(&self, connection: usize) -> bool {
+        self.sessions
+            .get(connection)
+            .is_some_and(Session::quick_ack_wanted)
+    }
+
+    /// The broker address to open on `Event::OpenTransport` (and the one in use while
+    /// connected): with `servers`, the next one after each failed connect or lost
+    /// connection. Connection 0's; see [`server_on`](Self::server_on).
+    pub fn server(&self) -> (&str, u16) {
+        self.server_on(0)
+    }
+
+    /// The broker address `connection` opens next (or is connected to).
+    pub fn server_on(&self, connection: usize) -> (&str, u16) {
+        let i = connection.min(self.sessions.len() - 1);
+        self.sessions[i].server()
+    }
+
+    /// [`server`](Self::server) as `host:port` (`[v6]:port`), for logs and metrics.
+    pub fn server_address(&self) -> String {
+        self.sessions[0].server_address()
+    }
+
+    /// [`server_on`](Self::server_on) as `host:port` (`[v6]:port`).
+    pub fn server_address_on(&self, connection: usize) -> String {
+        let (host, port) = self.server_on(connection);
+        crate::config::format_address(host, port)
+    }
+
+    /// When `handle_timeout` must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let sessions = self.sessions.iter().filter_map(|s| s.timers.next());
+        sessions.chain(self.sh.timers.next()).min()
+    }
+
+    /// Time passed: fires every timer due at `now`. Early, late or repeated calls are
+    /// harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while self.sh.timers.expired(now).is_some() {
+            self.check_flush(true);
+        }
+        for i in 0..self.sessions.len() {
+            self.on_session(i, now, |s, sh| s.handle_timeout(sh, now));
+        }
+    }
+
+    /// Writes the bytes to send next on connection 0 (see
+    /// [`poll_transmit_on`](Self::poll_transmit_on)).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> bool {
+        self.poll_transmit_on(0, now, buf)
+    }
+
+    /// Writes the bytes to send next on `connection` into `buf` (appending). Returns false
+    /// when there is nothing to send now. Several publishes are coalesced into one call.
+    /// Publishes are handed out only while less than [`MAX_UNWRITTEN`] bytes wait
+    /// unwritten on that connection: report what reached the transport with
+    /// [`handle_written_on`](Self::handle_written_on).
+    pub fn poll_transmit_on(&mut self, connection: usize, now: Instant, buf: &mut Vec<u8>) -> bool {
+        self.on_session(connection, now, |s, sh| s.poll_transmit(sh, now, buf))
+            .unwrap_or(false)
+    }
+
+    /// Connection 0 wrote `n` more bytes (see [`handle_written_on`](Self::handle_written_on)).
+    pub fn handle_written(&mut self, now: Instant, n: usize) {
+        self.handle_written_on(0, now, n);
+    }
+
+    /// The runtime wrote `n` more bytes of what `poll_transmit_on(connection, ..)` returned
+    /// to that transport (in order; a TLS runtime counts plaintext). A publish's ack
+    /// timeout starts when its last byte is written; output that waits `ack_timeout` with
+    /// no byte written loses the connection (`LostReason::WriteStalled`). Call it after
+    /// every write, then drain.
+    pub fn handle_written_on(&mut self, connection: usize, now: Instant, n: usize) {
+        self.on_session(connection, now, |s, sh| s.on_written(sh, now, n));
+    }
+
+    /// Disconnects every connection cleanly: DISCONNECT is sent where connected, then
+    /// `CloseTransport` and, once all are closed, `Closed`. Flush first: records not yet
+    /// acknowledged are not committed.
+    pub fn close(&mut self, now: Instant) {
+        for i in 0..self.sessions.len() {
+            self.on_session(i, now, |s, sh| s.close(sh, now));
+        }
+    }
+
+    /// True once every connection is connected (CONNACK accepted).
+    pub fn is_connected(&self) -> bool {
+        self.sessions.iter().all(Session::is_connected)
+    }
+
+    /// True after `Event::Closed`.
+    pub fn is_closed(&self) -> bool {
+        self.sessions.iter().all(Session::is_closed)
+    }
+
+    /// Why the sink stopped for good, after `Event::Fatal`: the runtime ends and reports it.
+    pub fn fatal_error(&self) -> Option<&str> {
+        self.sh.fatal.as_deref()
+    }
+
+    /// What a runtime whose sink closed returns: `Err(Fatal)` when it stopped for good on
+    /// its own, else `Ok`.
+    pub fn stop_result(&self) -> Result<(), SinkError> {
+        self.sh
+            .fatal
+            .as_ref()
+            .map_or(Ok(()), |r| Err(SinkError::Fatal(r.clone())))
+    }
+
+    /// The connection a publish to `packet`'s topic goes on: a stable hash of the topic
+    /// (FNV-1a), so that one topic's publishes keep their order on one connection.
+    fn route(&self, packet: &wire::EncodedPublish) -> usize {
+        match self.sessions.len() {
+            1 => 0,
+            n => (topic_hash(wire::publish_topic(packet)) % n as u64) as usize,
+        }
+    }
+}
+
+impl Shared {
     /// Applies the error policy to a rejected record.
     pub(crate) fn reject(
         &mut self,
@@ -685,7 +1011,7 @@ impl Sink {
 
     /// One publish of record `id` is done (acknowledged, or handled by the policy): true
     /// when that was the record's last (always, for a record of one publish).
-    fn part_done(&mut self, id: RecordId) -> bool {
+    pub(crate) fn part_done(&mut self, id: RecordId) -> bool {
         if self.fanouts.is_empty() {
             return true;
         }
@@ -700,247 +1026,55 @@ impl Sink {
         true
     }
 
-    /// The runtime produced a dead letter and Kafka confirmed it: its offset may pass (for
-    /// a record of several publishes, once the others are done too).
-    pub fn handle_dead_lettered(&mut self, coords: &RecordCoords) {
-        if let Some(id) = self.dead_lettering.remove(coords) {
-            if self.part_done(id) && self.ledger.resolve(&coords.tp, coords.offset, id) {
-                self.flush_dirty = true;
-            }
+    /// Releases a message's buffer accounting.
+    pub(crate) fn free(&mut self, msg: &Msg) {
+        self.buffered_bytes -= msg.size;
+    }
+
+    /// A QoS 1 PUBACK or a rejecting QoS 2 PUBREC ended a publiself.
+    pub(crate) fn finish(&mut self, msg: Msg, reason: u8) {
+        self.free(&msg);
+        if reason >= 0x80 {
+            self.reject(
+                msg.coords,
+                msg.record_id,
+                RejectReason::Broker { code: reason },
+                msg.record.map(|r| *r),
+            );
+        } else {
+            self.acknowledged(msg.coords, msg.record_id);
         }
     }
 
-    /// The dead-letter produce failed: the record fails as under the `fail` policy.
-    pub fn handle_dead_letter_failed(&mut self, coords: &RecordCoords, error: impl Into<String>) {
-        if let Some(id) = self.dead_lettering.remove(coords) {
-            let reason = RejectReason::DeadLetterFailed(error.into());
-            if self.ledger.fail(&coords.tp, coords.offset, id, reason) {
-                self.flush_dirty = true;
-            }
+    /// A connection closed for good: when it was the last, the sink is closed.
+    pub(crate) fn session_closed(&mut self) {
+        self.closed += 1;
+        if self.closed == self.cfg.connections.max(1) {
+            self.events.push_back(Event::Closed);
         }
     }
+}
 
-    /// Starts tracking a partition (Kafka assigned it); `committed` is its committed
-    /// position if known. Without any `assign`, partitions are tracked on their first
-    /// `push_record`; after the first, a push for a partition not assigned is refused
-    /// ([`PushError::NotAssigned`]), so a revoked partition never reappears in the commit
-    /// positions.
-    pub fn assign(&mut self, tp: TopicPartition, committed: Option<i64>) {
-        self.assignments_used = true;
-        self.ledger.assign(tp, committed);
+/// The connection (of `connections`) a publish to `topic` goes on: what
+/// [`Sink`] does with `connections` > 1, for tools and tests that predict it.
+pub fn connection_of(topic: &str, connections: usize) -> usize {
+    match connections {
+        0 | 1 => 0,
+        n => (topic_hash(topic.as_bytes()) % n as u64) as usize,
     }
+}
 
-    /// Stops tracking a partition (Kafka revoked it). Call after a flush and commit of it:
-    /// its queued records are dropped, and acknowledgements of its in-flight ones no longer
-    /// count.
-    pub fn revoke(&mut self, tp: &TopicPartition) {
-        self.ledger.revoke(tp);
-        self.dead_lettering.retain(|c, _| &c.tp != tp);
-        self.fanouts.retain(|_, f| &f.tp != tp);
-        let mut freed = 0;
-        self.pending.retain(|m| {
-            let keep = &m.coords.tp != tp;
-            if !keep {
-                freed += m.size;
-            }
-            keep
-        });
-        self.buffered_bytes -= freed;
-        self.flush_dirty = true;
-    }
-
-    /// Partitions the ledger tracks.
-    pub fn is_assigned(&self, tp: &TopicPartition) -> bool {
-        self.ledger.is_assigned(tp)
-    }
-
-    /// Kafka confirmed a commit of these positions.
-    pub fn handle_committed(&mut self, offsets: &[(TopicPartition, i64)]) {
-        for (tp, pos) in offsets {
-            self.ledger.committed(tp, *pos);
-        }
-    }
-
-    /// After a failed or timed-out flush: forgets every record not yet committed, cancels
-    /// the flush, and returns per partition the offset to seek the consumer to (the last
-    /// committed position). Records then pushed again from there are new pushes; late
-    /// acknowledgements of the old copies are ignored.
-    pub fn rewind(&mut self) -> CommitOffsets {
-        let to = self.ledger.rewind();
-        let freed: usize = self.pending.iter().map(|m| m.size).sum();
-        self.pending.clear();
-        self.buffered_bytes -= freed;
-        self.dead_lettering.clear();
-        self.fanouts.clear();
-        self.flush = None;
-        self.timers.stop(Timer::Flush);
-        to
-    }
-
-    /// Commit positions now: every record below each is resolved.
-    pub fn commit_positions(&self) -> CommitOffsets {
-        self.ledger.positions()
-    }
-
-    /// Starts a checkpoint over every record pushed so far. It ends with exactly one of
-    /// [`Event::FlushCompleted`], [`Event::FlushFailed`] or [`Event::FlushTimedOut`] (at
-    /// `deadline`, not later, provided the runtime honours `poll_timeout`).
-    pub fn begin_flush(&mut self, _now: Instant, deadline: Instant) -> Result<(), FlushInProgress> {
-        if self.flush.is_some() {
-            return Err(FlushInProgress);
-        }
-        if let Some(reason) = &self.fatal {
-            // Stopped for good: the flush ends at once, as the one in progress did.
-            self.events.push_back(Event::Fatal(reason.clone()));
-            return Ok(());
-        }
-        self.flush = Some(self.ledger.target());
-        self.flush_dirty = true;
-        self.timers.set(Timer::Flush, deadline);
-        Ok(())
-    }
-
-    /// The deadline of a flush begun at `now` with the configured `flush_timeout`.
-    pub fn flush_deadline(&self, now: Instant) -> Instant {
-        now + self.cfg.flush_timeout
-    }
-
-    /// True while a flush is running.
-    pub fn is_flushing(&self) -> bool {
-        self.flush.is_some()
-    }
-
-    /// Ends the flush if its outcome is known (`timed_out`: the deadline passed).
-    pub(crate) fn check_flush(&mut self, timed_out: bool) {
-        self.flush_dirty = false;
-        let Some(target) = &self.flush else {
-            return;
-        };
-        let event = match self.ledger.status(target) {
-            FlushStatus::Complete => Event::FlushCompleted {
-                offsets: self.ledger.positions(),
-            },
-            FlushStatus::Failed(coords, reason) => Event::FlushFailed {
-                coords,
-                reason,
-                offsets: self.ledger.positions(),
-            },
-            FlushStatus::Pending if timed_out => Event::FlushTimedOut {
-                unacked: self.ledger.unresolved(target),
-                offsets: self.ledger.positions(),
-            },
-            FlushStatus::Pending => return,
-        };
-        self.flush = None;
-        self.timers.stop(Timer::Flush);
-        self.events.push_back(event);
-    }
-
-    /// The next event, if any. See the drain order on [`Sink`].
-    pub fn poll_event(&mut self) -> Option<Event> {
-        if self.flush_dirty {
-            self.check_flush(false);
-        }
-        self.events.pop_front()
-    }
-
-    /// Until when reading the transport may wait, if it may: while the window is nearly full
-    /// and the sink is holding new publishes for a batch of free slots (at most 1 ms), an
-    /// acknowledgement read now changes nothing it does before this instant but a wake-up.
-    /// A runtime that leaves the socket unread until then reads many acknowledgements in
-    /// one call instead of a few per call (the broker coalesces what queued meanwhile).
-    /// Optional: reading at once is always correct. Re-read it after every drain.
-    pub fn defer_input_until(&self) -> Option<Instant> {
-        self.timers
-            .get(Timer::Refill)
-            .filter(|_| self.conn == Conn::Connected)
-    }
-
-    /// Whether the runtime should have what it reads acknowledged at once (TCP_QUICKACK,
-    /// `mqtt_sink_tls::quick_ack`): acknowledgements are awaited and no publish waits to be
-    /// sent, so no data of ours would carry the TCP ACK, and a broker with Nagle's
-    /// algorithm on (Mosquitto's default) holds its next acks until our delayed ACK (40 ms
-    /// on Linux): the tail of every checkpoint, and every lull. While publishes wait for
-    /// the window, ACKs ride on them and immediate ones would only cut the broker's
-    /// segments smaller (measured: +2 us per record on the blocking runtime). Optional;
-    /// re-read it after every drain.
-    pub fn quick_ack_wanted(&self) -> bool {
-        self.conn == Conn::Connected && self.pending.is_empty() && self.inflight.len() > 0
-    }
-
-    /// The broker address to open on `Event::OpenTransport` (and the one in use while
-    /// connected): with `servers`, the next one after each failed connect or lost
-    /// connection.
-    pub fn server(&self) -> (&str, u16) {
-        // Validation makes `addresses` non-empty.
-        self.addresses
-            .get(self.address)
-            .map_or((self.cfg.server.as_str(), self.cfg.port), |(h, p)| (h, *p))
-    }
-
-    /// [`server`](Self::server) as `host:port` (`[v6]:port`), for logs and metrics.
-    pub fn server_address(&self) -> String {
-        let (host, port) = self.server();
-        crate::config::format_address(host, port)
-    }
-
-    /// When `handle_timeout` must next be called, if ever.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
-    }
-
-    /// Time passed: fires every timer due at `now`. Early, late or repeated calls are
-    /// harmless.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(t) = self.timers.expired(now) {
-            match t {
-                Timer::Flush => self.check_flush(true),
-                Timer::Reconnect => self.on_reconnect_timer(now),
-                Timer::ConnAck => self.on_connack_timeout(now),
-                Timer::Keepalive => self.on_keepalive(now),
-                Timer::PingResp => self.on_ping_timeout(now),
-                Timer::Ack => self.on_ack_timeout(now),
-                Timer::Refill => self.refill_due = true,
-                // The next poll_transmit may send again.
-                Timer::Rate => {}
-            }
-        }
-    }
-
-    /// Writes the bytes to send next into `buf` (appending). Returns false when there is
-    /// nothing to send now. Several publishes are coalesced into one call. Publishes are
-    /// handed out only while less than [`MAX_UNWRITTEN`] bytes wait unwritten: report
-    /// what reached the transport with [`handle_written`](Self::handle_written).
-    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> bool {
-        let start = buf.len();
-        let room = MAX_UNWRITTEN.saturating_sub(self.output.unwritten_bytes() as usize);
-        self.transmit(now, buf, start, start + room.min(TRANSMIT_BUDGET));
-        let wrote = buf.len() > start;
-        if wrote {
-            let o = &mut self.output;
-            if o.handed == o.written {
-                o.stalled_since = Some(now);
-            }
-            o.handed += (buf.len() - start) as u64;
-            self.on_transmitted(now);
-        }
-        self.arm_ack_timer();
-        wrote
-    }
-
-    /// The runtime wrote `n` more bytes of what `poll_transmit` returned to the
-    /// transport (in order; a TLS runtime counts plaintext). A publish's ack timeout
-    /// starts when its last byte is written; output that waits `ack_timeout` with no byte
-    /// written loses the connection (`LostReason::WriteStalled`). Call it after every
-    /// write, then drain.
-    pub fn handle_written(&mut self, now: Instant, n: usize) {
-        self.on_written(now, n);
-    }
+/// FNV-1a (64 bits) of a topic: stable across runs, versions and platforms, so that
+/// replicas and restarts route a topic alike.
+pub(crate) fn topic_hash(topic: &[u8]) -> u64 {
+    topic.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The largest packet we accept from the broker (announced in MQTT 5 CONNECT): acks are
 /// tiny; publishes only come from subscriptions of an old session.
-fn incoming_limit(cfg: &Config) -> u32 {
+pub(crate) fn incoming_limit(cfg: &Config) -> u32 {
     cfg.max_packet_size.clamp(1 << 16, 1 << 20)
 }
 

@@ -1,4 +1,4 @@
-//! The sink's thread and its handles. One thread owns the core and the connection's TLS
+//! The sink's thread and its handles. One thread owns the core and the connections' TLS
 //! state and runs the jobs sent to it: requests of [`SinkClient`]s, what a connection's
 //! thread read, delivery reports of dead letters; between jobs, the core's timers. A
 //! thread per connection attempt connects, then reads the socket.
@@ -43,19 +43,21 @@ impl SinkRuntime for Blocking {
         } = parts;
         let tls = mqtt_sink_tls::sink_client_config(&config)?;
         let (tx, rx) = mpsc::channel();
+        let sink = Sink::new(config, mapper, Instant::now())?;
+        let n = sink.connections();
         let driver = Driver {
-            sink: Sink::new(config, mapper, Instant::now())?,
+            sink,
             tls,
             tx: tx.clone(),
             hooks,
             dead_letter,
-            conn: None,
-            attempt: 0,
+            conns: (0..n).map(|_| None).collect(),
+            attempts: vec![0; n],
             out: Vec::with_capacity(64 * 1024),
             flush_waiters: Vec::new(),
             flush_queued: Vec::new(),
             room_waiters: Vec::new(),
-            read_after: ReadGate::default(),
+            read_after: (0..n).map(|_| ReadGate::default()).collect(),
         };
         let thread = std::thread::Builder::new()
             .name("mqtt-sink".into())
@@ -206,22 +208,24 @@ impl Drop for MqttSink {
     }
 }
 
-/// The sink's thread: the core, the connection, and who waits for what.
+/// The sink's thread: the core, the connections (by index), and who waits for what.
 struct Driver {
     sink: Sink,
     tls: Option<Arc<rustls::ClientConfig>>,
     tx: Sender<Job>,
     hooks: Hooks,
     dead_letter: Option<DeadLetterFn>,
-    conn: Option<Conn>,
-    attempt: u64,
+    conns: Vec<Option<Conn>>,
+    /// Per connection, its latest attempt: what an older one's threads report is ignored.
+    attempts: Vec<u64>,
     out: Vec<u8>,
     flush_waiters: Vec<Reply<Result<CommitOffsets, SinkError>>>,
     /// Flushes asked since the running one began: they begin together after it.
     flush_queued: Vec<Reply<Result<CommitOffsets, SinkError>>>,
     room_waiters: Vec<Reply<()>>,
-    /// Shared with the reader: the core's `defer_input_until` and `quick_ack_wanted`.
-    read_after: ReadGate,
+    /// Shared with each connection's reader: the core's `defer_input_until_on` and
+    /// `quick_ack_wanted_on`.
+    read_after: Vec<ReadGate>,
 }
 
 impl Driver {
@@ -229,8 +233,13 @@ impl Driver {
     fn run(mut self, rx: &Receiver<Job>) -> Result<(), SinkError> {
         loop {
             self.drain(Instant::now());
-            if let Ok(mut g) = self.read_after.lock() {
-                *g = (self.sink.defer_input_until(), self.sink.quick_ack_wanted());
+            for (i, gate) in self.read_after.iter().enumerate() {
+                if let Ok(mut g) = gate.lock() {
+                    *g = (
+                        self.sink.defer_input_until_on(i),
+                        self.sink.quick_ack_wanted_on(i),
+                    );
+                }
             }
             if self.sink.is_closed() {
                 return self.sink.stop_result();
@@ -252,16 +261,19 @@ impl Driver {
     /// answers who waits for room.
     fn drain(&mut self, now: Instant) {
         loop {
-            while self.sink.poll_transmit(now, &mut self.out) {}
-            let mut any = !self.out.is_empty();
-            // Dropped while not connected: the core sends it again after a reconnect.
-            let written = self.conn.as_mut().map(|c| c.write(&self.out));
-            let n = self.out.len();
-            self.out.clear();
-            match written {
-                Some(Ok(())) => self.sink.handle_written(Instant::now(), n),
-                Some(Err(e)) => self.lose(now, e),
-                None => {}
+            let mut any = false;
+            for i in 0..self.conns.len() {
+                while self.sink.poll_transmit_on(i, now, &mut self.out) {}
+                any |= !self.out.is_empty();
+                // Dropped while not connected: the core sends it again after a reconnect.
+                let written = self.conns[i].as_mut().map(|c| c.write(&self.out));
+                let n = self.out.len();
+                self.out.clear();
+                match written {
+                    Some(Ok(())) => self.sink.handle_written_on(i, Instant::now(), n),
+                    Some(Err(e)) => self.lose(now, i, e),
+                    None => {}
+                }
             }
             while let Some(e) = self.sink.poll_event() {
                 any = true;
@@ -291,8 +303,8 @@ impl Driver {
             }
         }
         match e {
-            Event::OpenTransport => self.open(now),
-            Event::CloseTransport => self.close_transport(),
+            Event::OpenTransport { connection } => self.open(now, connection),
+            Event::CloseTransport { connection } => self.close_transport(connection),
             // Handed to the producer; its delivery report comes back as a job.
             Event::DeadLetter { record, reason } => {
                 let (coords, tx) = (record.coords(), self.tx.clone());
@@ -313,14 +325,19 @@ impl Driver {
         }
     }
 
-    /// Connects, then reads, on a thread of its own.
-    fn open(&mut self, now: Instant) {
-        if let Some(c) = self.conn.take() {
+    /// Connects connection `i`, then reads it, on a thread of its own.
+    fn open(&mut self, now: Instant, i: usize) {
+        if let Some(c) = self.conns[i].take() {
             let _ = c.tcp.shutdown(Shutdown::Both);
         }
-        self.attempt += 1;
-        let (id, tx, gate) = (self.attempt, self.tx.clone(), self.read_after.clone());
-        let (server, port) = (self.sink.server().0.to_string(), self.sink.server().1);
+        self.attempts[i] += 1;
+        let (id, tx, gate) = (
+            self.attempts[i],
+            self.tx.clone(),
+            self.read_after[i].clone(),
+        );
+        let (server, port) = self.sink.server_on(i);
+        let server = server.to_string();
         let spawned = std::thread::Builder::new()
             .name("mqtt-sink-conn".into())
             .spawn(move || {
@@ -328,76 +345,76 @@ impl Driver {
                     Ok((tcp, reader)) => (Ok(tcp), Some(reader)),
                     Err(e) => (Err(e), None),
                 };
-                let job: Job = Box::new(move |d, now| d.on_opened(now, id, opened));
+                let job: Job = Box::new(move |d, now| d.on_opened(now, i, id, opened));
                 if let (Ok(()), Some(reader)) = (tx.send(job), reader) {
-                    read_loop(id, reader, &tx, &gate);
+                    read_loop(i, id, reader, &tx, &gate);
                 }
             });
         if let Err(e) = spawned {
             let why = format!("cannot start a connection thread: {e}");
-            self.sink.handle_disconnected(now, why);
+            self.sink.handle_disconnected_on(i, now, why);
         }
     }
 
     /// The transport is up: the core may write CONNECT (with TLS, rustls holds it until
     /// the handshake is done; a failed handshake fails the connect as a lost transport).
-    fn on_opened(&mut self, now: Instant, id: u64, opened: Result<TcpStream, String>) {
-        if id != self.attempt {
+    fn on_opened(&mut self, now: Instant, i: usize, id: u64, opened: Result<TcpStream, String>) {
+        if id != self.attempts[i] {
             // Given up since: the shutdown ends its reader too.
             return drop(opened.map(|tcp| tcp.shutdown(Shutdown::Both)));
         }
         let tcp = match opened {
             Ok(tcp) => tcp,
-            Err(e) => return self.sink.handle_disconnected(now, e),
+            Err(e) => return self.sink.handle_disconnected_on(i, now, e),
         };
         let _ = tcp.set_nodelay(true);
         let _ = tcp.set_write_timeout(Some(WRITE_STALL));
         // SNI and the certificate check follow the address in use; with WebSocket, the
         // upgrade request goes first and the CONNECT the core writes next waits for its
         // answer (with TLS, in rustls until the handshake is done).
-        let (server, port) = self.sink.server();
+        let (server, port) = self.sink.server_on(i);
         let mut conn = match Layers::new(self.sink.config(), self.tls.clone(), server, port) {
             Ok(layers) => Conn { id, tcp, layers },
             Err(e) => {
                 let _ = tcp.shutdown(Shutdown::Both);
-                return self.lose(now, e);
+                return self.lose(now, i, e);
             }
         };
         let first = conn.write(&[]);
-        self.conn = Some(conn);
+        self.conns[i] = Some(conn);
         match first {
-            Ok(()) => self.sink.handle_connected(now),
-            Err(e) => self.lose(now, e),
+            Ok(()) => self.sink.handle_connected_on(i, now),
+            Err(e) => self.lose(now, i, e),
         }
     }
 
-    fn on_read(&mut self, now: Instant, id: u64, read: Result<Vec<u8>, String>) {
-        let Some(conn) = self.conn.as_mut().filter(|c| c.id == id) else {
+    fn on_read(&mut self, now: Instant, i: usize, id: u64, read: Result<Vec<u8>, String>) {
+        let Some(conn) = self.conns[i].as_mut().filter(|c| c.id == id) else {
             return; // from a connection given up since
         };
         match read.and_then(|data| conn.read(data)) {
-            Ok(plain) => drop(self.sink.handle_input(now, &plain)),
-            Err(e) => self.lose(now, e),
+            Ok(plain) => drop(self.sink.handle_input_on(i, now, &plain)),
+            Err(e) => self.lose(now, i, e),
         }
     }
 
-    /// Closes the connection; pending bytes (a DISCONNECT) were written by `drain` before.
-    fn close_transport(&mut self) {
-        self.attempt += 1;
-        if let Some(mut c) = self.conn.take() {
+    /// Closes connection `i`; pending bytes (a DISCONNECT) were written by `drain` before.
+    fn close_transport(&mut self, i: usize) {
+        self.attempts[i] += 1;
+        if let Some(mut c) = self.conns[i].take() {
             c.layers.close(&mut c.tcp);
             let _ = c.tcp.shutdown(Shutdown::Both);
         }
     }
 
-    /// The connection is lost (`why`, without the address): the core decides what next.
-    fn lose(&mut self, now: Instant, why: String) {
-        if let Some(c) = self.conn.take() {
+    /// Connection `i` is lost (`why`, without the address): the core decides what next.
+    fn lose(&mut self, now: Instant, i: usize, why: String) {
+        if let Some(c) = self.conns[i].take() {
             let _ = c.tcp.shutdown(Shutdown::Both);
         }
         self.out.clear();
-        let why = format!("{}: {why}", self.sink.server_address());
-        self.sink.handle_disconnected(now, why);
+        let why = format!("{}: {why}", self.sink.server_address_on(i));
+        self.sink.handle_disconnected_on(i, now, why);
     }
 }
 
@@ -429,7 +446,7 @@ fn connect(server: &str, port: u16) -> Result<(TcpStream, TcpStream), String> {
     tcp.map_err(|e| format!("{server}:{port}: TCP connect failed: {e}"))
 }
 
-fn read_loop(id: u64, mut tcp: TcpStream, tx: &Sender<Job>, gate: &ReadGate) {
+fn read_loop(i: usize, id: u64, mut tcp: TcpStream, tx: &Sender<Job>, gate: &ReadGate) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // The core asked for acknowledgements in a batch: let them queue up first. The
@@ -451,7 +468,7 @@ fn read_loop(id: u64, mut tcp: TcpStream, tx: &Sender<Job>, gate: &ReadGate) {
             Err(e) => Err(format!("read failed: {e}")),
         };
         let end = read.is_err();
-        let job: Job = Box::new(move |d, now| d.on_read(now, id, read));
+        let job: Job = Box::new(move |d, now| d.on_read(now, i, id, read));
         if tx.send(job).is_err() || end {
             return;
         }

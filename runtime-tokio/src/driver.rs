@@ -1,14 +1,17 @@
 //! The sink's task: moves socket bytes, commands and time in and out of the core.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant as StdInstant};
 
 use mqtt_sink_core::{
     ActionReport, CommitOffsets, ConfigErrors, DeadLetterFn, Event, Hooks, PushError, Sink,
     SinkParts,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -16,8 +19,7 @@ use crate::transport::{open, Stream};
 use crate::{tls, Cmd, Reply, SinkError, TrySendError};
 
 type FlushReply = Reply<Result<CommitOffsets, SinkError>>;
-type Connecting =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Stream, String>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<Stream, String>> + Send>>;
 
 pub(crate) struct Driver {
     sink: Sink,
@@ -74,38 +76,36 @@ impl Driver {
 
     /// Ends when the sink closed: `Err(Fatal)` when it stopped for good on its own.
     pub(crate) async fn run(mut self) -> Result<(), SinkError> {
-        // Read and write halves: acknowledgements are read while a write waits.
-        let mut conn: Option<(ReadHalf<Stream>, WriteHalf<Stream>)> = None;
-        let mut connecting: Option<Connecting> = None;
-        let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
-        // The core's `quick_ack_wanted`, for the connection's reads.
-        let quick_ack = Arc::new(AtomicBool::new(false));
-        let mut out_pos = 0;
+        let n = self.sink.connections();
+        let mut links: Vec<Link> = (0..n).map(|_| Link::default()).collect();
         let mut rbuf = vec![0u8; 16 * 1024];
-        let mut close = false;
+        let mut turn = 0;
         loop {
             // Drain the core: bytes, then events (which may feed it again).
             let now = self.now();
             loop {
-                let before = out.len();
-                while self.sink.poll_transmit(now, &mut out) {}
-                let mut any = out.len() > before;
+                let mut any = false;
+                for (i, l) in links.iter_mut().enumerate() {
+                    let before = l.out.len();
+                    while self.sink.poll_transmit_on(i, now, &mut l.out) {}
+                    any |= l.out.len() > before;
+                }
                 while let Some(e) = self.sink.poll_event() {
                     any = true;
-                    match &e {
-                        Event::OpenTransport => {
-                            (conn, out_pos) = (None, 0);
-                            out.clear();
-                            let ((host, port), tls) = (self.sink.server(), self.tls.clone());
-                            let cfg = self.sink.config();
-                            let ws = tls::ws_request_for(cfg, host, port);
-                            let (host, quick) = (host.to_string(), quick_ack.clone());
-                            connecting =
-                                Some(Box::pin(
-                                    async move { open(host, port, tls, ws?, quick).await },
-                                ));
+                    match e {
+                        Event::OpenTransport { connection: i } => {
+                            let l = &mut links[i];
+                            (l.stream, l.out_pos) = (None, 0);
+                            l.out.clear();
+                            let ((host, port), tls) = (self.sink.server_on(i), self.tls.clone());
+                            let ws = tls::ws_request_for(self.sink.config(), host, port);
+                            let (host, quick) = (host.to_string(), l.quick_ack.clone());
+                            let opening = async move { open(host, port, tls, ws?, quick).await };
+                            l.connecting = Some(Box::pin(opening));
                         }
-                        Event::CloseTransport => (connecting, close) = (None, true),
+                        Event::CloseTransport { connection: i } => {
+                            (links[i].connecting, links[i].close) = (None, true);
+                        }
                         _ => {}
                     }
                     self.on_event(e, now);
@@ -114,70 +114,58 @@ impl Driver {
                     break;
                 }
             }
-            // The DISCONNECT (if any) goes out before the close; bounded by a second.
-            if let Some((_, mut s)) = conn.take_if(|_| close) {
-                let pending = &out[out_pos..];
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    s.write_all(pending).await?;
-                    s.shutdown().await
-                })
-                .await;
+            for (i, l) in links.iter_mut().enumerate() {
+                // The DISCONNECT (if any) goes out before the close; bounded by a second.
+                if let Some(mut s) = l.stream.take_if(|_| l.close) {
+                    let pending = &l.out[l.out_pos..];
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        s.write_all(pending).await?;
+                        s.shutdown().await
+                    })
+                    .await;
+                }
+                l.close = false;
+                if l.stream.is_none() && l.connecting.is_none() {
+                    (l.out_pos, _) = (0, l.out.clear());
+                }
+                l.quick_ack
+                    .store(self.sink.quick_ack_wanted_on(i), Ordering::Relaxed);
+                // The core is waiting for a batch of acks: read them all at once, then.
+                let after = self
+                    .sink
+                    .defer_input_until_on(i)
+                    .map(|t| self.tokio_time(t));
+                l.read_after = after.map(|t| Box::pin(tokio::time::sleep_until(t)));
             }
-            close = false;
             if !self.sink.is_full() {
                 self.room_waiters.drain(..).for_each(|w| _ = w.send(()));
             }
             if self.sink.is_closed() && (self.closing || self.sink.fatal_error().is_some()) {
                 return self.sink.stop_result();
             }
-            if conn.is_none() && connecting.is_none() {
-                (out_pos, _) = (0, out.clear());
-            }
             let deadline = self.sink.poll_timeout().map(|t| self.tokio_time(t));
-            let (mut rd, mut wr) = match conn.as_mut() {
-                Some((r, w)) => (Some(r), Some(w)),
-                None => (None, None),
-            };
-            let writing = wr.is_some() && out_pos < out.len();
-            quick_ack.store(self.sink.quick_ack_wanted(), Ordering::Relaxed);
-            // The core is waiting for a batch of acks: read them all at once, then.
-            let read_after = self.sink.defer_input_until().map(|t| self.tokio_time(t));
+            turn += 1;
             tokio::select! {
-                res = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
-                    connecting = None;
-                    match res {
-                        Ok(s) => {
-                            conn = Some(tokio::io::split(s));
-                            self.sink.handle_connected(self.now());
+                (i, io) = std::future::poll_fn(|cx| poll_links(&mut links, turn, &mut rbuf, cx)) => {
+                    let (now, l) = (self.now(), &mut links[i]);
+                    match io {
+                        Io::Opened(Ok(s)) => {
+                            l.stream = Some(s);
+                            self.sink.handle_connected_on(i, now);
                         }
-                        Err(e) => self.sink.handle_disconnected(self.now(), e),
-                    }
-                }
-                res = async { wr.as_mut().expect("guarded").write(&out[out_pos..]).await }, if writing => {
-                    let now = self.now();
-                    match res {
-                        Ok(n) if n > 0 => {
-                            out_pos += n;
-                            if out_pos == out.len() {
-                                (out_pos, _) = (0, out.clear());
+                        Io::Opened(Err(e)) => self.sink.handle_disconnected_on(i, now, e),
+                        Io::Wrote(Ok(n)) if n > 0 => {
+                            l.out_pos += n;
+                            if l.out_pos == l.out.len() {
+                                (l.out_pos, _) = (0, l.out.clear());
                             }
-                            self.sink.handle_written(now, n);
+                            self.sink.handle_written_on(i, now, n);
                         }
-                        Ok(_) => self.lose(&mut conn, now, "write failed: wrote 0 bytes".into()),
-                        Err(e) => self.lose(&mut conn, now, format!("write failed: {e}")),
-                    }
-                }
-                res = async {
-                    if let Some(t) = read_after {
-                        tokio::time::sleep_until(t).await;
-                    }
-                    rd.as_mut().expect("guarded").read(&mut rbuf).await
-                }, if rd.is_some() => {
-                    let now = self.now();
-                    match res {
-                        Ok(0) => self.lose(&mut conn, now, "the broker closed the connection".into()),
-                        Ok(n) => _ = self.sink.handle_input(now, &rbuf[..n]),
-                        Err(e) => self.lose(&mut conn, now, format!("read failed: {e}")),
+                        Io::Wrote(Ok(_)) => self.lose(l, i, now, "write failed: wrote 0 bytes".into()),
+                        Io::Wrote(Err(e)) => self.lose(l, i, now, format!("write failed: {e}")),
+                        Io::Read(Ok(0)) => self.lose(l, i, now, "the broker closed the connection".into()),
+                        Io::Read(Ok(n)) => _ = self.sink.handle_input_on(i, now, &rbuf[..n]),
+                        Io::Read(Err(e)) => self.lose(l, i, now, format!("read failed: {e}")),
                     }
                 }
                 cmd = self.rx.recv(), if !self.closing => self.command(cmd),
@@ -188,11 +176,11 @@ impl Driver {
         }
     }
 
-    /// The connection failed (`why`): the sink hears it, naming the broker.
-    fn lose<C>(&mut self, conn: &mut Option<C>, now: StdInstant, why: String) {
-        *conn = None;
-        let why = format!("{}: {why}", self.sink.server_address());
-        self.sink.handle_disconnected(now, why);
+    /// Connection `i` failed (`why`): the sink hears it, naming the broker.
+    fn lose(&mut self, link: &mut Link, i: usize, now: StdInstant, why: String) {
+        link.stream = None;
+        let why = format!("{}: {why}", self.sink.server_address_on(i));
+        self.sink.handle_disconnected_on(i, now, why);
     }
 
     fn command(&mut self, cmd: Option<Cmd>) {
@@ -252,4 +240,64 @@ impl Driver {
             produce(&record, &reason, done);
         }
     }
+}
+
+/// One MQTT connection's transport: being opened, open, or neither; and its output.
+#[derive(Default)]
+struct Link {
+    stream: Option<Stream>,
+    connecting: Option<Connecting>,
+    /// What the core handed out for it; written from `out_pos` on.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// The core closed it: write what is left (a DISCONNECT), then shut it down.
+    close: bool,
+    /// The core's `quick_ack_wanted_on`, for the connection's reads.
+    quick_ack: Arc<AtomicBool>,
+    /// The core's `defer_input_until_on`: reading waits until then.
+    read_after: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// What became ready on a link.
+enum Io {
+    Opened(Result<Stream, String>),
+    Wrote(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
+}
+
+/// Polls every link's open, write and read (a read only once its deferral passed), taking
+/// turns at which link goes first; reads land in `rbuf`.
+fn poll_links(
+    links: &mut [Link],
+    turn: usize,
+    rbuf: &mut [u8],
+    cx: &mut Context<'_>,
+) -> Poll<(usize, Io)> {
+    for k in 0..links.len() {
+        let i = (turn + k) % links.len();
+        let l = &mut links[i];
+        if let Some(Poll::Ready(r)) = l.connecting.as_mut().map(|c| c.as_mut().poll(cx)) {
+            l.connecting = None;
+            return Poll::Ready((i, Io::Opened(r)));
+        }
+        let Some(s) = l.stream.as_mut() else {
+            continue;
+        };
+        if l.out_pos < l.out.len() {
+            if let Poll::Ready(r) = Pin::new(&mut *s).poll_write(cx, &l.out[l.out_pos..]) {
+                return Poll::Ready((i, Io::Wrote(r)));
+            }
+        }
+        if l.read_after
+            .as_mut()
+            .is_some_and(|t| t.as_mut().poll(cx).is_pending())
+        {
+            continue;
+        }
+        let mut buf = ReadBuf::new(&mut *rbuf);
+        if let Poll::Ready(r) = Pin::new(s).poll_read(cx, &mut buf) {
+            return Poll::Ready((i, Io::Read(r.map(|()| buf.filled().len()))));
+        }
+    }
+    Poll::Pending
 }

@@ -11,6 +11,10 @@
 //! 7. a flush with missing acks times out at its deadline, not later;
 //! 8. QoS 2 delivers each record to the broker once per session.
 //!
+//! With [`Scenario::connections`] = 3 the sink publishes on three MQTT connections (records
+//! routed by topic); the faults (cuts, DISCONNECTs, ack loss and delay, reordering) hit
+//! connection 0 only, and every invariant holds across all three.
+//!
 //! With [`Scenario::mixed_qos`] a transform gives each record its own QoS (its offset
 //! modulo 3): the delivery invariants hold for its QoS 1/2 records, and every publish
 //! reaches the broker at its record's QoS, resends included.
@@ -97,6 +101,8 @@ pub struct Scenario {
     pub max_buffered: usize,
     /// A transform sets each record's QoS to its offset modulo 3, over `qos`.
     pub mixed_qos: bool,
+    /// MQTT connections (1 or 3); faults hit connection 0 only.
+    pub connections: usize,
 }
 
 impl Scenario {
@@ -128,6 +134,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
         1u32..50,
         5usize..200,
         prop::bool::weighted(0.25),
+        prop_oneof![Just(1usize), Just(3)],
     )
         .prop_map(
             |(
@@ -142,6 +149,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
                 max_inflight,
                 max_buffered,
                 mixed_qos,
+                connections,
             )| {
                 // As in Kafka, a key always maps to the same partition.
                 let log = log
@@ -160,6 +168,7 @@ pub fn scenario() -> impl Strategy<Value = Scenario> {
                     max_inflight,
                     max_buffered,
                     mixed_qos,
+                    connections,
                 }
             },
         )
@@ -258,6 +267,7 @@ fn config(s: &Scenario) -> Config {
     // a healthy record. Poison detection has its own property (`poison_records_are_...`).
     cfg.poison_after = 0;
     cfg.flush_timeout = Duration::from_secs(30);
+    cfg.connections = s.connections;
     if s.mixed_qos {
         // The payload and topic as without it (the value is not JSON: its text).
         cfg.transform = Some("{payload: .value, qos: (.offset % 3)}".into());
@@ -293,7 +303,6 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
     }
     let mut kafka = Kafka::new(s);
     let mut acked = BTreeSet::new();
-    let mut seen_delivered = 0;
     let mut faults = false;
     let mut rewinds = 0;
 
@@ -367,7 +376,7 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
             }
             Op::Reorder(b) => h.broker.knobs_mut().reorder_acks = *b,
         }
-        check_step(&mut h, &mut acked, &mut seen_delivered, s)?;
+        check_step(&mut h, &mut acked, s)?;
     }
 
     // Heal, then everything must be acknowledged and committed (invariant 2).
@@ -381,7 +390,7 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
         }
         // Healed: the flush may take long (a slow broker, a window of 1) but must complete.
         let outcome = h.flush_with_deadline(h.now + Duration::from_secs(3600));
-        check_step(&mut h, &mut acked, &mut seen_delivered, s)?;
+        check_step(&mut h, &mut acked, s)?;
         if matches!(outcome, Event::FlushCompleted { .. }) {
             break;
         }
@@ -404,7 +413,7 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
         );
     }
     // Every publish at its record's QoS (invariant 8's QoS 2 included).
-    for r in h.broker.received() {
+    for r in h.brokers().flat_map(|b| b.received()) {
         let want = offset_of(&r.payload).map(|o| s.qos_of(o));
         prop_assert_eq!(Some(r.qos), want, "QoS of {:?}", r.payload);
     }
@@ -418,10 +427,10 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
     let faulty = faults || rewinds > 0;
     // QoS 0 records may be lost on a cut by design: only the others are checked.
     let at_least_once = |p: &Bytes| offset_of(p).is_some_and(|o| s.qos_of(o) > 0);
+    // Per topic in order: a topic's publishes all go on one connection.
     let delivered: Vec<_> = h
-        .broker
-        .delivered()
-        .iter()
+        .brokers()
+        .flat_map(|b| b.delivered())
         .filter(|d| at_least_once(&d.payload))
         .map(|d| (d.topic.clone(), d.payload.clone()))
         .collect();
@@ -429,9 +438,8 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
     let report = check(&expected, &delivered, faulty).map_err(TestCaseError::fail)?;
     // Invariant 3 on the raw PUBLISH stream (rejections and DUP resends included).
     let received: Vec<_> = h
-        .broker
-        .received()
-        .iter()
+        .brokers()
+        .flat_map(|b| b.received())
         .filter(|r| at_least_once(&r.payload))
         .map(|r| (r.topic.clone(), r.payload.clone()))
         .collect();
@@ -459,13 +467,11 @@ pub fn run(s: &Scenario, exactly_once_check: bool) -> Result<Outcome, TestCaseEr
 fn check_step(
     h: &mut Harness,
     acked: &mut BTreeSet<Bytes>,
-    seen: &mut usize,
     s: &Scenario,
 ) -> Result<(), TestCaseError> {
-    for d in &h.broker.delivered()[*seen..] {
+    for d in h.brokers().flat_map(|b| b.delivered()) {
         acked.insert(d.payload.clone());
     }
-    *seen = h.broker.delivered().len();
     // Invariant 1: below every committed (and committable) position, all acknowledged.
     let positions = h
         .committed
@@ -497,11 +503,13 @@ fn check_step(
         st.inflight,
         st.window
     );
-    prop_assert!(
-        h.broker.violations().is_empty(),
-        "broker saw violations: {:?}",
-        h.broker.violations()
-    );
+    for b in h.brokers() {
+        prop_assert!(
+            b.violations().is_empty(),
+            "broker saw violations: {:?}",
+            b.violations()
+        );
+    }
     prop_assert!(
         h.protocol_errors.is_empty(),
         "protocol errors: {:?}",

@@ -1,5 +1,8 @@
 //! A simulated world: clock, link and broker around one [`Sink`], driven exactly as a
-//! runtime drives it (drain transmit, drain events, honour `poll_timeout`).
+//! runtime drives it (drain transmit, drain events, honour `poll_timeout`). A sink with
+//! several connections (`connections`) gets a link and a broker side per connection:
+//! [`Harness::broker`] is connection 0's, where tests inject broker faults;
+//! [`Harness::others`] are the rest, with the same knobs.
 //!
 //! Time is simulated: [`Harness::step`] jumps to the next deadline (the sink's, the
 //! broker's, a delivery on the link, or room on a bandwidth-limited link), so a test of
@@ -63,19 +66,10 @@ struct Packet {
     bytes: Vec<u8>,
 }
 
-/// The sink, a simulated broker and the link between them, with a simulated clock.
+/// One connection's link: bytes on their way each way, and what the runtime holds
+/// unwritten.
 #[derive(Debug)]
-pub struct Harness {
-    /// Simulated time now.
-    pub now: Instant,
-    start: Instant,
-    /// The sink under test.
-    pub sink: Sink,
-    /// The simulated broker.
-    pub broker: SimBroker,
-    /// Link behaviour; tests may change it mid-run.
-    pub link: LinkKnobs,
-    rng: SplitMix,
+struct Line {
     to_broker: VecDeque<Packet>,
     to_sink: VecDeque<Packet>,
     /// Bytes `poll_transmit` returned that the link has not taken yet (only with
@@ -87,6 +81,37 @@ pub struct Harness {
     /// With `bytes_per_ms`: the link's capacity is used up to this instant.
     link_free_at: Instant,
     open: bool,
+}
+
+impl Line {
+    fn new(now: Instant) -> Self {
+        Self {
+            to_broker: VecDeque::new(),
+            to_sink: VecDeque::new(),
+            unwritten: VecDeque::new(),
+            buffered: 0,
+            link_free_at: now,
+            open: false,
+        }
+    }
+}
+
+/// The sink, a simulated broker and the link between them, with a simulated clock.
+#[derive(Debug)]
+pub struct Harness {
+    /// Simulated time now.
+    pub now: Instant,
+    start: Instant,
+    /// The sink under test.
+    pub sink: Sink,
+    /// The simulated broker (connection 0's side of it).
+    pub broker: SimBroker,
+    /// The broker's side of connections 1.. (none with one connection).
+    pub others: Vec<SimBroker>,
+    /// Link behaviour; tests may change it mid-run.
+    pub link: LinkKnobs,
+    rng: SplitMix,
+    lines: Vec<Line>,
     /// Every event the sink emitted, with the simulated time since start.
     pub events: Vec<(Duration, Event)>,
     /// Protocol errors `handle_input` returned.
@@ -129,19 +154,19 @@ impl Harness {
             Ok(s) => s,
             Err(e) => panic!("test config is invalid: {e}"),
         };
+        let n = sink.connections();
+        let others = (1..n as u64)
+            .map(|i| SimBroker::new(seed ^ 0xB40C_E200 ^ (i << 32), knobs.clone()))
+            .collect();
         let mut h = Self {
             now: start,
             start,
             sink,
             broker: SimBroker::new(seed ^ 0xB40C_E200, knobs),
+            others,
             link,
             rng: SplitMix::new(seed),
-            to_broker: VecDeque::new(),
-            to_sink: VecDeque::new(),
-            unwritten: VecDeque::new(),
-            buffered: 0,
-            link_free_at: start,
-            open: false,
+            lines: (0..n).map(|_| Line::new(start)).collect(),
             events: Vec::new(),
             protocol_errors: Vec::new(),
             committed: Vec::new(),
@@ -163,16 +188,18 @@ impl Harness {
     /// Drains the sink's outputs and acts on its events, as a runtime does, until quiet.
     pub fn drain(&mut self) {
         for _ in 0..1_000_000 {
-            let mut buf = Vec::new();
             let mut progressed = false;
-            while self.sink.poll_transmit(self.now, &mut buf) {
-                progressed = true;
-            }
-            if !buf.is_empty() {
-                self.hand_to_link(buf);
-            }
-            if self.write_unwritten() {
-                progressed = true;
+            for i in 0..self.lines.len() {
+                let mut buf = Vec::new();
+                while self.sink.poll_transmit_on(i, self.now, &mut buf) {
+                    progressed = true;
+                }
+                if !buf.is_empty() {
+                    self.hand_to_link(i, buf);
+                }
+                if self.write_unwritten(i) {
+                    progressed = true;
+                }
             }
             while let Some(e) = self.sink.poll_event() {
                 progressed = true;
@@ -189,23 +216,25 @@ impl Harness {
         self.transcript
             .push(format!("{:?} sink {e}", self.elapsed()));
         match &e {
-            Event::OpenTransport => {
+            Event::OpenTransport { connection: i } => {
+                let i = *i;
                 if self.link.failing_opens > 0 {
                     self.link.failing_opens -= 1;
-                    self.sink
-                        .handle_disconnected(self.now, "connection refused (simulated)");
+                    let why = "connection refused (simulated)";
+                    self.sink.handle_disconnected_on(i, self.now, why);
                 } else {
-                    self.open = true;
-                    self.broker.handle_connect(self.now);
-                    self.sink.handle_connected(self.now);
+                    self.lines[i].open = true;
+                    let now = self.now;
+                    self.broker_at(i).handle_connect(now);
+                    self.sink.handle_connected_on(i, now);
                 }
             }
-            Event::CloseTransport => {
+            Event::CloseTransport { connection: i } => {
                 // What was written before the close still reaches the broker, and the
                 // runtime's last write (bounded by a second) may carry some of the rest.
-                self.flush_link_to_broker();
-                self.write_before_close();
-                self.close_link();
+                self.flush_link_to_broker(*i);
+                self.write_before_close(*i);
+                self.close_link(*i);
             }
             Event::FlushCompleted { offsets }
             | Event::FlushFailed { offsets, .. }
@@ -239,6 +268,19 @@ impl Harness {
         self.sink.handle_committed(offsets);
     }
 
+    /// The broker side of connection `i` (0: [`broker`](Self::broker)).
+    pub fn broker_at(&mut self, i: usize) -> &mut SimBroker {
+        match i {
+            0 => &mut self.broker,
+            i => &mut self.others[i - 1],
+        }
+    }
+
+    /// The broker sides of every connection, connection 0's first.
+    pub fn brokers(&self) -> impl Iterator<Item = &SimBroker> {
+        std::iter::once(&self.broker).chain(&self.others)
+    }
+
     /// The committed position of a partition, if any.
     pub fn committed_of(&self, tp: &TopicPartition) -> Option<i64> {
         self.committed
@@ -267,20 +309,20 @@ impl Harness {
         queue.back().map_or(at, |p| p.due.max(at))
     }
 
-    fn send_to_broker(&mut self, bytes: Vec<u8>) {
-        if !self.open {
+    fn send_to_broker(&mut self, i: usize, bytes: Vec<u8>) {
+        if !self.lines[i].open {
             return;
         }
-        let due = self.due(&self.to_broker);
+        let due = self.due(&self.lines[i].to_broker);
         for c in self.chunks(bytes) {
-            self.to_broker.push_back(Packet { due, bytes: c });
+            self.lines[i].to_broker.push_back(Packet { due, bytes: c });
         }
     }
 
-    fn send_to_sink(&mut self, bytes: Vec<u8>) {
-        let due = self.due(&self.to_sink);
+    fn send_to_sink(&mut self, i: usize, bytes: Vec<u8>) {
+        let due = self.due(&self.lines[i].to_sink);
         for c in self.chunks(bytes) {
-            self.to_sink.push_back(Packet { due, bytes: c });
+            self.lines[i].to_sink.push_back(Packet { due, bytes: c });
         }
     }
 
@@ -288,69 +330,73 @@ impl Harness {
     /// once; with one they wait in the runtime's buffer for [`write_unwritten`].
     ///
     /// [`write_unwritten`]: Self::write_unwritten
-    fn hand_to_link(&mut self, bytes: Vec<u8>) {
-        if self.link.bytes_per_ms.is_none() || !self.open {
+    fn hand_to_link(&mut self, i: usize, bytes: Vec<u8>) {
+        if self.link.bytes_per_ms.is_none() || !self.lines[i].open {
             let n = bytes.len();
-            self.send_to_broker(bytes);
-            self.sink.handle_written(self.now, n);
+            self.send_to_broker(i, bytes);
+            self.sink.handle_written_on(i, self.now, n);
             return;
         }
-        if self.unwritten.is_empty() {
+        let (now, l) = (self.now, &mut self.lines[i]);
+        if l.unwritten.is_empty() {
             // An idle link saves no capacity for later.
-            self.link_free_at = self.link_free_at.max(self.now);
+            l.link_free_at = l.link_free_at.max(now);
         }
-        self.unwritten.extend(bytes);
-        self.fill_send_buffer();
+        l.unwritten.extend(bytes);
+        self.fill_send_buffer(i);
     }
 
     /// Reports written what fits in the simulated kernel send buffer.
-    fn fill_send_buffer(&mut self) {
-        let room = self.link.send_buffer.saturating_sub(self.buffered);
-        let n = room.min(self.unwritten.len() - self.buffered);
-        if n > 0 && self.open {
-            self.buffered += n;
-            self.sink.handle_written(self.now, n);
+    fn fill_send_buffer(&mut self, i: usize) {
+        let l = &mut self.lines[i];
+        let room = self.link.send_buffer.saturating_sub(l.buffered);
+        let n = room.min(l.unwritten.len() - l.buffered);
+        if n > 0 && l.open {
+            l.buffered += n;
+            self.sink.handle_written_on(i, self.now, n);
         }
     }
 
     /// The link takes what its bandwidth allows of the unwritten bytes by now, and the
     /// sink learns they were written. Returns whether any were.
-    fn write_unwritten(&mut self) -> bool {
-        if self.unwritten.is_empty() {
+    fn write_unwritten(&mut self, i: usize) -> bool {
+        let (now, l) = (self.now, &mut self.lines[i]);
+        if l.unwritten.is_empty() {
             return false;
         }
         let n = match self.link.bytes_per_ms {
-            None => self.unwritten.len(),
+            None => l.unwritten.len(),
             Some(0) => return false,
             Some(rate) => {
                 let rate = u128::from(rate);
-                let elapsed = self.now.saturating_duration_since(self.link_free_at);
+                let elapsed = now.saturating_duration_since(l.link_free_at);
                 let can = elapsed.as_nanos() * rate / 1_000_000;
-                let n = can.min(self.unwritten.len() as u128);
+                let n = can.min(l.unwritten.len() as u128);
                 // Rounded down, so the link never runs ahead of `now`.
                 let took = u64::try_from(n * 1_000_000 / rate).unwrap_or(u64::MAX);
-                self.link_free_at += Duration::from_nanos(took);
+                l.link_free_at += Duration::from_nanos(took);
                 n as usize
             }
         };
         if n == 0 {
             return false;
         }
-        let bytes: Vec<u8> = self.unwritten.drain(..n).collect();
-        self.send_to_broker(bytes);
-        let already = n.min(self.buffered);
-        self.buffered -= already;
+        let bytes: Vec<u8> = l.unwritten.drain(..n).collect();
+        let already = n.min(l.buffered);
+        l.buffered -= already;
+        self.send_to_broker(i, bytes);
         if n > already {
-            self.sink.handle_written(self.now, n - already);
+            self.sink.handle_written_on(i, now, n - already);
         }
-        self.fill_send_buffer();
+        self.fill_send_buffer(i);
         true
     }
 
     /// When the link can take another millisecond's worth of the unwritten bytes (or all
     /// of them, if fewer), if any wait.
-    fn write_deadline(&self) -> Option<Instant> {
-        if self.unwritten.is_empty() {
+    fn write_deadline(&self, i: usize) -> Option<Instant> {
+        let l = &self.lines[i];
+        if l.unwritten.is_empty() {
             return None;
         }
         let rate = match self.link.bytes_per_ms {
@@ -358,52 +404,56 @@ impl Harness {
             Some(0) => return None,
             Some(rate) => u128::from(rate),
         };
-        let want = rate.min(self.unwritten.len() as u128);
+        let want = rate.min(l.unwritten.len() as u128);
         // Rounded up, so that at the deadline at least `want` bytes fit.
         let nanos = (want * 1_000_000).div_ceil(rate);
         let nanos = u64::try_from(nanos).unwrap_or(u64::MAX);
-        Some(self.link_free_at + Duration::from_nanos(nanos))
+        Some(l.link_free_at + Duration::from_nanos(nanos))
     }
 
     /// A graceful close: the runtime writes what it still holds for at most a second
     /// (what the link carries in that time reaches the broker), then drops the rest.
-    fn write_before_close(&mut self) {
+    fn write_before_close(&mut self, i: usize) {
         let rate = self.link.bytes_per_ms.map_or(usize::MAX, |r| r as usize);
-        let n = rate.saturating_mul(1000).min(self.unwritten.len());
-        if n > 0 && self.open {
-            let bytes: Vec<u8> = self.unwritten.drain(..n).collect();
-            let _ = self.broker.handle_input(self.now, &bytes);
-        }
-        self.unwritten.clear();
-        self.buffered = 0;
-    }
-
-    fn flush_link_to_broker(&mut self) {
-        while let Some(p) = self.to_broker.pop_front() {
-            let _ = self.broker.handle_input(self.now, &p.bytes);
+        let (now, l) = (self.now, &mut self.lines[i]);
+        let n = rate.saturating_mul(1000).min(l.unwritten.len());
+        let bytes: Vec<u8> = l.unwritten.drain(..n).collect();
+        let open = l.open;
+        (l.unwritten, l.buffered) = (VecDeque::new(), 0);
+        if n > 0 && open {
+            let _ = self.broker_at(i).handle_input(now, &bytes);
         }
     }
 
-    fn close_link(&mut self) {
-        if self.open {
-            self.open = false;
-            self.to_broker.clear();
-            self.to_sink.clear();
-            self.unwritten.clear();
-            self.buffered = 0;
-            self.broker.handle_disconnect(self.now);
+    fn flush_link_to_broker(&mut self, i: usize) {
+        let now = self.now;
+        while let Some(p) = self.lines[i].to_broker.pop_front() {
+            let _ = self.broker_at(i).handle_input(now, &p.bytes);
         }
     }
 
-    /// Cuts the connection as a network failure would: both sides learn it now, bytes on
+    fn close_link(&mut self, i: usize) {
+        let (now, l) = (self.now, &mut self.lines[i]);
+        if l.open {
+            *l = Line::new(l.link_free_at);
+            self.broker_at(i).handle_disconnect(now);
+        }
+    }
+
+    /// Cuts connection 0 as a network failure would: both sides learn it now, bytes on
     /// the link are lost.
     pub fn cut(&mut self) {
-        if self.open {
+        self.cut_on(0);
+    }
+
+    /// Cuts connection `i` (see [`cut`](Self::cut)).
+    pub fn cut_on(&mut self, i: usize) {
+        if self.lines[i].open {
             self.transcript
-                .push(format!("{:?} link cut", self.elapsed()));
-            self.close_link();
-            self.sink
-                .handle_disconnected(self.now, "connection reset (simulated)");
+                .push(format!("{:?} link {i} cut", self.elapsed()));
+            self.close_link(i);
+            let why = "connection reset (simulated)";
+            self.sink.handle_disconnected_on(i, self.now, why);
             self.drain();
         }
     }
@@ -415,11 +465,10 @@ impl Harness {
     pub fn restart_sink(&mut self, cfg: Config) {
         self.transcript
             .push(format!("{:?} sink process restarted", self.elapsed()));
-        self.close_link();
-        self.to_broker.clear();
-        self.to_sink.clear();
-        self.unwritten.clear();
-        self.buffered = 0;
+        for i in 0..self.lines.len() {
+            self.close_link(i);
+            self.lines[i] = Line::new(self.now);
+        }
         self.dead_letter_requests.clear();
         let mapper = RecordMapper::from_config(&cfg);
         self.sink = match Sink::new(cfg, mapper, self.now) {
@@ -431,16 +480,20 @@ impl Harness {
 
     /// The next moment anything happens, if anything will.
     pub fn next_deadline(&self) -> Option<Instant> {
-        [
-            self.sink.poll_timeout(),
-            self.broker.poll_timeout(),
-            self.to_broker.front().map(|p| p.due),
-            self.to_sink.front().map(|p| p.due),
-            self.write_deadline(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        let lines = self.lines.iter().enumerate().flat_map(|(i, l)| {
+            [
+                l.to_broker.front().map(|p| p.due),
+                l.to_sink.front().map(|p| p.due),
+                self.write_deadline(i),
+            ]
+        });
+        let brokers = self.brokers().map(SimBroker::poll_timeout);
+        [self.sink.poll_timeout()]
+            .into_iter()
+            .chain(brokers)
+            .chain(lines)
+            .flatten()
+            .min()
     }
 
     /// Advances to the next deadline (but not past `limit`) and processes everything due.
@@ -461,24 +514,30 @@ impl Harness {
 
     fn process_due(&mut self) {
         let now = self.now;
-        while self.to_broker.front().is_some_and(|p| p.due <= now) {
-            let Some(p) = self.to_broker.pop_front() else {
-                break;
-            };
-            if let Err(e) = self.broker.handle_input(now, &p.bytes) {
-                self.transcript
-                    .push(format!("{:?} broker error {e}", self.elapsed()));
+        for i in 0..self.lines.len() {
+            while self.lines[i]
+                .to_broker
+                .front()
+                .is_some_and(|p| p.due <= now)
+            {
+                let Some(p) = self.lines[i].to_broker.pop_front() else {
+                    break;
+                };
+                if let Err(e) = self.broker_at(i).handle_input(now, &p.bytes) {
+                    self.transcript
+                        .push(format!("{:?} broker error {e}", self.elapsed()));
+                }
             }
-        }
-        self.pump_broker();
-        // Every chunk due now is fed before draining: chunking is how bytes were split,
-        // not when they arrived.
-        while self.to_sink.front().is_some_and(|p| p.due <= now) {
-            let Some(p) = self.to_sink.pop_front() else {
-                break;
-            };
-            if let Err(e) = self.sink.handle_input(now, &p.bytes) {
-                self.protocol_errors.push(e.to_string());
+            self.pump_broker(i);
+            // Every chunk due now is fed before draining: chunking is how bytes were
+            // split, not when they arrived.
+            while self.lines[i].to_sink.front().is_some_and(|p| p.due <= now) {
+                let Some(p) = self.lines[i].to_sink.pop_front() else {
+                    break;
+                };
+                if let Err(e) = self.sink.handle_input_on(i, now, &p.bytes) {
+                    self.protocol_errors.push(e.to_string());
+                }
             }
         }
         self.drain();
@@ -486,27 +545,30 @@ impl Harness {
             self.sink.handle_timeout(now);
         }
         self.drain();
-        self.pump_broker();
+        for i in 0..self.lines.len() {
+            self.pump_broker(i);
+        }
     }
 
-    fn pump_broker(&mut self) {
-        while let Some(bytes) = self.broker.poll_transmit(self.now) {
-            if self.open {
-                self.send_to_sink(bytes);
+    fn pump_broker(&mut self, i: usize) {
+        let now = self.now;
+        while let Some(bytes) = self.broker_at(i).poll_transmit(now) {
+            if self.lines[i].open {
+                self.send_to_sink(i, bytes);
             }
         }
-        if self.open && self.broker.wants_close() {
+        if self.lines[i].open && self.broker_at(i).wants_close() {
             // The broker closes: the sink reads the rest, then sees the close.
-            let now = self.now;
-            while let Some(p) = self.to_sink.pop_front() {
-                if let Err(e) = self.sink.handle_input(now, &p.bytes) {
+            while let Some(p) = self.lines[i].to_sink.pop_front() {
+                if let Err(e) = self.sink.handle_input_on(i, now, &p.bytes) {
                     self.protocol_errors.push(e.to_string());
                 }
             }
             self.drain();
-            if self.open {
-                self.close_link();
-                self.sink.handle_disconnected(now, "closed by the broker");
+            if self.lines[i].open {
+                self.close_link(i);
+                self.sink
+                    .handle_disconnected_on(i, now, "closed by the broker");
             }
             self.drain();
         }

@@ -738,9 +738,20 @@ pub fn templates_and_user_properties_reach_a_v5_subscriber<R: Runtime>() {
 /// Sends records `from..from + n` (key `k{i % 4}` on partition `i % 4`), returning what
 /// must arrive.
 fn send_keyed<S: SinkHandle>(sink: &S, from: i64, n: i64, tag: &str) -> Vec<Expected> {
+    send_keyed_over(sink, from, n, tag, 4)
+}
+
+/// [`send_keyed`] over `keys` keys (a multiple of 4: key `i % keys` is on partition `i % 4`).
+fn send_keyed_over<S: SinkHandle>(
+    sink: &S,
+    from: i64,
+    n: i64,
+    tag: &str,
+    keys: i64,
+) -> Vec<Expected> {
     (from..from + n)
         .map(|i| {
-            let key = format!("k{}", i % 4);
+            let key = format!("k{}", i % keys);
             let r = record(
                 "readings",
                 (i % 4) as i32,
@@ -796,33 +807,83 @@ fn chaos_config(proxy_port: u16, qos: u8) -> Config {
 pub fn proxy_cuts_lose_nothing<R: Runtime>() {
     let b = broker(MosquittoOptions::default());
     for qos in [1u8, 2] {
-        let proxy = crate::proxy::ChaosProxy::start(b.port, u64::from(qos))
-            .unwrap_or_else(|e| panic!("{e}"));
+        cuts_lose_nothing::<R>(&b, qos, 1, 4);
+    }
+}
+
+/// Runs 2,400 records over `keys` keys at `qos` on `connections` through the chaos proxy,
+/// which cuts every connection every 300 ms: every record arrives at least once, in order
+/// per topic except replays, and the end offsets are reached.
+fn cuts_lose_nothing<R: Runtime>(b: &Mosquitto, qos: u8, connections: usize, keys: i64) {
+    let what = format!("cuts, qos {qos}, {connections} connection(s)");
+    let proxy =
+        crate::proxy::ChaosProxy::start(b.port, u64::from(qos)).unwrap_or_else(|e| panic!("{e}"));
+    let sub = SyncSubscriber::start(b.port, "sensors/#");
+    let mut cfg = chaos_config(proxy.port, qos);
+    cfg.connections = connections;
+    let (sink, _e) = start::<R>(cfg, None);
+    let proxy = std::sync::Arc::new(proxy);
+    let cutter = {
+        let p = proxy.clone();
+        std::thread::spawn(move || {
+            for _ in 0..6 {
+                std::thread::sleep(Duration::from_millis(300)); // the fault schedule
+                p.cut_all();
+            }
+        })
+    };
+    let mut expected = Vec::new();
+    for round in 0..6 {
+        let tag = format!("cut{qos}-{connections}");
+        expected.extend(send_keyed_over(&sink, round * 400, 400, &tag, keys));
+    }
+    let _ = cutter.join();
+    let offsets = flush_until_complete(&sink, 10);
+    let want: Vec<_> = (0..4)
+        .map(|p| (TopicPartition::new("readings", p), 600))
+        .collect();
+    assert_eq!(offsets, want, "{what}");
+    assert_all_arrived(&sub, &expected, &what);
+    sink.close().expect("close");
+}
+
+/// `connections = 3` (QoS 1 and 2): three MQTT sessions, each record on the one its topic
+/// hashes to; every record arrives once, in order per topic, and the committed offsets are
+/// the end offsets. Then the same through the chaos proxy cutting every connection every
+/// 300 ms: every record arrives at least once, in order per topic except replays.
+pub fn several_connections_keep_topic_order<R: Runtime>() {
+    let b = broker(MosquittoOptions::default());
+    for qos in [1u8, 2] {
         let sub = SyncSubscriber::start(b.port, "sensors/#");
-        let (sink, _e) = start::<R>(chaos_config(proxy.port, qos), None);
-        let proxy = std::sync::Arc::new(proxy);
-        let cutter = {
-            let p = proxy.clone();
-            std::thread::spawn(move || {
-                for _ in 0..6 {
-                    std::thread::sleep(Duration::from_millis(300)); // the fault schedule
-                    p.cut_all();
-                }
-            })
-        };
-        let mut expected = Vec::new();
-        for round in 0..6 {
-            expected.extend(send_keyed(&sink, round * 400, 400, &format!("cut{qos}")));
-        }
-        let _ = cutter.join();
-        let offsets = flush_until_complete(&sink, 10);
+        let mut cfg = config(b.port, MqttVersion::V5, qos);
+        cfg.connections = 3;
+        cfg.max_inflight = 20;
+        let (sink, events) = start::<R>(cfg, None);
+        let expected = send_keyed_over(&sink, 0, 3000, &format!("n3-{qos}"), 12);
+        let offsets = sink.flush().expect("flush");
         let want: Vec<_> = (0..4)
-            .map(|p| (TopicPartition::new("readings", p), 600))
+            .map(|p| (TopicPartition::new("readings", p), 750))
             .collect();
-        assert_eq!(offsets, want, "qos {qos}");
-        assert_all_arrived(&sub, &expected, &format!("cuts, qos {qos}"));
+        assert_eq!(
+            offsets, want,
+            "qos {qos}: committed offsets are the end offsets"
+        );
+        let want: Vec<Bytes> = expected.iter().map(|e| e.payload.clone()).collect();
+        assert_eq!(sub.wait_for_all(&want, Duration::from_secs(60)), want.len());
+        let arrivals: Vec<_> = sub
+            .messages()
+            .into_iter()
+            .map(|m| (m.topic, m.payload))
+            .collect();
+        check(&expected, &arrivals, false).unwrap_or_else(|e| panic!("qos {qos}: {e}"));
+        let connected = events
+            .try_iter()
+            .filter(|e| matches!(e, Event::Connected(_)))
+            .count();
+        assert_eq!(connected, 3, "qos {qos}: one CONNACK per connection");
         sink.close().expect("close");
     }
+    cuts_lose_nothing::<R>(&b, 1, 3, 12);
 }
 
 /// A blackhole longer than the flush timeout: the flush times out by its deadline (plus a
@@ -962,6 +1023,10 @@ macro_rules! real_broker_suite {
         #[test]
         fn dropped_acks_are_recovered_by_resend() {
             $crate::suite::dropped_acks_are_recovered_by_resend::<$rt>();
+        }
+        #[test]
+        fn several_connections_keep_topic_order() {
+            $crate::suite::several_connections_keep_topic_order::<$rt>();
         }
         #[test]
         fn oversized_record_is_rejected_once() {

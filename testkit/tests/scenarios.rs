@@ -1127,7 +1127,10 @@ fn close_sends_disconnect_and_refuses_records() {
         assert_eq!(h.count_events(|e| *e == Event::Closed), 1);
         // MQTT 3.1/3.1.1: and the connection that ends the persistent session.
         let closes = if version == MqttVersion::V5 { 1 } else { 2 };
-        assert_eq!(h.count_events(|e| *e == Event::CloseTransport), closes);
+        assert_eq!(
+            h.count_events(|e| matches!(e, Event::CloseTransport { .. })),
+            closes
+        );
         assert!(h.broker.violations().is_empty());
         assert!(matches!(
             h.sink
@@ -2382,4 +2385,145 @@ fn mixed_qos_publishes_cut_off_go_out_again_in_push_order() {
         );
         assert_no_violations(&h);
     }
+}
+
+fn three_connections(seed: u64) -> Harness {
+    let mut cfg = test_config(MqttVersion::V5, 1);
+    cfg.connections = 3;
+    let mut h = Harness::new(cfg, BrokerKnobs::default(), LinkKnobs::default(), seed);
+    connected(&mut h);
+    h
+}
+
+/// Issue 15 point 1: `connections = 3` opens three sessions (client ids `<id>-0..2`); each
+/// topic's publishes all go on one of them, in offset order, and the flush commits the end.
+#[test]
+fn three_connections_route_each_topic_to_one_session_in_order() {
+    let mut h = three_connections(3);
+    let ids: Vec<_> = h
+        .brokers()
+        .map(|b| b.connects()[0].client_id.clone())
+        .collect();
+    assert_eq!(ids, ["sim-sink-0", "sim-sink-1", "sim-sink-2"]);
+    let tp = TopicPartition::new("readings", 0);
+    for o in 0..60 {
+        let key = format!("k{}", o % 10);
+        h.push(record("readings", 0, o, &key, &format!("v{o}")))
+            .unwrap();
+    }
+    let outcome = h.flush();
+    assert_eq!(
+        outcome,
+        Event::FlushCompleted {
+            offsets: vec![(tp, 60)]
+        }
+    );
+    let mut home: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, b) in h.brokers().enumerate() {
+        let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+        for d in b.delivered() {
+            let o: i64 = std::str::from_utf8(&d.payload).unwrap()[1..]
+                .parse()
+                .unwrap();
+            assert_eq!(
+                *home.entry(d.topic.clone()).or_insert(i),
+                i,
+                "{} split",
+                d.topic
+            );
+            let prev = last.insert(&d.topic, o);
+            assert!(
+                prev.is_none_or(|p| p < o),
+                "{} out of order at {o}",
+                d.topic
+            );
+        }
+    }
+    assert_eq!(home.len(), 10, "every topic arrived");
+    let used: std::collections::BTreeSet<_> = home.values().collect();
+    assert_eq!(
+        used.len(),
+        3,
+        "10 topics spread over the 3 connections: {home:?}"
+    );
+    for b in h.brokers() {
+        assert!(b.violations().is_empty(), "{:?}", b.violations());
+    }
+}
+
+/// One ledger across the connections: while connection 0's broker holds its acks, the
+/// commit position stops at the first record routed to it, whatever the other two
+/// acknowledged after it; once it acknowledges, the position reaches the end.
+#[test]
+fn a_record_unacknowledged_on_one_connection_holds_the_commit_of_the_others() {
+    let mut h = three_connections(5);
+    h.broker.knobs_mut().ack_delay = Duration::from_secs(20);
+    let tp = TopicPartition::new("readings", 0);
+    // Keys in an order whose first goes on another connection than 0.
+    let on = |k: usize| mqtt_sink_core::connection_of(&format!("sensors/k{k}"), 3);
+    let first = (0..12).find(|&k| on(k) != 0).unwrap();
+    assert!((0..12).any(|k| on(k) == 0), "some key goes on connection 0");
+    for o in 0..60 {
+        let key = format!("k{}", (first + o as usize) % 12);
+        h.push(record("readings", 0, o, &key, &format!("v{o}")))
+            .unwrap();
+    }
+    h.run_for(Duration::from_secs(2));
+    let held = h
+        .broker
+        .received()
+        .iter()
+        .map(|r| {
+            std::str::from_utf8(&r.payload).unwrap()[1..]
+                .parse::<i64>()
+                .unwrap()
+        })
+        .min()
+        .expect("some topics go on connection 0");
+    let others: usize = h.others.iter().map(|b| b.delivered().len()).sum();
+    assert!(
+        others > 0 && held > 0 && held < 59,
+        "held {held}, others delivered {others}"
+    );
+    assert_eq!(h.sink.commit_positions(), vec![(tp.clone(), held)]);
+    h.broker.knobs_mut().ack_delay = Duration::ZERO;
+    let outcome = h.flush();
+    assert_eq!(
+        outcome,
+        Event::FlushCompleted {
+            offsets: vec![(tp, 60)]
+        }
+    );
+}
+
+/// A fault on one connection leaves the others publishing: connection 1 is cut and its
+/// broker refuses the reconnects for a while; records on connections 0 and 2 keep being
+/// acknowledged meanwhile, and after it heals every record arrives.
+#[test]
+fn a_cut_connection_does_not_stop_the_others() {
+    let mut h = three_connections(9);
+    h.others[0].knobs_mut().refuse_connects = 1_000;
+    h.cut_on(1);
+    let before: Vec<usize> = h.brokers().map(|b| b.delivered().len()).collect();
+    for o in 0..60 {
+        let key = format!("k{}", o % 12);
+        h.push(record("readings", 0, o, &key, &format!("v{o}")))
+            .unwrap();
+    }
+    h.run_for(Duration::from_secs(2));
+    let after: Vec<usize> = h.brokers().map(|b| b.delivered().len()).collect();
+    assert!(
+        after[0] > before[0] && after[2] > before[2],
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(after[1], before[1], "connection 1 is down");
+    assert!(!h.sink.is_connected());
+    h.others[0].knobs_mut().refuse_connects = 0;
+    let outcome = h.flush();
+    assert!(
+        matches!(outcome, Event::FlushCompleted { .. }),
+        "{outcome:?}"
+    );
+    let total: usize = h.brokers().map(|b| b.delivered().len()).sum();
+    assert!(total >= 60, "{total}");
 }

@@ -302,6 +302,7 @@ pub(crate) fn sink(
         &root,
         &setup,
         &format!("\"fetch.wait.max.ms\" = \"{fetch_wait}\"\n"),
+        "",
     );
     let lat = run_load(&setup.kafka.bootstrap(), &topic, partitions, rate, &stamps);
     daemon.stop();

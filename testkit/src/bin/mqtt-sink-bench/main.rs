@@ -7,6 +7,7 @@
 //!         [--broker-nodelay]
 //!         [--latency [--latency-rates 10000,20000] [--latency-seconds 10]
 //!         [--latency-fetch-wait 5] [--latency-partitions 1]]
+//!         [--latency-bound [--connections 1,2,4,8]]
 //!
 //! Every contender runs as its own process, so that its CPU time (user + sys, from
 //! `/proc/<pid>/stat`) and peak RSS (`VmHWM`) are its own. Throughput is end to end: from the
@@ -18,6 +19,10 @@
 //! `--latency` adds end-to-end latency (send to arrival, p50 / p99 / max) at a steady offered
 //! load, QoS 1: at 10k msg/s and at half of the contender's QoS 1 rate with a subscriber
 //! measured in the same run (or at `--latency-rates`), see `latency.rs`.
+//!
+//! `--latency-bound` runs only the sink against a distant broker that limits each
+//! connection's window (20 ms each way, window 20), with 1, 2, 4 and 8 connections, and
+//! checks per-topic order, see `latency_bound.rs`.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -29,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod latency;
+mod latency_bound;
 
 use mqtt_sink_testkit::backend::KafkaCluster;
 use mqtt_sink_testkit::mosquitto::{free_port, Mosquitto, MosquittoOptions};
@@ -127,6 +133,40 @@ fn main() {
         n,
         clk_tck,
     };
+    if args.iter().any(|a| a == "--latency-bound") {
+        let connections: Vec<usize> = opt("--connections")
+            .unwrap_or_else(|| "1,2,4,8".into())
+            .split(',')
+            .filter_map(|c| c.trim().parse().ok())
+            .collect();
+        println!(
+            "\n{n} records of {PAYLOAD} B, {KEYS} keys, {partitions} partitions, {}; Mosquitto {} \
+             (max_inflight_messages 20) behind a proxy adding 20 ms each way; QoS 1, \
+             max_inflight = 20 per connection\n",
+            kafka.describe(),
+            mosquitto_version()
+        );
+        println!("| runtime | connections | msg/s | x 1 connection | out of order |");
+        println!("|---|---:|---:|---:|---:|");
+        for runtime in ["tokio", "blocking"] {
+            if only.as_ref().is_some_and(|o| !runtime.contains(o.as_str())) {
+                continue;
+            }
+            let rows = latency_bound::run(&sink_bin, runtime, &connections, &setup);
+            let one = rows.first().map_or(1.0, |r| r.rate);
+            for r in rows {
+                println!(
+                    "| {runtime} | {} | {:.0} | {:.2} | {} of {} |",
+                    r.connections,
+                    r.rate,
+                    r.rate / one,
+                    r.out_of_order,
+                    r.received
+                );
+            }
+        }
+        return;
+    }
     // How fast records can be consumed from this Kafka at all, with the sink's consumer
     // settings: the sink cannot beat it, whatever the broker takes.
     let source: Vec<Measure> = (0..runs)
@@ -560,8 +600,9 @@ struct Daemon {
 
 impl Daemon {
     /// Starts the daemon on `runtime` reading `topic` as a new group into `root/...` on the
-    /// broker at `port`, `max_inflight = 1000`, defaults otherwise; `props` are added to the
-    /// Kafka properties (after `BENCH_KAFKA_EXTRA`).
+    /// broker at `port`, `mqtt` added to its `[mqtt]` table (`max_inflight = 1000` when
+    /// empty), defaults otherwise; `props` are added to the Kafka properties (after
+    /// `BENCH_KAFKA_EXTRA`).
     fn start(
         bin: &Path,
         runtime: &str,
@@ -569,6 +610,7 @@ impl Daemon {
         root: &str,
         setup: &Setup<'_>,
         props: &str,
+        mqtt: &str,
     ) -> Daemon {
         let Setup {
             kafka, topic, port, ..
@@ -600,7 +642,7 @@ port = {port}
 topic_root = "{root}"
 tls_enabled = false
 qos = {qos}
-max_inflight = 1000
+{mqtt}
 {mqtt_extra}
 [http]
 listen = "{http}"
@@ -610,6 +652,11 @@ level = "{log}"
                 kafka.bootstrap(),
                 free_port(),
                 log = std::env::var("BENCH_SINK_LOG").unwrap_or_else(|_| "warn".into()),
+                mqtt = if mqtt.is_empty() {
+                    "max_inflight = 1000"
+                } else {
+                    mqtt
+                },
                 mqtt_extra = std::env::var("BENCH_MQTT_EXTRA").unwrap_or_default(),
             ),
         )
@@ -659,7 +706,7 @@ fn sink(bin: &Path, runtime: &str, qos: u8, with_sub: bool, setup: &Setup<'_>) -
     } = *setup;
     let root = format!("bench/{}", free_port());
     let counter = with_sub.then(|| subscribe(port, &format!("{root}/#"), qos));
-    let daemon = Daemon::start(bin, runtime, qos, &root, setup, "");
+    let daemon = Daemon::start(bin, runtime, qos, &root, setup, "", "");
     let metric = |name: &str| daemon.metric(name);
     let deadline = Instant::now() + Duration::from_secs(120);
     let t0 = loop {
