@@ -933,7 +933,7 @@ impl Sink {
     }
 
     /// The connection a publish to `packet`'s topic goes on: a stable hash of the topic
-    /// (FNV-1a), so that one topic's publishes keep their order on one connection.
+    /// (`topic_hash`), so that one topic's publishes keep their order on one connection.
     fn route(&self, packet: &wire::EncodedPublish) -> usize {
         match self.sessions.len() {
             1 => 0,
@@ -1064,12 +1064,18 @@ pub fn connection_of(topic: &str, connections: usize) -> usize {
     }
 }
 
-/// FNV-1a (64 bits) of a topic: stable across runs, versions and platforms, so that
-/// replicas and restarts route a topic alike.
+/// FNV-1a (64 bits) of a topic, then SplitMix64's finalizer: stable across runs, versions
+/// and platforms, so that replicas and restarts route a topic alike. FNV-1a alone is weak
+/// modulo small powers of two (its low bits depend only on the bytes' low bits: `dev/a` and
+/// `dev/q` would always share a connection of 2, 4, 8 or 16); the finalizer mixes every bit
+/// into every bit.
 pub(crate) fn topic_hash(topic: &[u8]) -> u64 {
-    topic.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+    let h = topic.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    });
+    let h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 /// The largest packet we accept from the broker (announced in MQTT 5 CONNECT): acks are
@@ -1080,4 +1086,24 @@ pub(crate) fn incoming_limit(cfg: &Config) -> u32 {
 
 pub(crate) fn connect_limit(cfg: &Config) -> u32 {
     incoming_limit(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_of;
+
+    /// Topics that differ only in their bytes' high bits (`!`, `1`, `A`, `Q`, `a`, `q` share
+    /// the low nibble 0x1) do not all land on one connection: FNV-1a alone put them all on
+    /// the same one of 2, 4, 8 or 16.
+    #[test]
+    fn topics_differing_in_high_bits_spread_over_the_connections() {
+        for n in [2, 4, 8, 16] {
+            let on: std::collections::BTreeSet<_> = ["!", "1", "A", "Q", "a", "q"]
+                .iter()
+                .map(|c| connection_of(&format!("dev/{c}"), n))
+                .collect();
+            assert!(on.len() > 1, "{n} connections: all on {on:?}");
+        }
+        assert_eq!(connection_of("any/topic", 1), 0);
+    }
 }
