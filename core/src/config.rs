@@ -511,9 +511,10 @@ pub struct Config {
     /// broker's MQTT 5 Receive Maximum lowers it. 1..=65535. Default: 1000.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u32,
-    /// MQTT connections (sessions) to the broker, 1..=64. Each record's publish goes on the
-    /// connection its MQTT topic hashes to, so that publishes to one topic keep their
-    /// order; each connection has its own window (`max_inflight`), and client id
+    /// MQTT connections (sessions) to the broker, 1..=64. A publish to a topic with
+    /// publishes unacknowledged goes on their connection, so that publishes to one topic
+    /// keep their order; a topic with none goes on the least-loaded connection (after a
+    /// QoS 0 publish: the one its topic hashes to). Each connection has its own window (`max_inflight`), and client id
     /// `<client_id>-<i>` (i = 0..connections-1) when there are several. The offset ledger,
     /// the buffer and `max_publish_rate` are shared: a record's offset passes when its own
     /// connection has it acknowledged. Several connections lift the ceiling of

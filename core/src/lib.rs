@@ -171,6 +171,7 @@ mod ledger;
 mod mapper;
 mod rate;
 mod record;
+mod router;
 mod send_order;
 mod session;
 mod sink;
@@ -202,7 +203,8 @@ pub use event::{
 pub use kafka_config::KafkaConfig;
 pub use mapper::{KeySerializer, Properties, RecordMapper, Retain, Route, ValueSerializer};
 pub use record::{Header, Record, RecordCoords, TopicPartition};
-pub use sink::{connection_of, Sink, Stats, MAX_UNWRITTEN};
+pub use router::connection_of;
+pub use sink::{Sink, Stats, MAX_UNWRITTEN};
 pub use transform::{JqTransform, Publish, MAX_OUTPUTS};
 
 /// MQTT quality of service.

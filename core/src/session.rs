@@ -69,6 +69,8 @@ pub(crate) struct Msg {
     /// into several publishes: then the first one's).
     pub(crate) record_id: RecordId,
     pub(crate) coords: RecordCoords,
+    /// Its topic's key with the router (`Router::key`).
+    pub(crate) route: u64,
     pub(crate) packet: EncodedPublish,
     /// The QoS `packet` is encoded at: the configured one, or the one a transform (route)
     /// gave this publish; lowered with the packet under `qos_downgrade`.

@@ -18,6 +18,7 @@ use crate::ledger::{FlushStatus, FlushTarget, Ledger, RecordId};
 use crate::mapper::RecordMapper;
 use crate::rate::RateLimit;
 use crate::record::{Record, RecordCoords, TopicPartition};
+use crate::router::Router;
 use crate::session::{Conn, Msg, Session};
 use crate::timer::{Timer, TimerTable};
 use crate::topic;
@@ -48,8 +49,8 @@ use crate::QoS;
 /// it exactly.
 pub struct Sink {
     pub(crate) sh: Shared,
-    /// The MQTT connections (`connections`), each a [`Session`]; a publish goes to the one
-    /// its topic hashes to, so that publishes to one topic keep their order.
+    /// The MQTT connections (`connections`), each a [`Session`]; the router picks the one
+    /// a publish goes on, so that publishes to one topic keep their order.
     pub(crate) sessions: Vec<Session>,
 }
 
@@ -83,6 +84,8 @@ pub(crate) struct Shared {
     /// The buffer filled and has not yet drained to its low watermark: `push_record`
     /// refuses until it has (see [`Sink::is_full`]).
     pub(crate) refilling: bool,
+    /// Which connection each publish goes on.
+    pub(crate) router: Router,
     /// `max_publish_rate`, when set: one allowance for all connections.
     pub(crate) rate: Option<RateLimit>,
     /// The flush deadline (the connections' timers are their own).
@@ -205,6 +208,7 @@ impl Sink {
                     .max_publish_rate
                     .map(|r| RateLimit::new(r, cfg.publish_burst())),
                 timers: TimerTable::default(),
+                router: Router::new(cfg.connections),
                 closed: 0,
                 events: VecDeque::new(),
                 stats: Stats::default(),
@@ -398,8 +402,10 @@ impl Sink {
                 self.sh.next_id += 1;
                 self.sh.next_id - 1
             };
-            let to = self.route(&e.packet);
+            let route = self.sh.router.key(wire::publish_topic(&e.packet));
+            let to = self.sh.router.route(route, e.qos);
             self.sessions[to].pending.push_back(Msg {
+                route,
                 id: msg_id,
                 record_id: id,
                 coords: coords.clone(),
@@ -595,17 +601,16 @@ impl Sink {
         self.sh.ledger.revoke(tp);
         self.sh.dead_lettering.retain(|c, _| &c.tp != tp);
         self.sh.fanouts.retain(|_, f| &f.tp != tp);
-        let mut freed = 0;
+        let sh = &mut self.sh;
         for session in &mut self.sessions {
             session.pending.retain(|m| {
                 let keep = &m.coords.tp != tp;
                 if !keep {
-                    freed += m.size;
+                    sh.free(m);
                 }
                 keep
             });
         }
-        self.sh.buffered_bytes -= freed;
         self.sh.flush_dirty = true;
     }
 
@@ -628,8 +633,7 @@ impl Sink {
     pub fn rewind(&mut self) -> CommitOffsets {
         let to = self.sh.ledger.rewind();
         for session in &mut self.sessions {
-            let freed: usize = session.pending.drain(..).map(|m| m.size).sum();
-            self.sh.buffered_bytes -= freed;
+            session.pending.drain(..).for_each(|m| self.sh.free(&m));
         }
         self.sh.dead_lettering.clear();
         self.sh.fanouts.clear();
@@ -931,15 +935,6 @@ impl Sink {
             .as_ref()
             .map_or(Ok(()), |r| Err(SinkError::Fatal(r.clone())))
     }
-
-    /// The connection a publish to `packet`'s topic goes on: a stable hash of the topic
-    /// (`topic_hash`), so that one topic's publishes keep their order on one connection.
-    fn route(&self, packet: &wire::EncodedPublish) -> usize {
-        match self.sessions.len() {
-            1 => 0,
-            n => (topic_hash(wire::publish_topic(packet)) % n as u64) as usize,
-        }
-    }
 }
 
 impl Shared {
@@ -1026,9 +1021,10 @@ impl Shared {
         true
     }
 
-    /// Releases a message's buffer accounting.
+    /// Releases a message's buffer accounting and its hold on its topic's connection.
     pub(crate) fn free(&mut self, msg: &Msg) {
         self.buffered_bytes -= msg.size;
+        self.router.release(msg.route);
     }
 
     /// A QoS 1 PUBACK or a rejecting QoS 2 PUBREC ended a publiself.
@@ -1055,29 +1051,6 @@ impl Shared {
     }
 }
 
-/// The connection (of `connections`) a publish to `topic` goes on: what
-/// [`Sink`] does with `connections` > 1, for tools and tests that predict it.
-pub fn connection_of(topic: &str, connections: usize) -> usize {
-    match connections {
-        0 | 1 => 0,
-        n => (topic_hash(topic.as_bytes()) % n as u64) as usize,
-    }
-}
-
-/// FNV-1a (64 bits) of a topic, then SplitMix64's finalizer: stable across runs, versions
-/// and platforms, so that replicas and restarts route a topic alike. FNV-1a alone is weak
-/// modulo small powers of two (its low bits depend only on the bytes' low bits: `dev/a` and
-/// `dev/q` would always share a connection of 2, 4, 8 or 16); the finalizer mixes every bit
-/// into every bit.
-pub(crate) fn topic_hash(topic: &[u8]) -> u64 {
-    let h = topic.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    let h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    let h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
-
 /// The largest packet we accept from the broker (announced in MQTT 5 CONNECT): acks are
 /// tiny; publishes only come from subscriptions of an old session.
 pub(crate) fn incoming_limit(cfg: &Config) -> u32 {
@@ -1086,24 +1059,4 @@ pub(crate) fn incoming_limit(cfg: &Config) -> u32 {
 
 pub(crate) fn connect_limit(cfg: &Config) -> u32 {
     incoming_limit(cfg)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::connection_of;
-
-    /// Topics that differ only in their bytes' high bits (`!`, `1`, `A`, `Q`, `a`, `q` share
-    /// the low nibble 0x1) do not all land on one connection: FNV-1a alone put them all on
-    /// the same one of 2, 4, 8 or 16.
-    #[test]
-    fn topics_differing_in_high_bits_spread_over_the_connections() {
-        for n in [2, 4, 8, 16] {
-            let on: std::collections::BTreeSet<_> = ["!", "1", "A", "Q", "a", "q"]
-                .iter()
-                .map(|c| connection_of(&format!("dev/{c}"), n))
-                .collect();
-            assert!(on.len() > 1, "{n} connections: all on {on:?}");
-        }
-        assert_eq!(connection_of("any/topic", 1), 0);
-    }
 }

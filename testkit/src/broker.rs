@@ -200,9 +200,20 @@ pub struct PublishProps {
     pub topic_alias: Option<u16>,
 }
 
+/// The next number of a process-wide count of publishes read or delivered by simulated
+/// brokers: one harness runs on one thread, so its brokers' numbers are in the order things
+/// happened across all of them.
+pub fn arrival() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// One PUBLISH packet as the broker read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
+    /// Arrival order across every simulated broker of this process ([`arrival`]): what
+    /// orders the publishes of several connections' brokers.
+    pub seq: u64,
     /// [`SimBroker::connection_index`] of the transport it arrived on.
     pub connection: u32,
     /// Client id of the session (the assigned one if the client sent none).
@@ -226,6 +237,9 @@ pub struct Received {
 /// One message the broker accepted for routing to subscribers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
+    /// Arrival order across every simulated broker of this process ([`arrival`]): a
+    /// topic's publishes that moved between connections are in order by it.
+    pub seq: u64,
     /// [`SimBroker::connection_index`] of the transport it arrived on.
     pub connection: u32,
     /// Client id of the publishing session.
@@ -786,6 +800,7 @@ impl SimBroker {
             }
         }
         self.received.push(Received {
+            seq: arrival(),
             connection: self.connection_index,
             client_id: conn.client_id.clone(),
             topic: p.topic.clone(),
@@ -856,6 +871,7 @@ impl SimBroker {
         }
         if accepted && fresh {
             self.delivered.push(Delivered {
+                seq: arrival(),
                 connection: self.connection_index,
                 client_id: conn.client_id.clone(),
                 topic: p.topic,

@@ -16,7 +16,7 @@ use mqtt_sink_core::{
     CommitOffsets, Config, Event, PushError, Record, RecordMapper, Sink, TopicPartition,
 };
 
-use crate::broker::{BrokerKnobs, SimBroker};
+use crate::broker::{BrokerKnobs, Delivered, Received, SimBroker};
 use crate::rng::SplitMix;
 
 /// How the simulated link between sink and broker behaves.
@@ -279,6 +279,21 @@ impl Harness {
     /// The broker sides of every connection, connection 0's first.
     pub fn brokers(&self) -> impl Iterator<Item = &SimBroker> {
         std::iter::once(&self.broker).chain(&self.others)
+    }
+
+    /// What every connection's broker delivered, in the order it happened across them (a
+    /// topic moves between connections when it has nothing outstanding).
+    pub fn delivered(&self) -> Vec<&Delivered> {
+        let mut all: Vec<_> = self.brokers().flat_map(|b| b.delivered()).collect();
+        all.sort_by_key(|d| d.seq);
+        all
+    }
+
+    /// Every PUBLISH the brokers read, in the order they read them across connections.
+    pub fn received(&self) -> Vec<&Received> {
+        let mut all: Vec<_> = self.brokers().flat_map(|b| b.received()).collect();
+        all.sort_by_key(|r| r.seq);
+        all
     }
 
     /// The committed position of a partition, if any.

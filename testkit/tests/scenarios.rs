@@ -1,7 +1,7 @@
 //! Scenario tests: each behaviour of the core, on the simulated broker, link and clock.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -2395,8 +2395,9 @@ fn three_connections(seed: u64) -> Harness {
     h
 }
 
-/// Issue 15 point 1: `connections = 3` opens three sessions (client ids `<id>-0..2`); each
-/// topic's publishes all go on one of them, in offset order, and the flush commits the end.
+/// Issue 15 point 1: `connections = 3` opens three sessions (client ids `<id>-0..2`); the
+/// topics pushed while none is acknowledged stay each on one of them, in offset order, spread
+/// over all three, and the flush commits the end.
 #[test]
 fn three_connections_route_each_topic_to_one_session_in_order() {
     let mut h = three_connections(3);
@@ -2449,6 +2450,72 @@ fn three_connections_route_each_topic_to_one_session_in_order() {
     for b in h.brokers() {
         assert!(b.violations().is_empty(), "{:?}", b.violations());
     }
+}
+
+/// Routing by load, not by a fixed hash: while connection 0's broker holds its acks, a
+/// topic with a publish outstanding there stays there (its order), and topics with nothing
+/// outstanding go on the other, idle connections even when their hash connection is 0. With
+/// a fixed hash every one of these topics queued behind connection 0.
+#[test]
+fn an_idle_topic_avoids_a_slow_connection_a_busy_one_stays_on_it() {
+    let mut h = three_connections(11);
+    h.broker.knobs_mut().ack_delay = Duration::from_secs(20);
+    let homed_on_0: Vec<String> = (0..1000)
+        .map(|k| format!("k{k}"))
+        .filter(|k| mqtt_sink_core::connection_of(&format!("sensors/{k}"), 3) == 0)
+        .take(10)
+        .collect();
+    let busy = &homed_on_0[0];
+    let mut offset = 0;
+    let mut push = |h: &mut Harness, key: &str| {
+        h.push(record("readings", 0, offset, key, &format!("v{offset}")))
+            .unwrap();
+        offset += 1;
+        h.run_for(Duration::from_millis(200));
+    };
+    push(&mut h, busy);
+    for key in &homed_on_0[1..] {
+        push(&mut h, key);
+        push(&mut h, busy);
+    }
+    let on_0: Vec<&str> = h
+        .broker
+        .received()
+        .iter()
+        .map(|r| r.topic.as_str())
+        .collect();
+    assert_eq!(
+        on_0,
+        vec![format!("sensors/{busy}"); 10],
+        "connection 0 holds the busy topic's 10 publishes and nothing else"
+    );
+    let elsewhere: usize = h.others.iter().map(|b| b.delivered().len()).sum();
+    assert_eq!(
+        elsewhere, 9,
+        "the 9 idle topics were acknowledged elsewhere"
+    );
+    h.broker.knobs_mut().ack_delay = Duration::ZERO;
+    let outcome = h.flush();
+    assert_eq!(
+        outcome,
+        Event::FlushCompleted {
+            offsets: vec![(TopicPartition::new("readings", 0), 19)]
+        }
+    );
+    // In order at first arrival (20 s without an ack timed the window out: it was resent).
+    let mut seen = BTreeSet::new();
+    let order: Vec<i64> = h
+        .delivered()
+        .iter()
+        .filter(|d| d.topic == format!("sensors/{busy}"))
+        .map(|d| {
+            std::str::from_utf8(&d.payload).unwrap()[1..]
+                .parse()
+                .unwrap()
+        })
+        .filter(|o| seen.insert(*o))
+        .collect();
+    assert_eq!(order, [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]);
 }
 
 /// One ledger across the connections: while connection 0's broker holds its acks, the
