@@ -231,10 +231,8 @@ impl Session {
         } else {
             cfg.client_id.clone()
         };
-        let mut addresses = cfg.addresses();
-        if addresses.is_empty() {
-            addresses.push((cfg.server.clone(), cfg.port));
-        }
+        // Validation keeps it non-empty: `server`, or `servers` that all parse.
+        let addresses = cfg.addresses();
         Self {
             idx,
             decoder: Decoder::new(incoming_limit(cfg) as usize),

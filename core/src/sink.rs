@@ -852,8 +852,7 @@ impl Sink {
 
     /// [`server_on`](Self::server_on) as `host:port` (`[v6]:port`).
     pub fn server_address_on(&self, connection: usize) -> String {
-        let (host, port) = self.server_on(connection);
-        crate::config::format_address(host, port)
+        self.sessions[connection.min(self.sessions.len() - 1)].server_address()
     }
 
     /// When `handle_timeout` must next be called, if ever.
