@@ -77,7 +77,8 @@ impl ChaosProxy {
         self.state.blackhole.store(on, Ordering::Relaxed);
     }
 
-    /// Delay each forwarded chunk by this much.
+    /// Delay each forwarded chunk by this much (a delay line: chunks in flight overlap, as
+    /// on a real link). Connections accepted while it is zero stay undelayed.
     pub fn set_latency(&self, d: Duration) {
         self.state
             .latency_ms
@@ -121,6 +122,10 @@ fn connect(client: TcpStream, upstream: &str, st: Arc<State>, seed: u64) {
         let _ = client.shutdown(Shutdown::Both);
         return;
     };
+    // Forward each chunk as it comes: Nagle's algorithm would hold small packets (acks)
+    // behind the peer's delayed ACK, a delay no real link adds.
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
     let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
@@ -131,14 +136,75 @@ fn connect(client: TcpStream, upstream: &str, st: Arc<State>, seed: u64) {
         }
     }
     let up = st.clone();
-    std::thread::spawn(move || pump_up(client, s2, &up));
-    std::thread::spawn(move || pump_down(server, c2, &st, seed));
+    std::thread::spawn(move || {
+        let out = Out::new(s2, &client, &up);
+        pump_up(client, out, &up);
+    });
+    std::thread::spawn(move || {
+        let out = Out::new(c2, &server, &st);
+        pump_down(server, out, &st, seed);
+    });
 }
 
-fn delay(st: &State) {
-    let ms = st.latency_ms.load(Ordering::Relaxed);
-    if ms > 0 {
-        std::thread::sleep(Duration::from_millis(ms)); // the latency being simulated
+/// The writing half of one direction of one connection. Without latency (when the
+/// connection was accepted) the reading thread writes each chunk itself, paced. With it, a
+/// delay line: each chunk is stamped when read and written by a thread of its own once
+/// `latency` has passed since, so that chunks in flight overlap as on a real link (sleeping
+/// before each write instead would also cap the link at one chunk per `latency`).
+enum Out {
+    Direct(TcpStream, Pacer),
+    Line(std::sync::mpsc::SyncSender<(Instant, Vec<u8>)>),
+}
+
+/// Chunks (up to 16 KiB each) a delay line holds before its reader stops reading.
+const LINE_CHUNKS: usize = 256;
+
+impl Out {
+    fn new(to: TcpStream, from: &TcpStream, st: &Arc<State>) -> Self {
+        if st.latency_ms.load(Ordering::Relaxed) == 0 {
+            return Self::Direct(to, Pacer::new());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(LINE_CHUNKS);
+        let st = st.clone();
+        let from = from.try_clone();
+        std::thread::spawn(move || {
+            let mut to = to;
+            let mut pacer = Pacer::new();
+            // Ends when the reader hangs up (after what it queued) or a write fails.
+            while let Ok((read_at, chunk)) = rx.recv() {
+                let due = read_at + Duration::from_millis(st.latency_ms.load(Ordering::Relaxed));
+                let now = Instant::now();
+                if due > now {
+                    // The latency being simulated: at most `latency` after the read.
+                    std::thread::sleep(due - now);
+                }
+                if pacer.write(&st, &mut to, &chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(Shutdown::Both);
+            if let Ok(from) = from {
+                let _ = from.shutdown(Shutdown::Both);
+            }
+        });
+        Self::Line(tx)
+    }
+
+    /// Forwards `data` (now, or `latency` after now); `Err` when the connection is done.
+    fn send(&mut self, st: &State, data: &[u8]) -> Result<(), ()> {
+        match self {
+            Self::Direct(to, pacer) => pacer.write(st, to, data).map_err(drop),
+            Self::Line(tx) => tx.send((Instant::now(), data.to_vec())).map_err(drop),
+        }
+    }
+
+    /// The reader is done: a direct writer closes both sockets now; a delay line writes what
+    /// it holds first.
+    fn finish(self, from: &TcpStream) {
+        if let Self::Direct(to, _) = self {
+            let _ = to.shutdown(Shutdown::Both);
+            let _ = from.shutdown(Shutdown::Both);
+        }
     }
 }
 
@@ -189,8 +255,7 @@ impl Pacer {
 }
 
 /// Client to broker: bytes as they come (paced by the bandwidth cap).
-fn pump_up(mut from: TcpStream, mut to: TcpStream, st: &State) {
-    let mut pacer = Pacer::new();
+fn pump_up(mut from: TcpStream, mut out: Out, st: &State) {
     let mut buf = [0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -200,19 +265,16 @@ fn pump_up(mut from: TcpStream, mut to: TcpStream, st: &State) {
         if st.blackhole.load(Ordering::Relaxed) {
             continue;
         }
-        delay(st);
-        if pacer.write(st, &mut to, &buf[..n]).is_err() {
+        if out.send(st, &buf[..n]).is_err() {
             break;
         }
     }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
+    out.finish(&from);
 }
 
 /// Broker to client: whole MQTT frames, some acknowledgements dropped (paced by the
 /// bandwidth cap).
-fn pump_down(mut from: TcpStream, mut to: TcpStream, st: &State, seed: u64) {
-    let mut pacer = Pacer::new();
+fn pump_down(mut from: TcpStream, mut out: Out, st: &State, seed: u64) {
     let mut rng = SplitMix::new(seed);
     let mut buf = [0u8; 16 * 1024];
     let mut pending: Vec<u8> = Vec::new();
@@ -225,7 +287,7 @@ fn pump_down(mut from: TcpStream, mut to: TcpStream, st: &State, seed: u64) {
             continue;
         }
         pending.extend_from_slice(&buf[..n]);
-        let mut out = Vec::with_capacity(pending.len());
+        let mut frames = Vec::with_capacity(pending.len());
         let mut at = 0;
         while let Some(len) = frame_len(&pending[at..]) {
             let frame = &pending[at..at + len];
@@ -236,21 +298,19 @@ fn pump_down(mut from: TcpStream, mut to: TcpStream, st: &State, seed: u64) {
             if drop {
                 st.dropped.fetch_add(1, Ordering::Relaxed);
             } else {
-                out.extend_from_slice(frame);
+                frames.extend_from_slice(frame);
             }
             at += len;
         }
         pending.drain(..at);
-        if out.is_empty() {
+        if frames.is_empty() {
             continue;
         }
-        delay(st);
-        if pacer.write(st, &mut to, &out).is_err() {
+        if out.send(st, &frames).is_err() {
             break;
         }
     }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
+    out.finish(&from);
 }
 
 /// The length of the complete frame at the start of `b`, if it is all there.
@@ -317,6 +377,47 @@ mod tests {
             took >= Duration::from_millis(250) && took < Duration::from_secs(5),
             "{took:?}"
         );
+    }
+
+    /// Latency is a delay line, not a sleep per chunk: three writes 100 ms apart through
+    /// 500 ms of latency arrive about 500, 600 and 700 ms after the first was sent. A sleep
+    /// before each forwarded chunk (the old proxy) delivered the last at 1,000 ms or later.
+    #[test]
+    fn latency_delays_every_chunk_without_serialising_them() {
+        let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let upstream = server.local_addr().expect("local addr").port();
+        let proxy = ChaosProxy::start(upstream, 1).expect("proxy");
+        proxy.set_latency(Duration::from_millis(500));
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).expect("connect");
+        let (mut s, _) = server.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let start = Instant::now();
+        let writer = std::thread::spawn(move || {
+            for b in 1..=3u8 {
+                c.write_all(&[b]).expect("write");
+                // The stimulus: three chunks 100 ms apart (not a wait for anything).
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            c
+        });
+        let (mut got, mut first) = (Vec::new(), None);
+        let mut buf = [0u8; 16];
+        while got.len() < 3 && start.elapsed() < Duration::from_secs(10) {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    first.get_or_insert_with(|| start.elapsed());
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        let last = start.elapsed();
+        drop(writer.join());
+        assert_eq!(got, [1, 2, 3]);
+        let first = first.expect("something arrived");
+        assert!(first >= Duration::from_millis(500), "first after {first:?}");
+        assert!(last < Duration::from_millis(950), "last after {last:?}");
     }
 
     #[test]
