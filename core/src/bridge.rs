@@ -145,7 +145,8 @@ pub struct BridgeStats {
     pub kafka_errors: u64,
     /// The last consumer or seek error.
     pub last_kafka_error: Option<String>,
-    /// The highest positions committed, per partition this instance owns.
+    /// The highest positions committed, per partition this instance owns, in topic and
+    /// partition order.
     pub committed: CommitOffsets,
     /// How long the last checkpoint's flush took, in milliseconds.
     pub last_flush_ms: u64,
@@ -603,9 +604,13 @@ impl BridgeFlow {
                     if let Some(p) = self.parts.get_mut(tp) {
                         p.committed = Some(p.committed.map_or(*off, |c| c.max(*off)));
                     }
-                    match self.stats.committed.iter_mut().find(|(t, _)| t == tp) {
-                        Some((_, o)) => *o = (*o).max(*off),
-                        None => self.stats.committed.push((tp.clone(), *off)),
+                    // Kept in topic/partition order, whichever partition committed first.
+                    match self.stats.committed.binary_search_by(|(t, _)| t.cmp(tp)) {
+                        Ok(i) => {
+                            let o = &mut self.stats.committed[i].1;
+                            *o = (*o).max(*off);
+                        }
+                        Err(i) => self.stats.committed.insert(i, (tp.clone(), *off)),
                     }
                 }
                 self.steps
@@ -1259,6 +1264,31 @@ mod tests {
         assert!(f.may_poll_consumer(later));
         assert_eq!(f.stats().rewinds, 0);
         assert_eq!(f.stats().committed, vec![(tp(0), 7)]);
+    }
+
+    /// The stop line lists the committed positions in partition order, whichever partition
+    /// committed first (it listed them in the order of their first commits).
+    #[test]
+    fn committed_positions_are_listed_in_partition_order() {
+        let now = Instant::now();
+        let mut f = flow(now);
+        f.handle_assigned(vec![(tp(0), None), (tp(1), None)]);
+        run(&mut f, now, sink_takes_all);
+        let mut flushes = [vec![(tp(1), 4)], vec![(tp(0), 6), (tp(1), 9)]].into_iter();
+        for at in [5, 10] {
+            let later = now + Duration::from_secs(at);
+            let offsets = flushes.next().expect("two flushes");
+            run(&mut f, later, |a| match a {
+                BridgeAction::Flush => Some(ActionReport::Flushed(FlushOutcome {
+                    complete: false,
+                    timed_out: true,
+                    offsets: offsets.clone(),
+                })),
+                BridgeAction::Commit(o) => Some(ActionReport::Committed(o.clone(), Ok(()))),
+                _ => None,
+            });
+        }
+        assert_eq!(f.stats().committed, vec![(tp(0), 6), (tp(1), 9)]);
     }
 
     /// A flow committing between checkpoints every `interval` (checkpoints an hour apart),
